@@ -1,0 +1,4 @@
+from salun_sd.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""An offline Stable Diffusion pipeline small enough for tests and the CPU demo.
+
+Every component is the real diffusers/transformers class, built from a config in memory with
+random weights; the tokenizer is the real CLIP BPE tokenizer, built from the vocabulary file that
+open_clip ships inside its package, so prompts are tokenized exactly as for SD-1.x.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+CLIP_MAX_LENGTH = 77
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level alphabet: every byte maps to a printable unicode character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+@functools.lru_cache(maxsize=1)
+def clip_vocab_files() -> tuple[str, str]:
+    """Write CLIP's vocab.json/merges.txt from open_clip's packaged BPE file; return their paths.
+
+    CLIP's vocabulary is: the 256 byte symbols, the same with the end-of-word marker, one token
+    per merge (49152 - 256 - 2 of them), then the two special tokens — 49408 in all.
+    """
+    import open_clip
+
+    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out = Path(tempfile.gettempdir()) / f"salun_sd_clip_vocab_{os.getuid()}"
+    out.mkdir(exist_ok=True)
+    vocab_file, merges_file = out / "vocab.json", out / "merges.txt"
+    vocab_file.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
+    merges_file.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    return str(vocab_file), str(merges_file)
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """The real CLIP tokenizer (49408 tokens, 77 positions), built without network access."""
+    vocab_file, merges_file = clip_vocab_files()
+    return CLIPTokenizer(vocab_file, merges_file, model_max_length=CLIP_MAX_LENGTH)
+
+
+def tiny_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionPipeline:
+    """A randomly initialised SD-1.x-shaped pipeline: 32 px images, 8x8x4 latents, ~1 M parameters."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size // 4,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=CLIP_MAX_LENGTH,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
