@@ -1,0 +1,112 @@
+"""Configs are dataclasses; YAML files and `--section.key value` flags map onto them.
+
+One mapping serves every command: a YAML file gives the whole run, each scalar field is also a
+command-line flag (e.g. `--train.learning_rate 1e-5`), and unknown keys are errors, not surprises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from salun_sd.errors import UserError
+
+T = TypeVar("T")
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    tp = _unwrap_optional(tp)
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            value = [value]
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise UserError(f"{where} must be true or false, got {value!r}")
+            return value.lower() in ("true", "1", "yes")
+        return bool(value)
+    if tp in (int, float, str):
+        try:
+            return tp(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where} must be {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+    """Build a dataclass from a (YAML) mapping, converting types and rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"unknown key {where}.{unknown[0]}; {cls.__name__} takes: {', '.join(sorted(names))}")
+    return cls(**{k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML: {err}") from None
+    return from_dict(cls, data, path.name)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _scalar_fields(cls: type, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            yield from _scalar_fields(tp, f"{prefix}{f.name}.")
+        elif tp in (int, float, str, bool):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            yield f"{prefix}{f.name}", tp, default
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--key` flag per scalar field (dotted for nested sections); values override the YAML."""
+    group = parser.add_argument_group("config overrides (each key of the YAML config; default shown)")
+    for key, tp, default in _scalar_fields(cls):
+        metavar = {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}[tp]
+        extra = {"nargs": "?", "const": "true"} if tp is bool else {}  # `--overwrite` alone means true
+        group.add_argument(f"--{key}", dest=f"cfg:{key}", metavar=metavar, default=None, help=f"default: {default!r}", **extra)
+
+
+def apply_config_flags(cfg: T, args: argparse.Namespace) -> T:
+    """Set every `--key` flag the user gave on the config, with the field's type."""
+    for dest, value in vars(args).items():
+        if not dest.startswith("cfg:") or value is None:
+            continue
+        *path, leaf = dest[4:].split(".")
+        target = cfg
+        for part in path:
+            target = getattr(target, part)
+        hint = typing.get_type_hints(type(target))[leaf]
+        setattr(target, leaf, _convert(hint, value, f"--{dest[4:]}"))
+    return cfg

@@ -1,0 +1,81 @@
+"""Folders of images and the metadata that traces each image back to its prompt and seed."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from PIL import Image
+
+from salun_sd.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+METADATA_FILE = "metadata.jsonl"
+
+
+def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
+    """The image files directly in `folder`, sorted by name (names start with the case number)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{what} {folder} does not exist or is not a folder.")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise UserError(f"{what} {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); generate some with `salun-sd generate` first.")
+    return paths
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open an image as RGB, naming the file if it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as err:
+        raise UserError(f"cannot read image {path}: {err}") from err
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except OSError as err:
+        raise UserError(f"cannot read image {path}: {err}") from err
+
+
+def require_one_size(paths: Iterable[Path], what: str) -> tuple[int, int]:
+    """Fail with the sizes found when a set mixes image sizes (it would mix generation settings or runs)."""
+    by_size: dict[tuple[int, int], list[Path]] = {}
+    for path in paths:
+        by_size.setdefault(image_size(path), []).append(path)
+    if len(by_size) > 1:
+        found = "; ".join(f"{w}x{h}: {len(files)} file(s), e.g. {files[0].name}" for (w, h), files in sorted(by_size.items()))
+        raise UserError(f"{what} mixes image sizes ({found}). Use images generated at one size (fixed --height/--width).")
+    return next(iter(by_size))
+
+
+def read_metadata(folder: str | Path) -> dict[str, dict]:
+    """File name -> its generation record, from the folder's metadata.jsonl ({} when there is none)."""
+    path = Path(folder) / METADATA_FILE
+    if not path.is_file():
+        return {}
+    entries = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            entries[entry["file"]] = entry
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{path}, line {number}: not a metadata record written by `salun-sd generate`.") from None
+    return entries
+
+
+def write_metadata(folder: str | Path, entries: Iterable[dict]) -> Path:
+    """Write metadata.jsonl in one step (temp file + rename), so a killed run never leaves half a file."""
+    path = Path(folder) / METADATA_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,1 @@
+"""Stable Diffusion adapter: text conditions, VAE latents, data sets, pipeline export."""

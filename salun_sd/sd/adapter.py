@@ -1,0 +1,47 @@
+"""Stable Diffusion's UNet as a core Denoiser: condition ids index a table of cached text embeddings.
+
+Prompts are encoded once, so the text encoder is out of the training step (and off the GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from torch import nn
+
+from salun_sd.denoiser import Denoiser
+
+
+class TextConditionedDenoiser(Denoiser):
+    def __init__(self, unet: nn.Module, noise_scheduler, prompts: list[str], embeddings: torch.Tensor) -> None:
+        super().__init__(unet, noise_scheduler, null_cond=prompts.index(""))
+        self.prompts = prompts
+        self.embeddings = embeddings
+
+    def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return model(x_t, t, encoder_hidden_states=self.embeddings[cond]).sample
+
+    def to(self, device: torch.device | str) -> "TextConditionedDenoiser":
+        self.embeddings = self.embeddings.to(device)
+        return self
+
+    def cond_id(self, prompt: str) -> int:
+        return self.prompts.index(prompt)
+
+
+@torch.no_grad()
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Last hidden states of the text encoder for each prompt, as the SD UNet consumes them."""
+    tok = pipe.tokenizer
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = tok(prompts[i : i + batch_size], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        out.append(pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].float().cpu())
+    return torch.cat(out)
+
+
+def sd_denoiser(pipe: StableDiffusionPipeline, prompts: list[str]) -> TextConditionedDenoiser:
+    """A denoiser over `prompts` plus the empty prompt (the unconditional branch of guidance)."""
+    table = list(dict.fromkeys(["", *prompts]))
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return TextConditionedDenoiser(pipe.unet, noise_scheduler, table, encode_prompts(pipe, table))

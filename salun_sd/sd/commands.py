@@ -1,0 +1,59 @@
+"""`salun-sd mask | erase | run | demo` for Stable Diffusion."""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+
+from salun_sd.config import add_config_flags, apply_config_flags, load_yaml
+from salun_sd.runtime import finish, make_accelerator
+from salun_sd.sd.erase import EraseConfig, erase
+
+STEPS = {
+    "mask": (("mask",), "compute the saliency mask of the forget set (writes OUTPUT_DIR/mask.safetensors)"),
+    "erase": (("erase",), "masked unlearning with an existing mask, then export (writes OUTPUT_DIR/pipeline)"),
+    "run": (("mask", "erase"), "the whole job: data -> mask -> erase -> export"),
+}
+
+EPILOG = """examples:
+  salun-sd run configs/nudity.yaml
+  salun-sd run configs/nudity.yaml --model ./stable-diffusion-v1-4 --output_dir outputs/nudity
+  accelerate launch --num_processes 4 -m salun_sd run configs/nudity.yaml --train.batch_size 2
+  salun-sd erase configs/nudity.yaml --train.resume_from_checkpoint latest   # continue an interrupted run
+
+The erased model loads with StableDiffusionPipeline.from_pretrained("OUTPUT_DIR/pipeline")."""
+
+
+def load_config(args: argparse.Namespace) -> EraseConfig:
+    cfg = load_yaml(EraseConfig, args.config) if args.config else EraseConfig()
+    return apply_config_flags(cfg, args)
+
+
+def run_steps(args: argparse.Namespace, steps: tuple[str, ...]) -> None:
+    cfg = load_config(args)
+    accelerator = make_accelerator(cfg.mixed_precision)
+    erase(cfg, accelerator, steps)
+    finish(accelerator)
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from salun_sd.sd.demo import demo
+
+    demo(args.output_dir, overwrite=args.overwrite)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    for name, (steps, summary) in STEPS.items():
+        p = subparsers.add_parser(name, help=summary, description=summary, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("config", nargs="?", help="YAML run config (see configs/); flags below override its keys")
+        add_config_flags(p, EraseConfig)
+        p.set_defaults(func=partial(run_steps, steps=steps))
+    p = subparsers.add_parser(
+        "demo",
+        help="erase a concept from the embedded offline model on CPU, reload it, write a before/after grid",
+        description="Runs the whole main job on the embedded tiny pipeline (no download, CPU, a few minutes) and "
+        "reloads the export with from_pretrained in a fresh process.",
+    )
+    p.add_argument("--output_dir", default="outputs/demo", help="where the run folder goes (default: outputs/demo)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run")
+    p.set_defaults(func=run_demo)

@@ -1,0 +1,191 @@
+"""Forget and remain sets for Stable Diffusion: images from three sources, encoded once to latents.
+
+A set is a list of groups, each one prompt with its images, which come from exactly one source:
+- `generate: N` — N images drawn by the base pipeline from the prompt (fixed seeds, cached on disk);
+- `folder: DIR` — the images in a folder;
+- `hf_dataset: NAME` with `hf_label` — one class of a Hugging Face dataset (e.g. frgfm/imagenette).
+Latents are cached next to the images, so later runs skip the VAE as well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from salun_sd.denoiser import ConceptData
+from salun_sd.errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+@dataclass
+class ImageGroup:
+    """One prompt and where its images come from (set exactly one of generate, folder, hf_dataset)."""
+
+    prompt: str = ""
+    generate: int = 0  # number of images the base pipeline draws from the prompt
+    folder: str = ""  # or: a folder of images
+    hf_dataset: str = ""  # or: a Hugging Face dataset ...
+    hf_config: str = ""  # ... its configuration (e.g. "160px" for frgfm/imagenette)
+    hf_split: str = "train"
+    hf_label: int = -1  # ... and the class index to take
+    limit: int = 0  # use at most this many images (0: all)
+
+    def source(self) -> str:
+        given = [name for name, on in (("generate", self.generate > 0), ("folder", bool(self.folder)), ("hf_dataset", bool(self.hf_dataset))) if on]
+        if len(given) != 1:
+            raise UserError(f"image group {self.prompt!r} must set exactly one of generate, folder, hf_dataset (it sets {given or 'none'})")
+        return given[0]
+
+
+@dataclass
+class DataConfig:
+    """Forget set D_f, remain set D_r, and the misaligned prompts c' (default: the remain prompts)."""
+
+    forget: list[ImageGroup] = field(default_factory=list)
+    remain: list[ImageGroup] = field(default_factory=list)
+    misaligned_prompts: list[str] = field(default_factory=list)
+    resolution: int = 0  # training image size; 0: the UNet's native size (512 for SD-1.x)
+    generation_steps: int = 50
+    generation_guidance: float = 7.5
+    generation_batch_size: int = 8
+    seed: int = 0
+    cache_dir: str = ""  # default: $SALUN_SD_CACHE or ~/.cache/salun_sd
+
+    def misaligned(self) -> list[str]:
+        return self.misaligned_prompts or [g.prompt for g in self.remain]
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("SALUN_SD_CACHE") or Path.home() / ".cache" / "salun_sd")
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def generated_images(pipe: StableDiffusionPipeline, model_name: str, group: ImageGroup, cfg: DataConfig, resolution: int) -> list[Path]:
+    """Draw `group.generate` images (image i with seed cfg.seed + i); files already on disk are reused."""
+    folder = cache_root(cfg) / "images" / _key(model_name, group.prompt, cfg.generation_steps, cfg.generation_guidance, resolution, cfg.seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "prompt.json").write_text(json.dumps({"model": model_name, "prompt": group.prompt, "seed": cfg.seed}))
+    paths = [folder / f"{i:05d}.png" for i in range(group.generate)]
+    todo = [i for i, p in enumerate(paths) if not p.is_file()]
+    bs = cfg.generation_batch_size
+    for start in tqdm(range(0, len(todo), bs), desc=f"generating {group.prompt!r}", disable=not todo):
+        chunk = todo[start : start + bs]
+        gens = [torch.Generator(pipe.device).manual_seed(cfg.seed + i) for i in chunk]
+        images = pipe(
+            [group.prompt] * len(chunk),
+            num_inference_steps=cfg.generation_steps,
+            guidance_scale=cfg.generation_guidance,
+            height=resolution,
+            width=resolution,
+            generator=gens,
+        ).images
+        for i, image in zip(chunk, images):
+            tmp = paths[i].with_suffix(".tmp.png")
+            image.save(tmp)
+            tmp.replace(paths[i])
+    return paths
+
+
+def folder_images(folder: str) -> list[Path]:
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"image folder {root} does not exist")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise UserError(f"image folder {root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return paths
+
+
+def hf_images(group: ImageGroup) -> list[Image.Image]:
+    """One class of a Hugging Face image dataset, e.g. frgfm/imagenette config 160px."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("hf_dataset needs the `datasets` package: pip install 'salun-sd[datasets]'") from None
+    try:
+        ds = datasets.load_dataset(group.hf_dataset, group.hf_config or None, split=group.hf_split)
+    except Exception as err:  # the hub raises many kinds of errors when offline
+        raise UserError(
+            f"could not load dataset {group.hf_dataset!r} ({type(err).__name__}: {err}). Offline, export the class to a folder "
+            "and use `folder:` instead"
+        ) from None
+    label_column = "label" if "label" in ds.column_names else ds.column_names[-1]
+    image_column = "image" if "image" in ds.column_names else ds.column_names[0]
+    ds = ds.filter(lambda label: label == group.hf_label, input_columns=label_column)
+    if len(ds) == 0:
+        raise UserError(f"dataset {group.hf_dataset!r} has no images with {label_column} == {group.hf_label}")
+    return [img.convert("RGB") for img in ds[image_column]]
+
+
+def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the short side and center-crop to resolution², scaled to [-1, 1] as the VAE expects."""
+    image = image.convert("RGB")
+    scale = resolution / min(image.size)
+    image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))), Image.BICUBIC)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
+@torch.no_grad()
+def encode_latents(pipe: StableDiffusionPipeline, images: list, resolution: int, seed: int, batch_size: int = 8) -> torch.Tensor:
+    """VAE latents (a sample of the posterior, times the scaling factor), as SD's training uses them."""
+    vae = pipe.vae
+    out = []
+    for i in range(0, len(images), batch_size):
+        chunk = [Image.open(p) if isinstance(p, Path) else p for p in images[i : i + batch_size]]
+        pixels = torch.stack([to_tensor(img, resolution) for img in chunk]).to(vae.device, vae.dtype)
+        gen = torch.Generator(vae.device).manual_seed(seed + i)
+        out.append((vae.encode(pixels).latent_dist.sample(gen) * vae.config.scaling_factor).float().cpu())
+    return torch.cat(out)
+
+
+def group_latents(pipe: StableDiffusionPipeline, model_name: str, group: ImageGroup, cfg: DataConfig, resolution: int) -> torch.Tensor:
+    """Latents of one group, from the cache when the same images were encoded before."""
+    source = group.source()
+    if source == "generate":
+        images: list = generated_images(pipe, model_name, group, cfg, resolution)
+    elif source == "folder":
+        images = folder_images(group.folder)
+    else:
+        images = hf_images(group)
+    if group.limit:
+        images = images[: group.limit]
+    identity = [str(p) if isinstance(p, Path) else None for p in images]
+    path = cache_root(cfg) / "latents" / f"{_key(model_name, asdict(group), resolution, cfg.seed, identity)}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["latents"]
+    latents = encode_latents(pipe, images, resolution, cfg.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    save_file({"latents": latents.contiguous()}, str(tmp))
+    tmp.replace(path)
+    return latents
+
+
+def concept_data(pipe: StableDiffusionPipeline, model_name: str, groups: list[ImageGroup], cond_of: dict[str, int], cfg: DataConfig, resolution: int, what: str) -> ConceptData:
+    """All groups of one set as latents with the condition id of each group's prompt."""
+    if not groups:
+        raise UserError(f"the {what} set is empty: give data.{what} at least one group with a prompt and images")
+    xs, conds = [], []
+    for group in groups:
+        if not group.prompt.strip():
+            raise UserError(f"every data.{what} group needs a non-empty prompt")
+        latents = group_latents(pipe, model_name, group, cfg, resolution)
+        xs.append(latents)
+        conds.append(torch.full((len(latents),), cond_of[group.prompt], dtype=torch.long))
+    return ConceptData(torch.cat(xs), torch.cat(conds))

@@ -1,0 +1,84 @@
+"""Export the erased model as a folder diffusers loads as it is, with a model card.
+
+The folder is written under a temporary name and renamed at the end, so a crash never leaves a
+half-written folder under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from diffusers import StableDiffusionPipeline
+from torch import nn
+
+from salun_sd.manifest import write_manifest
+
+MANIFEST_NAME = "salun_manifest.json"
+
+
+def model_card(base_model: str, concept: str, settings: dict[str, Any], mask_kept: float | None, unet_only: bool) -> str:
+    loader = "UNet2DConditionModel.from_pretrained(folder)" if unet_only else "StableDiffusionPipeline.from_pretrained(folder)"
+    rows = "\n".join(f"| {k} | `{json.dumps(v)}` |" for k, v in settings.items())
+    kept = f"{mask_kept:.2%} of the trained weights" if mask_kept is not None else "no mask (all trained weights)"
+    return f"""---
+library_name: diffusers
+base_model: {base_model}
+tags:
+- stable-diffusion
+- concept-erasure
+- machine-unlearning
+- salun
+---
+
+# {base_model} with "{concept}" erased
+
+This model is `{base_model}` after erasing the concept **{concept}** with
+[SalUn](https://arxiv.org/abs/2310.12508) (saliency unlearning, Fan et al., ICLR 2024), made with salun-sd.
+Only the UNet changed; the text encoder, VAE and tokenizer are the base model's.
+
+- **Method:** `{settings.get("method", "salun")}`
+- **Weights updated:** {kept}; every other weight is bit-for-bit the base model's.
+
+## Load it
+
+```python
+from diffusers import {loader.split(".")[0]}
+model = {loader}
+```
+
+## Settings
+
+| setting | value |
+|---|---|
+{rows}
+
+The full resolved configuration, package versions and git revision are in `{MANIFEST_NAME}`.
+"""
+
+
+def export(
+    pipe: StableDiffusionPipeline, unet: nn.Module, out: Path, card: str, manifest: dict[str, Any], unet_only: bool = False
+) -> Path:
+    """Write the pipeline (or the UNet alone) in safetensors to `out`, atomically, replacing what was there."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if unet_only:
+        unet.save_pretrained(tmp, safe_serialization=True)
+    else:
+        pipe.unet = unet
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "README.md").write_text(card)
+    write_manifest(tmp / MANIFEST_NAME, manifest)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.replace(old)
+        tmp.replace(out)
+        shutil.rmtree(old)
+    else:
+        tmp.replace(out)
+    return out
