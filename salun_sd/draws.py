@@ -1,9 +1,10 @@
-"""Data order and noise that depend only on (seed, stream, step).
+"""Data order and noise that depend only on (seed, stream, position).
 
-Every micro-step draws its examples, noise and timesteps for the *global* batch from a generator
-seeded by its position in the run, and each process takes its slice. So a run gives the same
-updates on 1 or N processes with the same global batch, and a resumed run continues exactly where
-an uninterrupted one would be: no sampler or RNG state has to survive a crash.
+Position p of a stream (e.g. 'forget') is the p-th example the run consumes from it. Which example
+that is, and its noise, timestep and misaligned condition, come from generators seeded by
+(seed, stream, p). So a run makes the same updates on 1 or N processes and with any split into
+accumulation steps, as long as the global batch is the same; and a resumed run continues exactly
+where an uninterrupted one would be, with no sampler or RNG state to carry across a crash.
 """
 
 from __future__ import annotations
@@ -32,6 +33,32 @@ def stream_indices(n: int, positions: torch.Tensor, seed: int, stream: str) -> t
     return out
 
 
+def examples(
+    data: ConceptData, den: Denoiser, seed: int, stream: str, positions: list[int], indices: list[int], candidates: torch.Tensor | None = None
+) -> Batch:
+    """The examples `indices` with the noise, timestep (and misaligned condition c' ≠ c) of their stream positions."""
+    noises, ts, misaligned = [], [], []
+    conds = data.cond[torch.tensor(indices, device=data.cond.device)].tolist()
+    for p, c in zip(positions, conds):
+        gen = generator(seed, stream, "example", p)
+        noises.append(torch.randn(data.x0.shape[1:], generator=gen))
+        ts.append(int(torch.randint(den.num_train_timesteps, (1,), generator=gen)))
+        if candidates is not None:
+            allowed = candidates[candidates != c]
+            if len(allowed) == 0:
+                raise ValueError(f"no misaligned condition differs from condition {c}")
+            misaligned.append(int(allowed[torch.randint(len(allowed), (1,), generator=gen)]))
+    device = data.x0.device
+    idx = torch.tensor(indices, device=device)
+    return Batch(
+        x0=data.x0[idx],
+        cond=data.cond[idx],
+        noise=torch.stack(noises).to(device, data.x0.dtype),
+        t=torch.tensor(ts, device=device),
+        misaligned=torch.tensor(misaligned, device=device) if candidates is not None else None,
+    )
+
+
 def draw_batch(
     data: ConceptData,
     den: Denoiser,
@@ -43,52 +70,13 @@ def draw_batch(
     per_rank: int,
     misaligned_candidates: torch.Tensor | None = None,
 ) -> Batch:
-    """This process's share of global micro-batch number `micro_step` of `stream` (e.g. 'forget').
-
-    With `misaligned_candidates`, each example also gets a misaligned condition c' ≠ c.
-    """
-    positions = torch.arange(micro_step * global_batch, (micro_step + 1) * global_batch)
-    idx = stream_indices(len(data), positions, seed, stream)
-    gen = generator(seed, stream, "noise", micro_step)
-    noise = torch.randn((global_batch, *data.x0.shape[1:]), generator=gen)
-    t = torch.randint(0, den.num_train_timesteps, (global_batch,), generator=gen)
-    mine = slice(rank * per_rank, (rank + 1) * per_rank)
-    device = data.x0.device
-    cond = data.cond[idx.to(device)]
-    misaligned = None
-    if misaligned_candidates is not None:
-        misaligned = draw_misaligned(cond.cpu(), misaligned_candidates.cpu(), gen)[mine].to(device)
-    return Batch(
-        x0=data.x0[idx[mine].to(device)],
-        cond=cond[mine],
-        noise=noise[mine].to(device, data.x0.dtype),
-        t=t[mine].to(device),
-        misaligned=misaligned,
-    )
-
-
-def draw_misaligned(cond: torch.Tensor, candidates: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """For each example a condition c' ≠ c drawn uniformly from `candidates` (e.g. another class)."""
-    out = []
-    for c in cond.tolist():
-        allowed = candidates[candidates != c]
-        if len(allowed) == 0:
-            raise ValueError(f"no misaligned condition differs from condition {c}")
-        out.append(allowed[torch.randint(len(allowed), (1,), generator=gen)].item())
-    return torch.tensor(out, dtype=torch.long)
+    """This process's share of global micro-batch number `micro_step` of `stream`."""
+    start = micro_step * global_batch + rank * per_rank
+    positions = torch.arange(start, start + per_rank)
+    indices = stream_indices(len(data), positions, seed, stream)
+    return examples(data, den, seed, stream, positions.tolist(), indices.tolist(), misaligned_candidates)
 
 
 def draw_example_noise(data: ConceptData, den: Denoiser, seed: int, indices: list[int]) -> Batch:
-    """Noise and timestep per example index, independent of batching (used by the saliency pass)."""
-    noises, ts = [], []
-    for i in indices:
-        gen = generator(seed, "saliency", i)
-        noises.append(torch.randn(data.x0.shape[1:], generator=gen))
-        ts.append(torch.randint(0, den.num_train_timesteps, (1,), generator=gen))
-    idx = torch.tensor(indices, device=data.x0.device)
-    return Batch(
-        x0=data.x0[idx],
-        cond=data.cond[idx],
-        noise=torch.stack(noises).to(data.x0.device, data.x0.dtype),
-        t=torch.cat(ts).to(data.x0.device),
-    )
+    """Noise and timestep per example index, independent of batching (the saliency pass visits each example once)."""
+    return examples(data, den, seed, "saliency", indices, indices)

@@ -20,7 +20,8 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32) -> StableDiffu
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     local = Path(model).expanduser()
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(local) if local.exists() else model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+        dtype_arg = {} if dtype == torch.float32 else {"torch_dtype": dtype}
+        pipe = StableDiffusionPipeline.from_pretrained(str(local) if local.exists() else model, safety_checker=None, requires_safety_checker=False, **dtype_arg)
     except Exception as err:  # diffusers/hub raise OSError, ValueError, HTTP errors, ...
         if local.exists():
             raise UserError(f"{local} is not a diffusers Stable Diffusion folder (it needs model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/): {err}") from None

@@ -1,0 +1,135 @@
+"""One SD erase end to end on the offline tiny pipeline, and every bad input of issue 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from conftest import FORGET, REMAIN, tiny_config
+from salun_sd.cli import main
+from salun_sd.errors import UserError
+from salun_sd.saliency import load_mask
+from salun_sd.sd.data import ImageGroup
+from salun_sd.sd.erase import erase
+from salun_sd.sd.tiny import tiny_pipeline
+from salun_sd.trainer import TrainingDiverged, list_checkpoints
+
+
+@pytest.fixture(scope="module")
+def erased(tmp_path_factory, data_cache):
+    out = tmp_path_factory.mktemp("run") / "nudity"
+    cfg = tiny_config(out, data_cache, weight_decay=0.1, max_grad_norm=1.0)
+    erase(cfg, Accelerator(cpu=True))
+    return out, cfg
+
+
+def test_masked_out_weights_are_bitwise_original_and_masked_in_weights_moved(erased):
+    out, _ = erased
+    base = dict(tiny_pipeline().unet.named_parameters())
+    new = load_file(str(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
+    mask = load_mask(out / "mask.safetensors", tiny_pipeline().unet)
+    kept = sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
+    assert kept == pytest.approx(0.5, abs=1e-6)
+    moved = 0
+    for name, m in mask.items():
+        assert torch.equal(new[name][~m], base[name].detach()[~m]), name  # weight decay and clipping included
+        moved += int((new[name][m] != base[name].detach()[m]).sum())
+    assert moved > 0.9 * sum(int(m.sum()) for m in mask.values())
+
+
+def test_export_loads_with_from_pretrained_in_a_fresh_process_and_generates(erased):
+    out, _ = erased
+    code = (
+        "import sys, torch\nfrom diffusers import StableDiffusionPipeline\n"
+        "pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1])\n"
+        "img = pipe('a photo', num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images[0]\n"
+        "print(img.size)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(out / "pipeline")], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().endswith("(32, 32)")
+    card = (out / "pipeline" / "README.md").read_text()
+    assert "base_model: tiny" in card and "nudity" in card and "50.00% of the trained weights" in card
+    manifest = json.loads((out / "pipeline" / "salun_manifest.json").read_text())
+    assert manifest["config"]["train"]["method"] == "salun" and manifest["packages"]["torch"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_existing_output_is_refused_unless_overwrite(erased, data_cache):
+    out, _ = erased
+    with pytest.raises(UserError, match="--overwrite"):
+        erase(tiny_config(out, data_cache), Accelerator(cpu=True))
+
+
+def test_unreachable_model_id_says_how_to_pass_a_local_folder(tmp_path, data_cache):
+    cfg = tiny_config(tmp_path / "o", data_cache)
+    cfg.model = "CompVis/stable-diffusion-v1-4"
+    with pytest.raises(UserError, match="local folder|pass it instead"):
+        erase(cfg, Accelerator(cpu=True))
+    cfg.model = str(tmp_path)  # exists but is no pipeline
+    with pytest.raises(UserError, match="not a diffusers Stable Diffusion folder"):
+        erase(cfg, Accelerator(cpu=True))
+
+
+def test_empty_prompt_list_and_empty_folder_are_clear_errors(tmp_path, data_cache):
+    cfg = tiny_config(tmp_path / "o1", data_cache)
+    cfg.data.forget = []
+    with pytest.raises(UserError, match="forget set is empty"):
+        erase(cfg, Accelerator(cpu=True))
+    (tmp_path / "empty").mkdir()
+    cfg = tiny_config(tmp_path / "o2", data_cache)
+    cfg.data.remain = [ImageGroup(prompt=REMAIN, folder=str(tmp_path / "empty"))]
+    with pytest.raises(UserError, match="has no images"):
+        erase(cfg, Accelerator(cpu=True))
+    cfg = tiny_config(tmp_path / "o3", data_cache)
+    cfg.data.forget = [ImageGroup(prompt=FORGET)]
+    with pytest.raises(UserError, match="exactly one of"):
+        erase(cfg, Accelerator(cpu=True))
+
+
+def test_folder_source_trains_on_real_images(tmp_path, data_cache):
+    from skimage import data as photos
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("astronaut", "coffee", "chelsea"):
+        Image.fromarray(getattr(photos, name)()).save(folder / f"{name}.png")
+    cfg = tiny_config(tmp_path / "o", data_cache, max_steps=2)
+    cfg.data.forget = [ImageGroup(prompt="a photo", folder=str(folder))]
+    erase(cfg, Accelerator(cpu=True))
+    assert (tmp_path / "o" / "pipeline" / "model_index.json").is_file()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(tmp_path, data_cache):
+    cfg = tiny_config(tmp_path / "o", data_cache, learning_rate=1e30, max_steps=20)
+    with pytest.raises(TrainingDiverged, match=r"at step (\d+)") as err:
+        erase(cfg, Accelerator(cpu=True))
+    step = int(err.value.args[0].split("at step ")[1].split(";")[0])
+    assert step >= 2  # the first step ran on the original weights
+    (ckpt,) = list_checkpoints(tmp_path / "o" / "checkpoints")
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == step - 1
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (tmp_path / "o" / "pipeline").exists()
+
+
+def test_cli_run_from_yaml_with_flag_overrides(tmp_path, data_cache, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: tiny\ndata:\n  forget:\n    - prompt: {FORGET}\n      generate: 4\n  remain:\n    - prompt: {REMAIN}\n      generate: 4\n"
+        f"  generation_steps: 2\n  cache_dir: {data_cache}\ntrain:\n  batch_size: 2\n"
+    )
+    main(["run", str(config), "--output_dir", str(tmp_path / "out"), "--train.max_steps", "2", "--mask.fraction", "0.25"])
+    summary = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert summary["config"]["train"]["max_steps"] == 2 and summary["config"]["mask"]["fraction"] == 0.25
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", str(config), "--output_dir", str(tmp_path / "out")])
+    assert exit_.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    config.write_text("model: tiny\ntrain:\n  learning_rat: 1\n")
+    with pytest.raises(SystemExit):
+        main(["mask", str(config)])
+    assert "unknown key run.yaml.train.learning_rat" in capsys.readouterr().err
