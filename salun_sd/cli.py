@@ -15,6 +15,7 @@ from salun_sd.errors import UserError
 # module path -> the subcommands it registers (listed here so `--help` stays fast).
 COMMAND_MODULES = [
     "salun_sd.sd.commands",
+    "salun_sd.ddpm.commands",
 ]
 
 

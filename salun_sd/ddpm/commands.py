@@ -1,0 +1,155 @@
+"""`salun-sd ddpm train | retrain | classifier | mask | erase | sample | evaluate` for the class-conditional DDPM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from salun_sd.config import add_config_flags, apply_config_flags, load_yaml, to_dict
+from salun_sd.ddpm.config import DDPMConfig, claim_output
+from salun_sd.errors import UserError
+from salun_sd.manifest import manifest, write_manifest
+from salun_sd.runtime import finish, make_accelerator
+
+EPILOG = """examples (digits run offline on a CPU in minutes; CIFAR-10 is the paper's setting):
+  salun-sd ddpm train configs/ddpm_digits.yaml              # base model -> WORK_DIR/base
+  salun-sd ddpm retrain configs/ddpm_digits.yaml            # gold standard: no forget_class -> WORK_DIR/retrain-class0
+  salun-sd ddpm classifier configs/ddpm_digits.yaml         # the judge -> WORK_DIR/classifier
+  salun-sd ddpm mask configs/ddpm_digits.yaml               # saliency mask -> WORK_DIR/salun-class0/mask.safetensors
+  salun-sd ddpm erase configs/ddpm_digits.yaml              # masked unlearning -> WORK_DIR/salun-class0
+  salun-sd ddpm sample configs/ddpm_digits.yaml --model outputs/ddpm-digits/salun-class0
+  salun-sd ddpm evaluate configs/ddpm_digits.yaml           # UA, remaining accuracy, FID of every model found
+  accelerate launch --num_processes 4 -m salun_sd ddpm train configs/ddpm_cifar10.yaml --train.batch_size 32
+Models load with UNet2DModel.from_pretrained("MODEL_DIR/unet") and DDPMScheduler.from_pretrained("MODEL_DIR/scheduler")."""
+
+
+def load_config(args: argparse.Namespace) -> DDPMConfig:
+    cfg = load_yaml(DDPMConfig, args.config) if args.config else DDPMConfig()
+    return apply_config_flags(cfg, args)
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_train(args: argparse.Namespace, exclude_class: int = -1) -> None:
+    """Base training, or with exclude_class: Retrain, the same recipe without that class's images."""
+    from salun_sd.ddpm.data import load_split
+    from salun_sd.ddpm.train import train_base
+
+    cfg = load_config(args)
+    out = Path(args.output) if args.output else cfg.retrain_dir() if exclude_class >= 0 else cfg.base_dir()
+    accelerator = make_accelerator(cfg.mixed_precision)
+    claim_output(out, [out / "unet"], cfg.overwrite, bool(cfg.train.resume_from_checkpoint), accelerator)
+    data = load_split(cfg.data, "train", exclude_class)
+    command = "ddpm retrain" if exclude_class >= 0 else "ddpm train"
+    extra = {"exclude_class": exclude_class, "train_examples": len(data), "num_processes": accelerator.num_processes}
+    if accelerator.is_main_process:
+        write_manifest(out / "manifest.json", manifest(to_dict(cfg), command, **extra))
+    start = time.perf_counter()
+    train_base(cfg.model, data, cfg.train, accelerator, out, cfg.data.random_flip)
+    if accelerator.is_main_process:  # again, with the wall time of this (possibly resumed) run
+        write_manifest(out / "manifest.json", manifest(to_dict(cfg), command, train_seconds=time.perf_counter() - start, **extra))
+        print(f"model written to {out}")
+    finish(accelerator)
+
+
+def run_retrain(args: argparse.Namespace) -> None:
+    run_train(args, exclude_class=load_config(args).forget_class)
+
+
+def run_forget(args: argparse.Namespace, steps: tuple[str, ...]) -> None:
+    from salun_sd.ddpm.forget import erase
+
+    cfg = load_config(args)
+    accelerator = make_accelerator(cfg.mixed_precision)
+    erase(cfg, accelerator, Path(args.model or cfg.base_dir()), Path(args.output) if args.output else cfg.erase_dir(), steps)
+    finish(accelerator)
+
+
+def run_sample(args: argparse.Namespace) -> None:
+    from salun_sd.ddpm.model import load_denoiser
+    from salun_sd.ddpm.sample import class_labels, sample, save_samples
+
+    cfg = load_config(args)
+    model_dir = Path(args.model or cfg.base_dir())
+    out = Path(args.output) if args.output else model_dir / "samples"
+    if (out / "samples.safetensors").exists() and not cfg.overwrite:
+        raise UserError(f"{out / 'samples.safetensors'} already exists: pass --overwrite to replace it")
+    den = load_denoiser(model_dir)
+    labels = class_labels(cfg.sample, den.num_classes)
+    images = sample(den, labels, cfg.sample, device())
+    save_samples(images, labels, out, {"model": str(model_dir), "sample": json.dumps(to_dict(cfg.sample))})
+    print(f"{len(labels)} samples written to {out} (grid.png, samples.safetensors)")
+
+
+def run_classifier(args: argparse.Namespace) -> None:
+    from salun_sd.ddpm.classifier import classifier_info, save_classifier, train_classifier
+    from salun_sd.ddpm.data import load_split
+
+    cfg = load_config(args)
+    out = Path(args.output) if args.output else cfg.classifier_dir()
+    if (out / "classifier.json").exists() and not cfg.overwrite:
+        raise UserError(f"{out / 'classifier.json'} already exists: pass --overwrite to replace it")
+    train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+    model, acc = train_classifier(train, test, cfg.classifier, cfg.model.num_classes, cfg.data.random_flip, device())
+    info = classifier_info(model, cfg.classifier, train.x0.shape[1], cfg.model.num_classes, dataset=to_dict(cfg.data), test_accuracy=acc, test_examples=len(test))
+    save_classifier(model, out, info)
+    print(f"classifier written to {out}: accuracy {acc:.2%} on {len(test)} real held-out images")
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from salun_sd.ddpm.classifier import load_classifier
+    from salun_sd.ddpm.evaluate import Features, evaluate_model, remaining_reference
+
+    cfg = load_config(args)
+    models = [Path(m) for m in args.model] or [d for d in (cfg.base_dir(), cfg.retrain_dir(), cfg.erase_dir()) if (d / "unet").is_dir()]
+    if not models:
+        raise UserError(f"no trained model under {cfg.work_dir}; pass --model DIR")
+    classifier, info = load_classifier(args.classifier or cfg.classifier_dir())
+    classifier.to(device())
+    features = Features(cfg.evaluate.features, classifier, cfg.evaluate.inception_weights, device())
+    reference = features.stats(remaining_reference(cfg).x0)
+    print(f"classifier accuracy on real held-out images: {info['test_accuracy']:.2%}")
+    print(f"{'model':<48} {'UA':>6} {'remain acc':>10} {'FID':>9}")
+    for model_dir in models:
+        r = evaluate_model(cfg, model_dir, classifier, features, reference, device())
+        print(f"{str(model_dir):<48} {r['ua']:>6.3f} {r['remaining_accuracy']:>10.3f} {r['fid']:>9.3f}")
+
+
+COMMANDS = {
+    "train": (run_train, "train the class-conditional DDPM from scratch (writes WORK_DIR/base)"),
+    "retrain": (run_retrain, "Retrain, the gold standard: train from scratch without forget_class (writes WORK_DIR/retrain-class<k>)"),
+    "classifier": (run_classifier, "train the classifier that scores UA, remaining accuracy and offline FID (writes WORK_DIR/classifier)"),
+    "mask": (lambda args: run_forget(args, ("mask",)), "saliency mask of forget_class on the base model (writes WORK_DIR/<method>-class<k>/mask.safetensors)"),
+    "erase": (lambda args: run_forget(args, ("erase",)), "masked unlearning of forget_class (computes the mask if missing; writes WORK_DIR/<method>-class<k>)"),
+    "sample": (run_sample, "draw guided samples per class (writes MODEL/samples/grid.png and samples.safetensors)"),
+    "evaluate": (run_evaluate, "UA, remaining-class accuracy and FID of one or more models (writes MODEL/eval.json)"),
+}
+MODEL_HELP = {
+    "mask": "model folder to erase from (default: WORK_DIR/base)",
+    "erase": "model folder to erase from (default: WORK_DIR/base)",
+    "sample": "model folder to sample (default: WORK_DIR/base)",
+    "evaluate": "model folder(s) to score (default: base, retrain and erased models found under WORK_DIR)",
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    summary = "class-conditional DDPM with classifier-free guidance (the paper's CIFAR-10 setting; digits offline)"
+    parser = subparsers.add_parser("ddpm", help=summary, description=summary)
+    steps = parser.add_subparsers(dest="ddpm_command", metavar="STEP", required=True)
+    for name, (func, help_text) in COMMANDS.items():
+        p = steps.add_parser(name, help=help_text, description=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("config", nargs="?", help="YAML config (configs/ddpm_cifar10.yaml, configs/ddpm_digits.yaml); flags below override its keys")
+        if name in MODEL_HELP:
+            p.add_argument("--model", nargs="*" if name == "evaluate" else None, default=[] if name == "evaluate" else None, help=MODEL_HELP[name])
+        if name == "evaluate":
+            p.add_argument("--classifier", help="classifier folder (default: WORK_DIR/classifier)")
+        else:
+            p.add_argument("--output", help="output folder instead of the default under WORK_DIR")
+        add_config_flags(p, DDPMConfig)
+        p.set_defaults(func=func)

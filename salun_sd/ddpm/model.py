@@ -1,0 +1,84 @@
+"""The class-conditional UNet and its noise schedule, built from a config.
+
+The official SalUn CIFAR-10 model (the DDIM codebase's "simple" UNet: ch 128, multipliers 1,2,2,2,
+2 res blocks, attention at 16x16, dropout 0.1) maps onto diffusers' `UNet2DModel`; the class
+embedding has one extra row, the "null" class, which stands for "no condition" in guidance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffusers import DDPMScheduler, UNet2DModel
+
+from salun_sd.ddpm.adapter import ClassConditionedDenoiser
+from salun_sd.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    """UNet and schedule. Defaults are the official CIFAR-10 model; the digits config shrinks it."""
+
+    sample_size: int = 32
+    channels: int = 3  # image channels (3 for CIFAR-10, 1 for digits)
+    num_classes: int = 10  # real classes; the class embedding gets num_classes + 1 rows
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 256, 256])
+    layers_per_block: int = 2
+    attention_resolutions: list[int] = field(default_factory=lambda: [16])  # feature-map sizes with self-attention
+    mid_attention: bool = True
+    dropout: float = 0.1
+    norm_num_groups: int = 32
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    num_train_timesteps: int = 1000
+
+
+def build_unet(cfg: ModelConfig) -> UNet2DModel:
+    """A freshly initialised UNet2DModel; down/up blocks get attention where the feature map is in attention_resolutions."""
+    sizes = [cfg.sample_size // 2**i for i in range(len(cfg.block_out_channels))]
+    if sizes[-1] < 1:
+        raise UserError(f"model.sample_size {cfg.sample_size} is too small for {len(cfg.block_out_channels)} resolution levels")
+    attn = [s in cfg.attention_resolutions for s in sizes]
+    return UNet2DModel(
+        sample_size=cfg.sample_size,
+        in_channels=cfg.channels,
+        out_channels=cfg.channels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        add_attention=cfg.mid_attention,
+        attention_head_dim=None,  # one head over all channels, as in the official model
+        dropout=cfg.dropout,
+        norm_num_groups=cfg.norm_num_groups,
+        num_class_embeds=cfg.num_classes + 1,
+    )
+
+
+def build_scheduler(cfg: ModelConfig) -> DDPMScheduler:
+    """Linear betas; clip_sample off, because clipping the x0 estimate breaks guided sampling (see DESIGN.md)."""
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        beta_schedule="linear",
+        clip_sample=False,
+        prediction_type="epsilon",
+    )
+
+
+def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: Path) -> None:
+    """`folder/unet` and `folder/scheduler` in diffusers' format (safetensors), so the folder stands alone."""
+    unet.save_pretrained(folder / "unet")
+    scheduler.save_pretrained(folder / "scheduler")
+
+
+def load_denoiser(folder: str | Path) -> ClassConditionedDenoiser:
+    """The trained (or erased) model in `folder`, as written by save_model."""
+    folder = Path(folder)
+    if not (folder / "unet" / "config.json").is_file():
+        raise UserError(f"{folder} holds no DDPM model (expected {folder / 'unet'}); train one with `salun-sd ddpm train`")
+    unet = UNet2DModel.from_pretrained(folder / "unet")
+    unet.requires_grad_(False)
+    return ClassConditionedDenoiser(unet.eval(), DDPMScheduler.from_pretrained(folder / "scheduler"))

@@ -1,0 +1,125 @@
+"""Base training of the class-conditional DDPM, and Retrain (the same without the forgotten class).
+
+Batches, noise, timesteps, condition dropout and flips all come from salun_sd.draws keyed by
+(seed, step), so a resumed run continues exactly and N processes match one; the checkpoints
+(model, optimizer, LR schedule, EMA, RNG) use the core trainer's atomic save and resume.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from salun_sd.ddpm.adapter import ClassConditionedDenoiser
+from salun_sd.ddpm.model import ModelConfig, build_scheduler, build_unet, save_model
+from salun_sd.denoiser import ConceptData
+from salun_sd.draws import draw_batch, generator
+from salun_sd.errors import UserError
+from salun_sd.objectives import Batch, diffusion_loss
+from salun_sd.trainer import TrainingDiverged, resume, save_checkpoint
+
+
+@dataclass
+class BaseTrainConfig:
+    """Base training. Defaults are the official CIFAR-10 run (Adam 2e-4, batch 128, 800k steps, clip 1.0, EMA 0.9999)."""
+
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0  # AdamW's decoupled decay (no mask here, so it is safe to use)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    warmup_steps: int = 0  # linear learning-rate warm-up
+    batch_size: int = 128  # per process
+    max_steps: int = 800_000
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    cond_drop_prob: float = 0.1  # share of examples trained with the null class, for classifier-free guidance
+    ema_decay: float = 0.9999  # 0 disables EMA; the decay ramps up as (1+step)/(10+step) until it reaches this
+    checkpointing_steps: int = 5000  # 0: no intermediate checkpoints
+    checkpoints_total_limit: int = 2
+    resume_from_checkpoint: str = ""  # "" | latest | path to a checkpoint folder
+    seed: int = 0
+
+
+def augment(batch: Batch, null_cond: int, cfg: BaseTrainConfig, flip: bool, step: int, rank: int, world: int) -> Batch:
+    """Condition dropout (and horizontal flips) for this process's share of global batch `step`.
+
+    Drawn for the whole global batch from (seed, step) like the data, so resume is exact and N processes match one.
+    """
+    gen = generator(cfg.seed, "augment", step)
+    mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+    drop = (torch.rand(cfg.batch_size * world, generator=gen) < cfg.cond_drop_prob)[mine].to(batch.cond.device)
+    flips = (torch.rand(cfg.batch_size * world, generator=gen) < 0.5)[mine].to(batch.x0.device)
+    batch.cond = torch.where(drop, torch.full_like(batch.cond, null_cond), batch.cond)
+    if flip:
+        batch.x0 = torch.where(flips[:, None, None, None], batch.x0.flip(-1), batch.x0)
+    return batch
+
+
+def train_base(
+    model_cfg: ModelConfig,
+    data: ConceptData,
+    cfg: BaseTrainConfig,
+    accelerator: Accelerator,
+    out: Path,
+    flip: bool,
+) -> ClassConditionedDenoiser:
+    """Train from scratch on `data`; writes `out/unet` (EMA weights when EMA is on) and `out/scheduler`."""
+    if data.cond.max() >= model_cfg.num_classes:
+        raise UserError(f"the data has class {int(data.cond.max())} but model.num_classes is {model_cfg.num_classes}")
+    if tuple(data.x0.shape[1:]) != (model_cfg.channels, model_cfg.sample_size, model_cfg.sample_size):
+        raise UserError(f"images have shape {tuple(data.x0.shape[1:])} but the model expects {model_cfg.channels}x{model_cfg.sample_size}x{model_cfg.sample_size}; set data.image_size / model.channels")
+    torch.manual_seed(cfg.seed)  # the initial weights
+    unet, scheduler = build_unet(model_cfg), build_scheduler(model_cfg)
+    den = ClassConditionedDenoiser(unet, scheduler)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+    model, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    model.train()
+    data = data.to(accelerator.device)
+    ckpt_root = out / "checkpoints"
+    step = resume(accelerator, ckpt_root, cfg.resume_from_checkpoint)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="ddpm train", disable=not accelerator.is_local_main_process)
+    while step < cfg.max_steps:
+        batch = draw_batch(data, den, cfg.seed, "train", step, cfg.batch_size * world, rank, cfg.batch_size)
+        batch = augment(batch, den.null_cond, cfg, flip, step, rank, world)
+        with accelerator.autocast():
+            loss = diffusion_loss(den, model, batch).mean()
+        accelerator.backward(loss)
+        value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+        if not math.isfinite(value):
+            save_checkpoint(accelerator, ckpt_root, step, cfg.checkpoints_total_limit + 1)
+            raise TrainingDiverged(f"the loss became {value} at step {step + 1}; lower train.learning_rate and resume with train.resume_from_checkpoint=latest")
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(model).parameters())
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{value:.4g}")
+        if cfg.checkpointing_steps and (step % cfg.checkpointing_steps == 0 or step == cfg.max_steps):
+            save_checkpoint(accelerator, ckpt_root, step, cfg.checkpoints_total_limit)
+    bar.close()
+
+    unet = accelerator.unwrap_model(model)
+    if ema is not None:
+        ema.copy_to(unet.parameters())
+    unet.eval().requires_grad_(False)
+    if accelerator.is_main_process:
+        save_model(unet.to("cpu"), scheduler, out)
+    accelerator.wait_for_everyone()
+    return den

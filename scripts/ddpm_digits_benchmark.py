@@ -1,0 +1,117 @@
+"""Base → Retrain → SalUn on scikit-learn's digits, end to end on a CPU, and the results table.
+
+Runs the `salun-sd ddpm` commands with configs/ddpm_digits.yaml (forgetting class 0), scores every
+model with the module's classifier (UA, remaining-class accuracy, FID on its penultimate features),
+and writes the table into the DDPM section of docs/RESULTS.md (the rest of that file is kept).
+
+    OMP_NUM_THREADS=1 python scripts/ddpm_digits_benchmark.py            # ~20 min on one CPU core
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from salun_sd.cli import main as cli
+from salun_sd.config import from_dict
+from salun_sd.ddpm.classifier import load_classifier, predict
+from salun_sd.ddpm.config import DDPMConfig
+from salun_sd.ddpm.data import load_split
+from salun_sd.ddpm.evaluate import Features
+from salun_sd.evaluation.fid import frechet_distance
+from salun_sd.manifest import git_revision
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- ddpm-digits-benchmark:begin -->", "<!-- ddpm-digits-benchmark:end -->"
+
+
+def timed(argv: list[str]) -> float:
+    start = time.perf_counter()
+    cli(argv)
+    return time.perf_counter() - start
+
+
+def real_reference(cfg: DDPMConfig) -> dict:
+    """What real images score: the classifier on held-out digits, and FID of real training vs held-out images."""
+    classifier, _ = load_classifier(cfg.classifier_dir())
+    features = Features("classifier", classifier)
+    test, train = load_split(cfg.data, "test"), load_split(cfg.data, "train", exclude_class=cfg.forget_class)
+    pred = predict(classifier, test.x0)[0]
+    forget = test.cond == cfg.forget_class
+    remain_test = test.x0[~forget]
+    return {
+        "ua": (pred[forget] != cfg.forget_class).float().mean().item(),
+        "remaining_accuracy": (pred[~forget] == test.cond[~forget]).float().mean().item(),
+        "fid": frechet_distance(features.stats(train.x0), features.stats(remain_test)),
+    }
+
+
+def table(cfg: DDPMConfig, rows: dict[str, dict], seconds: dict[str, float], total: float, classifier_acc: float) -> str:
+    lines = [
+        BEGIN,
+        "## DDPM on digits: base, Retrain and SalUn (forgetting class 0)",
+        "",
+        f"Written by `scripts/ddpm_digits_benchmark.py` on {time.strftime('%Y-%m-%d')} (revision `{git_revision()[:12]}`), "
+        f"CPU only ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)), total {total / 60:.1f} min. "
+        f"Config `configs/ddpm_digits.yaml`: UNet2DModel {cfg.model.block_out_channels}, {cfg.model.sample_size}x{cfg.model.sample_size}, "
+        f"base and Retrain {cfg.train.max_steps} steps of batch {cfg.train.batch_size}; SalUn mask {cfg.mask.fraction:.0%} (guidance {cfg.mask.guidance}), "
+        f"{cfg.unlearn.max_steps} masked Adam steps, lr {cfg.unlearn.learning_rate:g}, batch {cfg.unlearn.batch_size}, α {cfg.unlearn.alpha:g}, clip {cfg.unlearn.max_grad_norm:g}.",
+        "",
+        f"Scored on {cfg.evaluate.samples_per_class} samples per class ({cfg.sample.scheduler.upper()} {cfg.sample.num_inference_steps} steps, guidance w = {cfg.sample.guidance}) "
+        f"by the module's classifier ({classifier_acc:.1%} on real held-out digits). UA: share of class-0 samples not classified as 0 (higher = more forgotten). "
+        "Remaining accuracy: share of class 1–9 samples classified as their class. FID: class 1–9 samples vs the real held-out images of classes 1–9, "
+        "on the classifier's 32-d penultimate features (not comparable with Inception FID). Wall time: training (SalUn: mask + unlearning), sampling excluded.",
+        "",
+        "| model | UA ↑ | remaining accuracy ↑ | FID ↓ | wall time |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in rows.items():
+        wall = f"{seconds[name]:.0f} s" if name in seconds else "–"
+        lines.append(f"| {name} | {r['ua']:.3f} | {r['remaining_accuracy']:.3f} | {r['fid']:.3f} | {wall} |")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def write_results(path: Path, section: str) -> None:
+    """Replace this benchmark's section of RESULTS.md, keeping everything else in the file."""
+    text = path.read_text() if path.exists() else "# Results\n"
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", default="outputs/ddpm-digits-benchmark")
+    parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"))
+    args, extra = parser.parse_known_args()  # extra: config flags for every command, e.g. --unlearn.max_steps 300
+    config = str(ROOT / "configs" / "ddpm_digits.yaml")
+    common = [config, "--work_dir", args.work_dir, "--overwrite", *extra]
+    start = time.perf_counter()
+    seconds = {
+        "base": timed(["ddpm", "train", *common]),
+        "classifier": timed(["ddpm", "classifier", *common]),
+        "Retrain": timed(["ddpm", "retrain", *common]),
+        "SalUn": timed(["ddpm", "mask", *common]) + timed(["ddpm", "erase", *common]),
+    }
+    cfg = from_dict(DDPMConfig, json.loads((Path(args.work_dir) / "base" / "manifest.json").read_text())["config"])  # as resolved, flags included
+    cli(["ddpm", "evaluate", *common, "--model", str(cfg.base_dir()), str(cfg.retrain_dir()), str(cfg.erase_dir())])
+    total = time.perf_counter() - start
+    rows = {"real held-out digits (reference)": real_reference(cfg)}
+    for name, folder in (("base", cfg.base_dir()), ("Retrain", cfg.retrain_dir()), ("SalUn", cfg.erase_dir())):
+        rows[name] = json.loads((folder / "eval.json").read_text())
+    classifier_acc = json.loads((cfg.classifier_dir() / "classifier.json").read_text())["test_accuracy"]
+    section = table(cfg, rows, seconds, total, classifier_acc)
+    write_results(Path(args.results), section)
+    (Path(args.work_dir) / "results.json").write_text(json.dumps({"rows": rows, "seconds": seconds, "total_seconds": total}, indent=2))
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
