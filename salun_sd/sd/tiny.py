@@ -51,10 +51,15 @@ def clip_vocab_files() -> tuple[str, str]:
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     out = Path(tempfile.gettempdir()) / f"salun_sd_clip_vocab_{os.getuid()}"
     out.mkdir(exist_ok=True)
-    vocab_file, merges_file = out / "vocab.json", out / "merges.txt"
-    vocab_file.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
-    merges_file.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
-    return str(vocab_file), str(merges_file)
+    files = {
+        out / "vocab.json": json.dumps({tok: i for i, tok in enumerate(vocab)}),
+        out / "merges.txt": "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+    }
+    for path, text in files.items():  # atomic: several processes may build the tokenizer at once
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    return tuple(str(p) for p in files)
 
 
 def clip_tokenizer() -> CLIPTokenizer:
