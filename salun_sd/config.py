@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 import types
 import typing
 from pathlib import Path
@@ -78,24 +80,35 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def field_comments(cls: type) -> dict[str, str]:
+    """The `# comment` after each field in the dataclass source: the one place a setting is documented."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, flags=re.M))
+
+
 def _scalar_fields(cls: type, prefix: str = ""):
     hints = typing.get_type_hints(cls)
+    docs = field_comments(cls)
     for f in dataclasses.fields(cls):
         tp = _unwrap_optional(hints[f.name])
         if dataclasses.is_dataclass(tp):
             yield from _scalar_fields(tp, f"{prefix}{f.name}.")
         elif tp in (int, float, str, bool):
             default = f.default if f.default is not dataclasses.MISSING else None
-            yield f"{prefix}{f.name}", tp, default
+            yield f"{prefix}{f.name}", tp, default, docs.get(f.name, "")
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One `--key` flag per scalar field (dotted for nested sections); values override the YAML."""
-    group = parser.add_argument_group("config overrides (each key of the YAML config; default shown)")
-    for key, tp, default in _scalar_fields(cls):
+    group = parser.add_argument_group("config overrides (each key of the YAML config)")
+    for key, tp, default, doc in _scalar_fields(cls):
         metavar = {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}[tp]
         extra = {"nargs": "?", "const": "true"} if tp is bool else {}  # `--overwrite` alone means true
-        group.add_argument(f"--{key}", dest=f"cfg:{key}", metavar=metavar, default=None, help=f"default: {default!r}", **extra)
+        text = f"{doc} (default: {default!r})" if doc else f"default: {default!r}"
+        group.add_argument(f"--{key}", dest=f"cfg:{key}", metavar=metavar, default=None, help=text.replace("%", "%%"), **extra)
 
 
 def apply_config_flags(cfg: T, args: argparse.Namespace) -> T:

@@ -56,10 +56,10 @@ class DataConfig:
     remain: list[ImageGroup] = field(default_factory=list)
     misaligned_prompts: list[str] = field(default_factory=list)
     resolution: int = 0  # training image size; 0: the UNet's native size (512 for SD-1.x)
-    generation_steps: int = 50
-    generation_guidance: float = 7.5
-    generation_batch_size: int = 8
-    seed: int = 0
+    generation_steps: int = 50  # sampler steps when the base model draws D_f/D_r images
+    generation_guidance: float = 7.5  # guidance scale for those images
+    generation_batch_size: int = 8  # images drawn per pipeline call
+    seed: int = 0  # image i of a generated group uses seed + i
     cache_dir: str = ""  # default: $SALUN_SD_CACHE or ~/.cache/salun_sd
 
     def misaligned(self) -> list[str]:

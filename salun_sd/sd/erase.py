@@ -34,7 +34,7 @@ class EraseConfig:
 
     model: str = "CompVis/stable-diffusion-v1-4"  # Hub ID, local folder, or "tiny" (offline random weights)
     concept: str = ""  # name of the erased concept, for the model card
-    output_dir: str = "outputs/erase"
+    output_dir: str = "outputs/erase"  # run folder: mask, checkpoints, manifest, pipeline/
     overwrite: bool = False  # replace an existing run folder
     mixed_precision: str = "no"  # no | fp16 | bf16 (Accelerate autocast; weights stay fp32)
     export_unet_only: bool = False  # export the UNet alone instead of the whole pipeline
