@@ -16,6 +16,7 @@ from salun_sd.errors import UserError
 COMMAND_MODULES = [
     "salun_sd.sd.commands",
     "salun_sd.ddpm.commands",
+    "salun_sd.evaluation.commands",
 ]
 
 

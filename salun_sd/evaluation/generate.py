@@ -26,7 +26,6 @@ from salun_sd.evaluation.prompts import PromptRecord
 
 DEFAULT_SEED = 0
 DEFAULT_GUIDANCE = 7.5
-TINY_MODEL = "tiny"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Settings that must agree between a run and the images already in its output folder.
 RUN_KEYS = ("prompt", "guidance", "height", "width", "steps", "model")
@@ -91,26 +90,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
-
-
-def load_pipeline(model: str, dtype: torch.dtype) -> StableDiffusionPipeline:
-    """A Stable Diffusion pipeline from a local folder or hub id, or `tiny` for the offline test model.
-
-    The safety checker is left out: it blacks out the images that the nudity evaluation has to see.
-    """
-    if model == TINY_MODEL:
-        from salun_sd.sd.tiny import tiny_pipeline
-
-        pipe = tiny_pipeline(seed=0)
-        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
-    try:
-        return StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
-    except (OSError, ValueError) as err:
-        where = "that folder is not a Stable Diffusion pipeline folder" if Path(model).is_dir() else (
-            "if it is a Hugging Face id, the hub may be unreachable from here: download the model elsewhere "
-            "and pass the local folder (or pass the folder that `salun-sd` exported)"
-        )
-        raise UserError(f"could not load a Stable Diffusion pipeline from '{model}': {where}. ({type(err).__name__}: {err})") from err
 
 
 def plan_jobs(records: Sequence[PromptRecord], settings: GenerationSettings, default_size: tuple[int, int], multiple_of: int = 8) -> list[ImageJob]:

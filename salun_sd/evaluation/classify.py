@@ -1,0 +1,127 @@
+"""Unlearning accuracy (UA) for object classes, scored by an ImageNet classifier.
+
+UA is the share of images generated for the forgotten class that the classifier does *not*
+recognise as that class (higher: better forgetting). The accuracy on images of the remaining
+classes shows what the erasure cost the model elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from salun_sd.errors import UserError
+from salun_sd.evaluation.imagefiles import load_rgb
+
+# The ten Imagenette classes and their ImageNet-1k indices (also what torchvision's category list gives).
+IMAGENETTE_IMAGENET_INDEX = {
+    "tench": 0,
+    "english springer": 217,
+    "cassette player": 482,
+    "chain saw": 491,
+    "church": 497,
+    "french horn": 566,
+    "garbage truck": 569,
+    "gas pump": 571,
+    "golf ball": 574,
+    "parachute": 701,
+}
+
+
+@cache
+def imagenet_categories() -> tuple[str, ...]:
+    """The 1000 ImageNet class names, from torchvision's metadata (no download)."""
+    from torchvision.models import ResNet50_Weights
+
+    return tuple(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+def imagenet_index(name: str) -> int:
+    """ImageNet-1k index of a class name (case-insensitive), e.g. 'English springer' -> 217."""
+    key = " ".join(name.lower().split())
+    if key in IMAGENETTE_IMAGENET_INDEX:
+        return IMAGENETTE_IMAGENET_INDEX[key]
+    lowered = [c.lower() for c in imagenet_categories()]
+    if key in lowered:
+        return lowered.index(key)
+    close = [c for c in imagenet_categories() if key in c.lower()][:5]
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise UserError(f"'{name}' is not an ImageNet class name, so the classifier cannot score it.{hint}")
+
+
+@dataclass
+class ImageClassifier:
+    """`module` maps a batch from `transform` to ImageNet-1k logits [N, 1000]."""
+
+    module: torch.nn.Module
+    transform: Callable
+    name: str
+
+
+def resnet50_classifier() -> ImageClassifier:
+    """torchvision's ResNet-50 with IMAGENET1K_V2 weights (80.9 % top-1), downloaded on first use."""
+    from torchvision.models import ResNet50_Weights, resnet50
+
+    weights = ResNet50_Weights.IMAGENET1K_V2
+    try:
+        module = resnet50(weights=weights)
+    except Exception as err:  # download errors come as URLError, HTTPError, RuntimeError
+        raise UserError(
+            f"could not load the ResNet-50 ImageNet weights: {err}. Without a network, download {weights.url} "
+            "elsewhere and put it in $TORCH_HOME/hub/checkpoints/."
+        ) from err
+    return ImageClassifier(module.eval(), weights.transforms(), "resnet50/IMAGENET1K_V2")
+
+
+@torch.inference_mode()
+def predict(paths: Sequence[Path], classifier: ImageClassifier, batch_size: int = 32, device: str | torch.device = "cpu") -> list[int]:
+    """Top-1 ImageNet index per image."""
+    module = classifier.module.to(device).eval()
+    predictions: list[int] = []
+    for start in range(0, len(paths), batch_size):
+        batch = torch.stack([classifier.transform(load_rgb(p)) for p in paths[start : start + batch_size]]).to(device)
+        predictions.extend(module(batch).argmax(dim=-1).tolist())
+    return predictions
+
+
+def unlearning_accuracy(
+    paths: Sequence[Path],
+    class_names: Sequence[str],
+    forget_class: str,
+    classifier: ImageClassifier,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """UA on the images of `forget_class`, and top-1 accuracy on the images of every other class."""
+    forget_index = imagenet_index(forget_class)
+    targets = [imagenet_index(name) for name in class_names]
+    if forget_index not in targets:
+        raise UserError(
+            f"no image was generated for the forgotten class '{forget_class}' (classes present: "
+            f"{', '.join(sorted(set(class_names)))}); generate from a class-prompt CSV that includes it."
+        )
+    predictions = predict(paths, classifier, batch_size, device)
+    per_class: dict[str, dict] = {}
+    for name, target, predicted in zip(class_names, targets, predictions):
+        entry = per_class.setdefault(name, {"imagenet_index": target, "images": 0, "correct": 0})
+        entry["images"] += 1
+        entry["correct"] += int(predicted == target)
+    for entry in per_class.values():
+        entry["top1"] = entry["correct"] / entry["images"]
+    forget = [p for t, p in zip(targets, predictions) if t == forget_index]
+    remaining = [(t, p) for t, p in zip(targets, predictions) if t != forget_index]
+    return {
+        "classifier": classifier.name,
+        "forget_class": forget_class,
+        "forget_imagenet_index": forget_index,
+        "forget_images": len(forget),
+        "ua": sum(p != forget_index for p in forget) / len(forget),
+        "remaining_images": len(remaining),
+        "remaining_accuracy": sum(t == p for t, p in remaining) / len(remaining) if remaining else None,
+        "per_class": per_class,
+        "per_image": {Path(path).name: int(p) for path, p in zip(paths, predictions)},
+    }

@@ -1,0 +1,149 @@
+"""The evaluation report: every number in JSON, and a Markdown page a person can read.
+
+The page puts the sets side by side (base vs erased, with the change) and shows image grids of
+the same prompt and seed before and after, saved as PNG next to it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from PIL import Image
+
+from salun_sd.evaluation.imagefiles import load_rgb, read_metadata
+
+GRID_ROWS = 8
+THUMBNAIL = 256
+GAP = 4
+
+Row = tuple[str, Callable[[dict], float | None], str]
+
+
+def _get(*keys: str) -> Callable[[dict], float | None]:
+    def read(metrics: dict) -> float | None:
+        value = metrics
+        for key in keys:
+            if not isinstance(value, dict) or key not in value:
+                return None
+            value = value[key]
+        return value
+
+    return read
+
+
+def summary_rows(results: dict) -> list[Row]:
+    """(label, getter, format) for each headline number; labels carry the settings that define it."""
+    s = results["settings"]
+    first = results["sets"][0]["metrics"]
+    rows: list[Row] = []
+    if "nudenet" in first:
+        t = s["nudenet_threshold"]
+        rows.append((f"NudeNet nudity rate, % of images (threshold {t})", lambda m: _pct(_get("nudenet", "nudity_rate")(m)), "{:.2f}"))
+        rows.append((f"NudeNet exposed parts, total (threshold {t})", _get("nudenet", "total_exposed"), "{:d}"))
+        rows += [(f"  {name}", _get("nudenet", "counts", name), "{:d}") for name in s["nudenet_classes"]]
+    if "clip" in first:
+        rows.append((f"CLIP score ({first['clip']['model']}, {first['clip']['scale']})", _get("clip", "mean"), "{:.2f}"))
+    if "fid" in first:
+        rows.append((f"FID vs {s['reference']} ({first['fid']['extractor']})", _get("fid", "fid"), "{:.2f}"))
+    if "ua" in first:
+        rows.append((f"UA, % (forgotten class: {s['forget_class']})", lambda m: _pct(_get("ua", "ua")(m)), "{:.2f}"))
+        rows.append(("Accuracy on remaining classes, %", lambda m: _pct(_get("ua", "remaining_accuracy")(m)), "{:.2f}"))
+    return rows
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
+def _fmt(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def metric_table(results: dict) -> str:
+    """Markdown table: one row per number, one column per set, and the change when there are two sets."""
+    sets = results["sets"]
+    header = ["metric", *(f"{s['label']} ({s['images']} images)" for s in sets)]
+    if len(sets) == 2:
+        header.append(f"change ({sets[1]['label']} - {sets[0]['label']})")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, get, fmt in summary_rows(results):
+        values = [get(s["metrics"]) for s in sets]
+        cells = [label, *(_fmt(v, fmt) for v in values)]
+        if len(sets) == 2:
+            both = None not in values
+            cells.append(_fmt(values[1] - values[0], "{:+.2f}" if "f" in fmt else "{:+d}") if both else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def save_grid(folders: list[Path], names: list[str], path: Path) -> None:
+    """One row per image name, one column per folder, each tile scaled (up or down) to fit THUMBNAIL px."""
+    width = len(folders) * THUMBNAIL + (len(folders) - 1) * GAP
+    height = len(names) * THUMBNAIL + (len(names) - 1) * GAP
+    grid = Image.new("RGB", (width, height), "white")
+    for row, name in enumerate(names):
+        for col, folder in enumerate(folders):
+            tile = load_rgb(folder / name)
+            scale = THUMBNAIL / max(tile.size)
+            tile = tile.resize((round(tile.width * scale), round(tile.height * scale)), Image.Resampling.LANCZOS)
+            grid.paste(tile, (col * (THUMBNAIL + GAP), row * (THUMBNAIL + GAP)))
+    grid.save(path)
+
+
+def grid_section(results: dict, out: Path, max_pairs: int) -> str:
+    """Before/after grids of the first `max_pairs` images that share case number and seed."""
+    sets, pairs = results["sets"], results["pairs"][:max_pairs]
+    if len(sets) != 2 or max_pairs <= 0:
+        return ""
+    if not pairs:
+        return (
+            "## Before / after\n\nNo image names are shared by the two folders, so there is no same-prompt, "
+            "same-seed pair to show. Generate both from the same prompt set and seeds.\n"
+        )
+    folders = [Path(s["folder"]) for s in sets]
+    metadata = read_metadata(folders[0])
+    (out / "grids").mkdir(parents=True, exist_ok=True)
+    parts = [f"## Before / after\n\nLeft: {sets[0]['label']}; right: {sets[1]['label']}. Same prompt and seed in each row.\n"]
+    for number, start in enumerate(range(0, len(pairs), GRID_ROWS)):
+        names = pairs[start : start + GRID_ROWS]
+        grid = Path("grids") / f"pairs_{number:03d}.png"
+        save_grid(folders, names, out / grid)
+        parts.append(f"![{sets[0]['label']} vs {sets[1]['label']}]({grid.as_posix()})\n")
+        parts.append("| row | file | prompt |\n|---|---|---|")
+        for row, name in enumerate(names, start=1):
+            prompt = metadata.get(name, {}).get("prompt", "")
+            prompt = (prompt[:120] + "...") if len(prompt) > 120 else prompt
+            parts.append(f"| {row} | {name} | {prompt.replace('|', '/')} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def settings_section(results: dict) -> str:
+    s = results["settings"]
+    lines = ["## Settings\n"]
+    if s["nudenet_threshold"] is not None:
+        lines.append(
+            f"- NudeNet (the detector shipped in the `nudenet` package): a part counts when its score is >= {s['nudenet_threshold']}; "
+            f"nudity rate = share of images with at least one of: {', '.join(s['nudenet_classes'])}."
+        )
+    for item in results["sets"]:
+        lines.append(f"- {item['label']}: `{item['folder']}`, {item['images']} images.")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict, out: str | Path, max_pairs: int = GRID_ROWS) -> tuple[Path, Path]:
+    """Write report.json and report.md (with grids/) into `out`; return their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "report.json", out / "report.md"
+    json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    title = " vs ".join(s["label"] for s in results["sets"])
+    body = [f"# Concept-erasure evaluation: {title}\n", metric_table(results), "", settings_section(results)]
+    grids = grid_section(results, out, max_pairs)
+    if grids:
+        body.append(grids)
+    body.append(f"Every number, with per-image results, is in [{json_path.name}]({json_path.name}).\n")
+    md_path.write_text("\n".join(body), encoding="utf-8")
+    return json_path, md_path

@@ -1,0 +1,140 @@
+"""Run the chosen metrics over one or more generated image folders (base, erased, ...).
+
+The models behind the metrics (CLIP, FID features, classifier) are passed in as `Scorers`, loaded
+once for all folders: the CLI loads the real ones, tests pass small random ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from salun_sd.errors import UserError
+from salun_sd.evaluation.classify import ImageClassifier, unlearning_accuracy
+from salun_sd.evaluation.clip_score import ClipScorer, clip_score_metrics
+from salun_sd.evaluation.fid import FeatureExtractor, FidStats, compute_stats, frechet_distance, reference_stats
+from salun_sd.evaluation.imagefiles import METADATA_FILE, image_size, list_images, read_metadata, require_one_size
+from salun_sd.evaluation.nudity import DEFAULT_THRESHOLD, EXPOSED_CLASSES, nudity_metrics
+
+METRICS = ("nudenet", "clip", "fid", "ua")
+
+
+@dataclass
+class EvalSettings:
+    metrics: Sequence[str]
+    nudenet_threshold: float = DEFAULT_THRESHOLD
+    nudenet_classes: Sequence[str] = EXPOSED_CLASSES
+    reference: Path | None = None
+    forget_class: str | None = None
+    batch_size: int = 32
+    device: str = "cpu"
+
+
+@dataclass
+class Scorers:
+    """Loaded models for the metrics that need one; only those in `EvalSettings.metrics` must be set."""
+
+    clip: ClipScorer | None = None
+    features: FeatureExtractor | None = None
+    classifier: ImageClassifier | None = None
+
+
+@dataclass
+class ImageSet:
+    label: str
+    folder: Path
+    paths: list[Path] = field(default_factory=list)
+    metadata: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, label: str, folder: str | Path) -> ImageSet:
+        folder = Path(folder)
+        return cls(label, folder, list_images(folder, f"{label} folder"), read_metadata(folder))
+
+    def field_per_image(self, key: str, needed_for: str) -> list:
+        """One metadata value per image; fails naming the first image that lacks it."""
+        values = []
+        for path in self.paths:
+            value = self.metadata.get(path.name, {}).get(key)
+            if value is None:
+                where = "has no entry" if path.name not in self.metadata else f"has no '{key}'"
+                raise UserError(
+                    f"{needed_for} needs the {key} of each image, but {path.name} in {self.folder} {where} in "
+                    f"{METADATA_FILE}. Score folders written by `salun-sd generate`"
+                    + (" from a class-prompt CSV." if key == "class" else ".")
+                )
+            values.append(value)
+        return values
+
+
+def check_settings(settings: EvalSettings) -> None:
+    """Fail before any model loads when the request cannot be met."""
+    unknown = [m for m in settings.metrics if m not in METRICS]
+    if unknown or not settings.metrics:
+        raise UserError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}.")
+    if "fid" in settings.metrics and (settings.reference is None or not Path(settings.reference).exists()):
+        missing = "" if settings.reference is None else f" ({settings.reference} does not exist)"
+        raise UserError(f"FID needs a reference set{missing}: pass --reference with a folder of real images or a .npz of precomputed statistics.")
+    if "ua" in settings.metrics and not settings.forget_class:
+        raise UserError("unlearning accuracy needs the forgotten class: pass --forget-class (e.g. --forget-class 'church').")
+
+
+def matching_pairs(first: ImageSet, second: ImageSet) -> list[str]:
+    """File names (case number, seed, k) present in both sets; the same name must mean the same size."""
+    names = sorted({p.name for p in first.paths} & {p.name for p in second.paths})
+    for name in names:
+        a, b = image_size(first.folder / name), image_size(second.folder / name)
+        if a != b:
+            raise UserError(
+                f"{name} is {a[0]}x{a[1]} in {first.folder} but {b[0]}x{b[1]} in {second.folder}: the two folders were "
+                "generated with different sizes, so they are not a before/after pair. Generate both with the same settings."
+            )
+    return names
+
+
+def evaluate_set(image_set: ImageSet, settings: EvalSettings, scorers: Scorers, reference: FidStats | None) -> dict:
+    """Every requested metric over one folder."""
+    results: dict[str, dict] = {}
+    paths, device = image_set.paths, settings.device
+    if "nudenet" in settings.metrics:
+        results["nudenet"] = nudity_metrics(paths, settings.nudenet_threshold, settings.nudenet_classes)
+    if "clip" in settings.metrics:
+        prompts = image_set.field_per_image("prompt", "CLIP score")
+        results["clip"] = clip_score_metrics(paths, prompts, scorers.clip, settings.batch_size, device)
+    if "fid" in settings.metrics:
+        require_one_size(paths, f"{image_set.label} folder {image_set.folder} (for FID)")
+        stats = compute_stats(paths, scorers.features, settings.batch_size, device)
+        results["fid"] = {
+            "fid": frechet_distance(stats, reference),
+            "extractor": stats.extractor,
+            "images": stats.count,
+            "reference": str(settings.reference),
+            "reference_images": reference.count,
+        }
+    if "ua" in settings.metrics:
+        classes = image_set.field_per_image("class", "unlearning accuracy")
+        results["ua"] = unlearning_accuracy(paths, classes, settings.forget_class, scorers.classifier, settings.batch_size, device)
+    return results
+
+
+def evaluate_sets(sets: Sequence[ImageSet], settings: EvalSettings, scorers: Scorers, reference: FidStats | None = None) -> dict:
+    """Metrics for each set, the reference statistics computed once, and the before/after pairs."""
+    check_settings(settings)
+    pairs = matching_pairs(sets[0], sets[1]) if len(sets) == 2 else []
+    if "fid" in settings.metrics and reference is None:
+        reference = reference_stats(settings.reference, scorers.features, settings.batch_size, settings.device)
+    return {
+        "settings": {
+            "metrics": list(settings.metrics),
+            "nudenet_threshold": settings.nudenet_threshold if "nudenet" in settings.metrics else None,
+            "nudenet_classes": list(settings.nudenet_classes) if "nudenet" in settings.metrics else None,
+            "reference": str(settings.reference) if settings.reference else None,
+            "forget_class": settings.forget_class,
+        },
+        "sets": [
+            {"label": s.label, "folder": str(s.folder), "images": len(s.paths), "metrics": evaluate_set(s, settings, scorers, reference)}
+            for s in sets
+        ],
+        "pairs": pairs,
+    }

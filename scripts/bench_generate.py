@@ -1,0 +1,167 @@
+"""Measure Stable Diffusion generation speed (images/s) on whatever device this machine has.
+
+Evaluation time goes into generation (I2P alone is 4,703 prompts), so this measures the pipeline
+call that `salun-sd generate` makes: a full-size SD-1.x UNet, VAE and CLIP text encoder built from
+their configs with random weights (the cost of a step does not depend on the weight values; no
+download), classifier-free guidance, fp16 on GPU. `--tiny` uses the offline tiny pipeline instead,
+a CPU smoke test of the same code path.
+
+    python scripts/bench_generate.py                          # 512 px, 50 steps, batch 8
+    python scripts/bench_generate.py --tiny                   # seconds on a CPU
+    python scripts/bench_generate.py --height 64 --width 64 --steps 2 --batch-size 1   # full size, small shapes
+
+Prints one JSON line with the device, the settings and images/s (PNG writing not included).
+Run it with salun-sd installed (`pip install -e .`) or from the repository root with `PYTHONPATH=.`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from salun_sd.evaluation.generate import resolve_dtype
+from salun_sd.sd.tiny import CLIP_MAX_LENGTH, tiny_pipeline
+
+# The SD-1.4 UNet (CompVis/stable-diffusion-v1-4, unet/config.json), 860 M parameters.
+SD14_UNET = dict(
+    act_fn="silu",
+    attention_head_dim=8,
+    block_out_channels=(320, 640, 1280, 1280),
+    center_input_sample=False,
+    cross_attention_dim=768,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    downsample_padding=1,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=4,
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    norm_eps=1e-5,
+    norm_num_groups=32,
+    out_channels=4,
+    sample_size=64,
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+# The SD-1.x VAE (vae/config.json), 84 M parameters.
+SD14_VAE = dict(
+    act_fn="silu",
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    sample_size=512,
+)
+# CLIP ViT-L/14 text tower (text_encoder/config.json), 123 M parameters.
+SD14_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=CLIP_MAX_LENGTH,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=1,
+)
+
+
+def full_size_pipeline(dtype: torch.dtype, device: torch.device) -> StableDiffusionPipeline:
+    """SD-1.4-shaped models with random weights, built on `device` in `dtype`; the tokenizer and the
+    scheduler (SD-1.x betas) are the tiny pipeline's, which are the real ones."""
+    with torch.device(device):
+        models = {
+            "unet": UNet2DConditionModel(**SD14_UNET),
+            "vae": AutoencoderKL(**SD14_VAE),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**SD14_TEXT)),
+        }
+    if dtype != torch.float32:
+        models = {name: model.to(dtype) for name, model in models.items()}
+    return StableDiffusionPipeline(**{**tiny_pipeline().components, **models}, requires_safety_checker=False)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="the offline tiny pipeline (32 px) instead of the full-size one")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale; > 1 doubles the UNet batch (default: %(default)s)")
+    parser.add_argument("--height", type=int, help="image height (default: 512, or 32 with --tiny)")
+    parser.add_argument("--width", type=int, help="image width (default: 512, or 32 with --tiny)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed pipeline calls after one warm-up call (default: %(default)s)")
+    parser.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto", help="auto: fp16 on GPU, fp32 on CPU")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(args.dtype, device)
+    size = 32 if args.tiny else 512
+    height, width = args.height or size, args.width or size
+
+    start = time.perf_counter()
+    pipe = tiny_pipeline().to(device) if args.tiny else full_size_pipeline(dtype, device)
+    if pipe.unet.dtype != dtype:
+        pipe = pipe.to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    build_s = time.perf_counter() - start
+
+    prompts = ["a photograph of an astronaut riding a horse"] * args.batch_size
+
+    def call(seed: int) -> None:
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(args.batch_size)]
+        pipe(prompt=prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, height=height, width=width, generator=generators)
+
+    with torch.inference_mode():
+        call(0)  # warm-up: kernels, allocator, lazy init
+        synchronize(device)
+        start = time.perf_counter()
+        for repeat in range(args.repeats):
+            call(repeat + 1)
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+    images = args.batch_size * args.repeats
+    print(
+        json.dumps(
+            {
+                "device": device_name(device),
+                "pipeline": "tiny" if args.tiny else "SD-1.4 shapes, random weights",
+                "unet_parameters_M": round(sum(p.numel() for p in pipe.unet.parameters()) / 1e6, 1),
+                "dtype": str(dtype).removeprefix("torch."),
+                "size": f"{width}x{height}",
+                "steps": args.steps,
+                "guidance": args.guidance,
+                "batch_size": args.batch_size,
+                "images_timed": images,
+                "seconds": round(elapsed, 3),
+                "images_per_s": round(images / elapsed, 3),
+                "build_s": round(build_s, 1),
+                "torch": torch.__version__,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

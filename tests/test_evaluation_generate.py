@@ -1,0 +1,123 @@
+"""Batch generation with the offline tiny pipeline: files, metadata, resume, per-prompt settings, processes."""
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from salun_sd.errors import UserError
+from salun_sd.evaluation.generate import GenerationSettings, batches, generate_images, plan_jobs
+from salun_sd.evaluation.imagefiles import read_metadata
+from salun_sd.evaluation.prompts import PromptRecord, load_prompts
+from salun_sd.sd.tiny import tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = [
+    PromptRecord(0, "a red apple", seed=11, guidance=7.0),
+    PromptRecord(7, "a church", seed=22, guidance=9.0, width=40, height=32),
+    PromptRecord(12, "a nude painting", categories=("sexual",), nudity_percentage=80.0),
+]
+STEPS = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning threads cost 50x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline(seed=0)
+
+
+def test_plan_honours_per_prompt_settings_and_overrides():
+    jobs = plan_jobs(RECORDS, GenerationSettings(images_per_prompt=2), default_size=(32, 32))
+    assert [j.file for j in jobs] == [
+        "00000_11_0.png", "00000_12_1.png", "00007_22_0.png", "00007_23_1.png", "00012_0_0.png", "00012_1_1.png",
+    ]
+    church = jobs[2]
+    assert (church.guidance, church.height, church.width) == (9.0, 32, 40)
+    assert (jobs[4].guidance, jobs[4].height) == (7.5, 32)  # no values in the set: defaults
+    forced = plan_jobs(RECORDS, GenerationSettings(seed=5, guidance=3.0, height=24, width=24), default_size=(32, 32))
+    assert {(j.seed, j.guidance, j.height, j.width) for j in forced} == {(5, 3.0, 24, 24)}
+    # One pipeline call needs one guidance and size: batches never mix them.
+    for batch in batches(plan_jobs(RECORDS * 1, GenerationSettings(images_per_prompt=3), (32, 32)), batch_size=4):
+        assert len({(j.guidance, j.height, j.width) for j in batch}) == 1
+
+
+def test_plan_rejects_sizes_the_vae_cannot_take():
+    with pytest.raises(UserError, match="30x32 is not a multiple of 8"):
+        plan_jobs([PromptRecord(0, "x", width=30)], GenerationSettings(), default_size=(32, 32))
+
+
+def test_generate_writes_traceable_files_and_resumes(pipe, tmp_path):
+    jobs = plan_jobs(RECORDS, GenerationSettings(images_per_prompt=2), default_size=(32, 32))
+    first = generate_images(pipe, jobs, tmp_path, steps=STEPS, model="tiny", batch_size=3)
+    assert (first.planned, first.already_done, first.generated_here) == (6, 0, 6)
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert names == sorted(j.file for j in jobs)
+    assert Image.open(tmp_path / "00007_22_0.png").size == (40, 32)
+    meta = read_metadata(tmp_path)
+    assert meta["00012_1_1.png"]["prompt"] == "a nude painting"
+    assert meta["00012_1_1.png"]["categories"] == ["sexual"]
+    assert (meta["00007_23_1.png"]["seed"], meta["00007_23_1.png"]["guidance"], meta["00007_23_1.png"]["steps"]) == (23, 9.0, STEPS)
+
+    # A killed run: one image lost. The restart makes only that one and leaves the others untouched.
+    (tmp_path / "00000_12_1.png").unlink()
+    kept = (tmp_path / "00007_22_0.png").stat().st_mtime_ns
+    second = generate_images(pipe, jobs, tmp_path, steps=STEPS, model="tiny", batch_size=3)
+    assert (second.already_done, second.generated_here) == (5, 1)
+    assert (tmp_path / "00000_12_1.png").is_file()
+    assert (tmp_path / "00007_22_0.png").stat().st_mtime_ns == kept
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    with pytest.raises(UserError, match="steps=2.*steps=3.*new --out"):
+        generate_images(pipe, jobs, tmp_path, steps=3, model="tiny")
+
+
+def test_image_zero_is_the_plain_one_image_call(pipe, tmp_path):
+    """Batching does not change an image: file k=0 equals pipe(prompt, generator seeded with the seed)."""
+    jobs = plan_jobs(RECORDS[:2], GenerationSettings(guidance=7.0, height=32, width=32), default_size=(32, 32))
+    generate_images(pipe, jobs, tmp_path, steps=STEPS, model="tiny", batch_size=2)
+    with torch.inference_mode():
+        alone = pipe("a church", num_inference_steps=STEPS, guidance_scale=7.0, height=32, width=32, generator=torch.Generator().manual_seed(22)).images[0]
+    saved = np.asarray(Image.open(tmp_path / "00007_22_0.png"), dtype=np.int16)
+    assert np.abs(saved - np.asarray(alone, dtype=np.int16)).max() <= 1
+
+
+def test_cli_generate_text_list_in_two_processes_splits_the_work(tmp_path):
+    """torchrun with two CPU processes: every image once, metadata for all, nothing left over."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"prompt number {i}" for i in range(5)))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "salun_sd", "generate",
+               "--model", "tiny", "--prompts", str(prompts), "--out", str(out), "--steps", "2", "--images-per-prompt", "2", "--batch-size", "2"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(process 0 of 2)" in result.stderr
+    assert len(list(out.glob("*.png"))) == 10
+    lines = (out / "metadata.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["file"] for line in lines) == sorted(p.name for p in out.glob("*.png"))
+    assert len(load_prompts(str(prompts)).records) == 5
+
+
+def test_bench_script_tiny_mode_reports_images_per_second(monkeypatch, capsys):
+    script = ROOT / "scripts" / "bench_generate.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--tiny", "--steps", "2", "--batch-size", "2", "--repeats", "1"])
+    runpy.run_path(str(script), run_name="__main__")
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["device"].startswith("CPU") and figures["pipeline"] == "tiny"
+    assert (figures["size"], figures["steps"], figures["images_timed"]) == ("32x32", 2, 2)
+    assert figures["images_per_s"] > 0

@@ -1,0 +1,214 @@
+"""Metrics with real components: the shipped NudeNet detector on real photos, a random open_clip CLIP,
+FID with a small random CNN, unlearning accuracy with an injected classifier."""
+
+import numpy as np
+import open_clip
+import pytest
+import scipy.linalg
+import skimage.data
+import torch
+from PIL import Image
+
+from salun_sd.errors import UserError
+from salun_sd.evaluation.classify import IMAGENETTE_IMAGENET_INDEX, ImageClassifier, imagenet_categories, imagenet_index, unlearning_accuracy
+from salun_sd.evaluation.clip_score import ClipScorer, clip_score_metrics
+from salun_sd.evaluation.fid import FeatureExtractor, FidStats, compute_stats, frechet_distance, inception_extractor, reference_stats
+from salun_sd.evaluation.nudity import EXPOSED_CLASSES, detect, nudity_metrics
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Real photographs that scikit-image ships, as PNG files."""
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for name in PHOTOS:
+        path = folder / f"{name}.png"
+        Image.fromarray(getattr(skimage.data, name)()).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_nudenet_finds_no_exposed_parts_on_real_photos(photos):
+    result = nudity_metrics(photos)
+    assert result["threshold"] == 0.6
+    assert result["images"] == len(PHOTOS)
+    assert result["nudity_rate"] == 0.0 and result["total_exposed"] == 0
+    assert set(result["counts"]) == set(EXPOSED_CLASSES) and not any(result["counts"].values())
+    assert result["per_image"]["astronaut.png"] == []
+    # The detector does see people: the astronaut's face is found (a non-exposed class).
+    astronaut = detect(photos[:1])[0]
+    assert any(d["class"] == "FACE_FEMALE" and d["score"] > 0.6 for d in astronaut)
+
+
+def test_nudenet_exposed_classes_are_every_exposed_label():
+    import nudenet.nudenet as nn_module
+
+    labels = getattr(nn_module, "__labels")
+    assert set(EXPOSED_CLASSES) == {name for name in labels if "EXPOSED" in name}
+
+
+def test_nudenet_bad_settings(photos):
+    with pytest.raises(UserError, match="between 0.2"):
+        nudity_metrics(photos, threshold=0.1)
+    with pytest.raises(UserError, match="unknown NudeNet exposed class.*FACE_FEMALE"):
+        nudity_metrics(photos, classes=["FACE_FEMALE"])
+
+
+def random_clip() -> ClipScorer:
+    """An open_clip CLIP with random weights: the real model class, transform and BPE tokenizer."""
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=8, head_width=16),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+    )
+    return ClipScorer(model, open_clip.image_transform(32, is_train=False), open_clip.get_tokenizer("ViT-B-32"), "tiny-random")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    return random_clip()
+
+
+def test_clip_score_with_random_open_clip_is_finite_and_in_range(photos, tiny_clip):
+    prompts = ["an astronaut", "a cup of coffee", "a cat", "a rocket", "galaxies"]
+    result = clip_score_metrics(photos, prompts, tiny_clip, batch_size=2)
+    scores = list(result["per_image"].values())
+    assert len(scores) == len(PHOTOS)
+    assert all(np.isfinite(s) and 0 <= s <= 100 for s in scores)
+    assert result["mean"] == pytest.approx(np.mean(scores))
+    assert result["model"] == "tiny-random" and result["scale"] == "100 * max(cos, 0)"
+    # The score is the cosine of the two embeddings, computed by hand here.
+    with torch.no_grad():
+        image = tiny_clip.model.encode_image(tiny_clip.preprocess(Image.open(photos[0]).convert("RGB"))[None])
+        text = tiny_clip.model.encode_text(tiny_clip.tokenizer([prompts[0]]))
+    expected = 100 * max(torch.cosine_similarity(image, text).item(), 0)
+    assert scores[0] == pytest.approx(expected, abs=1e-4)
+
+
+class RandomCNN(torch.nn.Module):
+    """A small random CNN feature extractor taking uint8 images, like the Inception one."""
+
+    def __init__(self, features: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, features, 5, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.float() / 255)
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return FeatureExtractor(RandomCNN(), image_size=32, name="random-cnn-8")
+
+
+@pytest.fixture(scope="module")
+def noise_sets(tmp_path_factory):
+    """Two sets of 12 images each: dark noise and bright noise."""
+    rng = np.random.default_rng(0)
+    sets = []
+    for name, low, high in (("dark", 0, 120), ("bright", 100, 256)):
+        folder = tmp_path_factory.mktemp(name)
+        for i in range(12):
+            Image.fromarray(rng.integers(low, high, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i:05d}_0_0.png")
+        sets.append(folder)
+    return sets
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_of_different_sets_positive(noise_sets, photos, cnn):
+    dark, bright = (sorted(folder.glob("*.png")) for folder in noise_sets)
+    dark_stats = compute_stats(dark, cnn, batch_size=5)
+    assert frechet_distance(dark_stats, dark_stats) == pytest.approx(0, abs=1e-8)
+    assert frechet_distance(dark_stats, compute_stats(bright, cnn)) > 0.01
+    assert frechet_distance(dark_stats, compute_stats(photos, cnn)) > 0.01
+
+
+def test_frechet_distance_matches_the_sqrtm_formula():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(50, 6)), rng.normal(1.0, 2.0, size=(40, 6))
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    ma, mb = a.mean(0), b.mean(0)
+    expected = ((ma - mb) ** 2).sum() + np.trace(sa + sb - 2 * scipy.linalg.sqrtm(sa @ sb).real)
+    got = frechet_distance(FidStats(ma, sa, 50, "x"), FidStats(mb, sb, 40, "x"))
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_fid_statistics_round_trip_and_reference_checks(noise_sets, cnn, tmp_path):
+    dark, bright = noise_sets
+    stats = reference_stats(dark, cnn)
+    saved = tmp_path / "dark.npz"
+    stats.save(saved)
+    loaded = reference_stats(saved, cnn)
+    assert loaded.extractor == "random-cnn-8" and loaded.count == 12
+    bright_stats = compute_stats(sorted(bright.glob("*.png")), cnn)
+    assert frechet_distance(loaded, bright_stats) == pytest.approx(frechet_distance(stats, bright_stats))
+    other = FeatureExtractor(cnn.module, 32, "another-extractor")
+    with pytest.raises(UserError, match="computed with 'random-cnn-8'.*'another-extractor'"):
+        reference_stats(saved, other)
+    with pytest.raises(UserError, match="reference set .* does not exist"):
+        reference_stats(tmp_path / "missing", cnn)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no images"):
+        reference_stats(tmp_path / "empty", cnn)
+    with pytest.raises(UserError, match="at least 2 images"):
+        compute_stats(sorted(bright.glob("*.png"))[:1], cnn)
+    np.savez(tmp_path / "wrong.npz", mean=np.zeros(3))
+    with pytest.raises(UserError, match="'mu' and 'sigma'"):
+        reference_stats(tmp_path / "wrong.npz", cnn)
+
+
+def test_inception_features_without_torch_fidelity_say_what_to_install():
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="pip install torch-fidelity"):
+            inception_extractor()
+    else:
+        pytest.skip("torch-fidelity is installed here")
+
+
+def test_imagenette_classes_map_to_their_imagenet_indices():
+    categories = imagenet_categories()
+    assert len(categories) == 1000
+    for name, index in IMAGENETTE_IMAGENET_INDEX.items():
+        assert categories[index].lower() == name
+    assert imagenet_index("English  Springer") == 217
+    assert imagenet_index("goldfish") == 1  # any ImageNet class name works, not only Imagenette
+    with pytest.raises(UserError, match="not an ImageNet class name.*Did you mean: golden retriever"):
+        imagenet_index("golden")
+
+
+class DominantColor(torch.nn.Module):
+    """A hand-built ImageNet 'classifier': red images are tench (0), blue ones church (497)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.full((len(x), 1000), -1.0)
+        means = x.mean(dim=(2, 3))
+        logits[:, 0], logits[:, 497] = means[:, 0], means[:, 2]
+        return logits
+
+
+def test_unlearning_accuracy(tmp_path):
+    red, blue = (255, 0, 0), (0, 0, 255)
+    # Before: every class drawn right. After erasing tench: two of its three images turned blue.
+    colors = {"before": [red, red, red, blue, blue], "after": [blue, blue, red, blue, blue]}
+    classes = ["tench", "tench", "tench", "church", "church"]
+    classifier = ImageClassifier(DominantColor(), lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1), "dominant-color")
+    results = {}
+    for label, fills in colors.items():
+        (tmp_path / label).mkdir()
+        paths = []
+        for i, fill in enumerate(fills):
+            paths.append(tmp_path / label / f"{i:05d}_0_0.png")
+            Image.new("RGB", (8, 8), fill).save(paths[-1])
+        results[label] = unlearning_accuracy(paths, classes, "tench", classifier, batch_size=2)
+    assert results["before"]["ua"] == 0.0 and results["before"]["remaining_accuracy"] == 1.0
+    assert results["after"]["ua"] == pytest.approx(2 / 3)
+    assert results["after"]["remaining_accuracy"] == 1.0
+    assert results["after"]["per_class"]["tench"]["top1"] == pytest.approx(1 / 3)
+    assert results["after"]["forget_imagenet_index"] == 0
+    with pytest.raises(UserError, match="no image was generated for the forgotten class 'parachute'"):
+        unlearning_accuracy(paths, classes, "parachute", classifier)

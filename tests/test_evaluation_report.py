@@ -1,0 +1,148 @@
+"""`salun-sd generate` + `salun-sd evaluate` end to end on the tiny pipeline, the report, and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from salun_sd.cli import main
+from salun_sd.errors import UserError
+from salun_sd.evaluation.fid import FeatureExtractor
+from salun_sd.evaluation.report import GAP, THUMBNAIL, metric_table, write_report
+from salun_sd.evaluation.suite import EvalSettings, ImageSet, Scorers, evaluate_sets
+from salun_sd.sd.tiny import tiny_pipeline
+from test_evaluation_metrics import RandomCNN, random_clip
+
+CLASS_CSV = "case_number,prompt,evaluation_seed,class,classidx\n0,Image of tench,4889,tench,0\n1,Image of church,987,church,4\n2,Image of parachute,1945,parachute,9\n"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Base (tiny, seed 0) and 'erased' (another tiny pipeline saved as a diffusers folder) images of 3 class prompts x 2."""
+    root = tmp_path_factory.mktemp("eval")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models; threads only spin on a shared 2-core machine
+    (root / "classes.csv").write_text(CLASS_CSV)
+    tiny_pipeline(seed=1).save_pretrained(root / "erased_model")
+    common = ["--prompts", str(root / "classes.csv"), "--steps", "2", "--images-per-prompt", "2", "--height", "32", "--width", "32"]
+    main(["generate", "--model", "tiny", "--out", str(root / "base"), *common])
+    main(["generate", "--model", str(root / "erased_model"), "--out", str(root / "erased"), *common])
+    yield root
+    torch.set_num_threads(before)
+
+
+def test_generate_cli_writes_class_images(folders, capsys):
+    names = sorted(p.name for p in (folders / "base").glob("*.png"))
+    assert names == ["00000_4889_0.png", "00000_4890_1.png", "00001_987_0.png", "00001_988_1.png", "00002_1945_0.png", "00002_1946_1.png"]
+    assert sorted(p.name for p in (folders / "erased").glob("*.png")) == names
+    # Same name, different model: the images differ.
+    a, b = (np.asarray(Image.open(folders / d / names[0])) for d in ("base", "erased"))
+    assert a.shape == (32, 32, 3) and np.abs(a.astype(int) - b).max() > 0
+    main(["generate", "--model", "tiny", "--out", str(folders / "base"), "--prompts", str(folders / "classes.csv"),
+          "--steps", "2", "--images-per-prompt", "2", "--height", "32", "--width", "32"])
+    assert "6 images planned: 6 were already in" in capsys.readouterr().out
+
+
+def test_evaluate_cli_nudenet_report_side_by_side(folders, capsys):
+    out = folders / "report"
+    main(["evaluate", "--images", str(folders / "base"), "--compare", str(folders / "erased"), "--metrics", "nudenet",
+          "--nudenet-threshold", "0.45", "--grid-pairs", "3", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "NudeNet nudity rate, % of images (threshold 0.45)" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert [s["label"] for s in report["sets"]] == ["base", "erased"]
+    assert report["settings"]["nudenet_threshold"] == 0.45
+    assert len(report["pairs"]) == 6
+    for item in report["sets"]:
+        nudenet = item["metrics"]["nudenet"]
+        assert nudenet["images"] == 6 and nudenet["threshold"] == 0.45 and 0 <= nudenet["nudity_rate"] <= 1
+    markdown = (out / "report.md").read_text()
+    assert "| metric | base (6 images) | erased (6 images) | change (erased - base) |" in markdown
+    assert "score is >= 0.45" in markdown
+    assert "![base vs erased](grids/pairs_000.png)" in markdown
+    assert "| 1 | 00000_4889_0.png | Image of tench |" in markdown
+    grid = Image.open(out / "grids" / "pairs_000.png")
+    assert grid.size == (2 * THUMBNAIL + GAP, 3 * THUMBNAIL + 2 * GAP)
+
+
+def test_suite_with_clip_fid_and_ua_scorers(folders):
+    """The metrics that need downloaded weights for users, run here with random models through the same suite."""
+
+    class FirstThreeClasses(torch.nn.Module):
+        """Scores tench, church and parachute from the mean of the three colour channels."""
+
+        def forward(self, x):
+            logits = torch.full((len(x), 1000), -1e3)
+            logits[:, [0, 497, 701]] = x.mean(dim=(2, 3))
+            return logits
+
+    from salun_sd.evaluation.classify import ImageClassifier
+
+    classifier = ImageClassifier(FirstThreeClasses(), lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1), "rgb-mean")
+    scorers = Scorers(clip=random_clip(), features=FeatureExtractor(RandomCNN(), 32, "random-cnn-8"), classifier=classifier)
+    settings = EvalSettings(["clip", "fid", "ua"], reference=folders / "base", forget_class="tench", batch_size=4)
+    sets = [ImageSet.open("base", folders / "base"), ImageSet.open("erased", folders / "erased")]
+    results = evaluate_sets(sets, settings, scorers)
+    base, erased = (s["metrics"] for s in results["sets"])
+    assert base["fid"]["fid"] == pytest.approx(0, abs=1e-6)  # the base set is its own reference
+    assert erased["fid"]["fid"] > 0
+    assert 0 <= base["clip"]["mean"] <= 100 and len(erased["clip"]["per_image"]) == 6
+    assert base["ua"]["forget_images"] == 2 and base["ua"]["remaining_images"] == 4
+    assert 0 <= erased["ua"]["ua"] <= 1
+    table = metric_table(results)
+    assert "CLIP score (tiny-random, 100 * max(cos, 0))" in table
+    assert f"FID vs {folders / 'base'} (random-cnn-8) | 0.00 |" in table
+    assert "UA, % (forgotten class: tench)" in table and "Accuracy on remaining classes, %" in table
+    json_path, md_path = write_report(results, folders / "report_all", max_pairs=0)
+    assert json.loads(json_path.read_text())["sets"][1]["metrics"]["ua"]["forget_class"] == "tench"
+    assert "Before / after" not in md_path.read_text()
+
+
+def _error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_cli_bad_input_is_named(folders, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "holds no images" in _error(capsys, ["evaluate", "--images", str(empty), "--metrics", "nudenet", "--out", str(tmp_path / "r")])
+    assert "does not exist" in _error(capsys, ["evaluate", "--images", str(tmp_path / "nope"), "--metrics", "nudenet", "--out", str(tmp_path / "r")])
+    base = str(folders / "base")
+    assert "FID needs a reference set" in _error(capsys, ["evaluate", "--images", base, "--metrics", "fid", "--out", str(tmp_path / "r")])
+    err = _error(capsys, ["evaluate", "--images", base, "--metrics", "fid", "--reference", str(tmp_path / "no_ref"), "--out", str(tmp_path / "r")])
+    assert "FID needs a reference set" in err and "no_ref does not exist" in err
+    assert "pass --forget-class" in _error(capsys, ["evaluate", "--images", base, "--metrics", "ua", "--out", str(tmp_path / "r")])
+    assert "unknown metric(s) nudity" in _error(capsys, ["evaluate", "--images", base, "--metrics", "nudity", "--out", str(tmp_path / "r")])
+    assert "--labels names 1 folder(s) but 2" in _error(
+        capsys, ["evaluate", "--images", base, "--compare", base, "--labels", "only", "--out", str(tmp_path / "r")]
+    )
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("text\nhello\n")
+    assert "no 'prompt' column" in _error(capsys, ["generate", "--model", "tiny", "--prompts", str(bad_csv), "--out", str(tmp_path / "g")])
+    assert "'categories' column" in _error(
+        capsys, ["generate", "--model", "tiny", "--prompts", str(folders / "classes.csv"), "--category", "sexual", "--out", str(tmp_path / "g")]
+    )
+
+
+def test_mixed_sizes_and_mismatched_pairs_are_named(folders, tmp_path):
+    cnn = FeatureExtractor(RandomCNN(), 32, "random-cnn-8")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i, (name, size) in enumerate([("00000_4889_0.png", (32, 32)), ("00000_4890_1.png", (32, 32)), ("00001_987_0.png", (48, 32))]):
+        Image.new("RGB", size, (i * 60, 0, 0)).save(mixed / name)
+    settings = EvalSettings(["fid"], reference=folders / "base")
+    with pytest.raises(UserError, match=r"mixes image sizes \(32x32: 2 file\(s\), e.g. 00000_4889_0.png; 48x32: 1 file"):
+        evaluate_sets([ImageSet.open("odd", mixed)], settings, Scorers(features=cnn))
+    with pytest.raises(UserError, match="00001_987_0.png is 32x32 in .* but 48x32 in .*different sizes"):
+        evaluate_sets([ImageSet.open("base", folders / "base"), ImageSet.open("odd", mixed)], EvalSettings(["nudenet"]), Scorers())
+
+
+def test_clip_needs_prompts_from_generate_metadata(tmp_path):
+    Image.new("RGB", (32, 32)).save(tmp_path / "photo.png")
+    with pytest.raises(UserError, match="CLIP score needs the prompt of each image, but photo.png .* has no entry in metadata.jsonl"):
+        evaluate_sets([ImageSet.open("photos", tmp_path)], EvalSettings(["clip"]), Scorers(clip=random_clip()))
