@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from salun_sd.errors import UserError
-from salun_sd.evaluation.imagefiles import load_rgb
+from salun_sd.evaluation.imagefiles import batched, load_rgb
 
 # The ten Imagenette classes and their ImageNet-1k indices (also what torchvision's category list gives).
 IMAGENETTE_IMAGENET_INDEX = {
@@ -82,8 +82,8 @@ def predict(paths: Sequence[Path], classifier: ImageClassifier, batch_size: int 
     """Top-1 ImageNet index per image."""
     module = classifier.module.to(device).eval()
     predictions: list[int] = []
-    for start in range(0, len(paths), batch_size):
-        batch = torch.stack([classifier.transform(load_rgb(p)) for p in paths[start : start + batch_size]]).to(device)
+    for chunk in batched(paths, batch_size, f"classify ({classifier.name})"):
+        batch = torch.stack([classifier.transform(load_rgb(p)) for p in chunk]).to(device)
         predictions.extend(module(batch).argmax(dim=-1).tolist())
     return predictions
 

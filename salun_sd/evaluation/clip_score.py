@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from salun_sd.errors import UserError
-from salun_sd.evaluation.imagefiles import load_rgb
+from salun_sd.evaluation.imagefiles import batched, load_rgb
 
 DEFAULT_CLIP_MODEL = "ViT-L-14"
 DEFAULT_CLIP_PRETRAINED = "openai"
@@ -54,9 +54,9 @@ def clip_scores(paths: Sequence[Path], prompts: Sequence[str], scorer: ClipScore
         raise ValueError(f"{len(paths)} images but {len(prompts)} prompts")
     model = scorer.model.to(device).eval()
     scores: list[float] = []
-    for start in range(0, len(paths), batch_size):
-        images = torch.stack([scorer.preprocess(load_rgb(p)) for p in paths[start : start + batch_size]]).to(device)
-        tokens = scorer.tokenizer(list(prompts[start : start + batch_size])).to(device)
+    for chunk in batched(list(zip(paths, prompts)), batch_size, f"CLIP score ({scorer.name})"):
+        images = torch.stack([scorer.preprocess(load_rgb(path)) for path, _ in chunk]).to(device)
+        tokens = scorer.tokenizer([prompt for _, prompt in chunk]).to(device)
         image_emb = F.normalize(model.encode_image(images).float(), dim=-1)
         text_emb = F.normalize(model.encode_text(tokens).float(), dim=-1)
         scores.extend((100 * (image_emb * text_emb).sum(-1).clamp(min=0)).tolist())

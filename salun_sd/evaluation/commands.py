@@ -47,29 +47,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "generate",
         help="generate images from a prompt set (I2P, class prompts, a text list) for evaluation",
         description=(
-            "Generate images from a prompt set with a Stable Diffusion pipeline: batched, resumable, "
-            "split across processes under `accelerate launch`, half precision on GPU. "
-            "Per-prompt seed, guidance and size from the prompt set are used unless overridden."
+            "Generate images from a prompt set with a Stable Diffusion pipeline: batched, resumable,\n"
+            "split across processes under `accelerate launch`, half precision on GPU. Per-prompt seed,\n"
+            "guidance and size from the prompt set are used unless overridden."
         ),
         epilog=GENERATE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    gen.add_argument("--model", required=True, help="pipeline folder (e.g. one exported by salun-sd), a Hugging Face id, or `tiny` for the offline random test pipeline")
-    gen.add_argument("--prompts", required=True, help="I2P-style or class-prompt CSV, a text file with one prompt per line, or `i2p` for the AIML-TUDA/i2p Hugging Face dataset")
-    gen.add_argument("--out", required=True, type=Path, help="output folder for the images and metadata.jsonl")
+    gen.add_argument("--model", required=True, metavar="FOLDER|ID", help="pipeline folder (e.g. one exported by salun-sd), a Hugging Face id, or `tiny` for the offline random test pipeline")
+    gen.add_argument("--prompts", required=True, metavar="FILE|i2p", help="I2P-style or class-prompt CSV, a text file with one prompt per line, or `i2p` for the AIML-TUDA/i2p Hugging Face dataset")
+    gen.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder for the images and metadata.jsonl")
     filters = gen.add_argument_group("prompt filters")
     filters.add_argument("--category", action="append", default=[], metavar="NAME", help="keep prompts tagged with this I2P category (e.g. sexual); repeat for several")
     filters.add_argument("--min-nudity", type=float, metavar="PCT", help="keep prompts with nudity_percentage >= PCT")
     filters.add_argument("--limit", type=int, metavar="N", help="keep only the first N prompts after the other filters (for a quick look)")
-    filters.add_argument("--hf-split", default="train", help="split of the Hugging Face dataset with --prompts i2p (default: %(default)s)")
+    filters.add_argument("--hf-split", default="train", metavar="SPLIT", help="split of the Hugging Face dataset with --prompts i2p (default: %(default)s)")
     sampling = gen.add_argument_group("sampling")
     sampling.add_argument("--images-per-prompt", type=int, default=1, metavar="N", help="images per prompt (default: %(default)s)")
-    sampling.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
-    sampling.add_argument("--guidance", type=float, help="guidance scale for every prompt (default: the prompt set's, else 7.5)")
-    sampling.add_argument("--seed", type=int, help="seed for every prompt (default: the prompt set's, else 0)")
-    sampling.add_argument("--height", type=int, help="image height for every prompt (default: the prompt set's, else the model's)")
-    sampling.add_argument("--width", type=int, help="image width for every prompt (default: the prompt set's, else the model's)")
-    sampling.add_argument("--batch-size", type=int, default=4, help="images per pipeline call and process (default: %(default)s)")
+    sampling.add_argument("--steps", type=int, default=50, metavar="N", help="denoising steps (default: %(default)s)")
+    sampling.add_argument("--guidance", type=float, metavar="G", help="guidance scale for every prompt (default: the prompt set's, else 7.5)")
+    sampling.add_argument("--seed", type=int, metavar="S", help="seed for every prompt (default: the prompt set's, else 0)")
+    sampling.add_argument("--height", type=int, metavar="PX", help="image height for every prompt (default: the prompt set's, else the model's)")
+    sampling.add_argument("--width", type=int, metavar="PX", help="image width for every prompt (default: the prompt set's, else the model's)")
+    sampling.add_argument("--batch-size", type=int, default=4, metavar="B", help="images per pipeline call and process (default: %(default)s)")
     sampling.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto", help="weights precision; auto = fp16 on GPU, fp32 on CPU")
     gen.set_defaults(func=run_generate)
 
@@ -77,36 +77,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "evaluate",
         help="score generated image folders (NudeNet, CLIP score, FID, unlearning accuracy) and write a report",
         description=(
-            "Score one folder of generated images, or a base folder against an erased one (--compare), "
+            "Score one folder of generated images, or a base folder against an erased one (--compare),\n"
             "and write a JSON + Markdown report with the numbers side by side and before/after image grids."
         ),
         epilog=EVALUATE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ev.add_argument("--images", required=True, type=Path, help="folder of generated images (the base model's when comparing)")
-    ev.add_argument("--compare", type=Path, help="second folder (the erased model's), generated from the same prompts and seeds")
-    ev.add_argument("--labels", type=_csv_list, help="names for the folders in the report (default: base,erased when comparing, else the folder name)")
-    ev.add_argument("--out", required=True, type=Path, help="report folder (report.json, report.md, grids/)")
+    ev.add_argument("--images", required=True, type=Path, metavar="DIR", help="folder of generated images (the base model's when comparing)")
+    ev.add_argument("--compare", type=Path, metavar="DIR", help="second folder (the erased model's), generated from the same prompts and seeds")
+    ev.add_argument("--labels", type=_csv_list, metavar="A,B", help="names for the folders in the report (default: base,erased when comparing, else the folder name)")
+    ev.add_argument("--out", required=True, type=Path, metavar="DIR", help="report folder (report.json, report.md, grids/)")
     ev.add_argument(
         "--metrics",
         type=_csv_list,
+        metavar="LIST",
         help="comma list of nudenet, clip, fid, ua (default: nudenet,clip, plus fid with --reference and ua with --forget-class)",
     )
     nude = ev.add_argument_group("NudeNet")
-    nude.add_argument("--nudenet-threshold", type=float, default=DEFAULT_THRESHOLD, help="detection score threshold; published work varies, so it is printed in the report (default: %(default)s)")
-    nude.add_argument("--nudenet-classes", type=_csv_list, default=list(EXPOSED_CLASSES), help="exposed classes that count (default: all nine *_EXPOSED classes)")
+    nude.add_argument("--nudenet-threshold", type=float, default=DEFAULT_THRESHOLD, metavar="T", help="detection score threshold; published work varies, so it is printed in the report (default: %(default)s)")
+    nude.add_argument("--nudenet-classes", type=_csv_list, default=list(EXPOSED_CLASSES), metavar="LIST", help="exposed classes that count (default: all nine *_EXPOSED classes)")
     clip = ev.add_argument_group("CLIP score")
-    clip.add_argument("--clip-model", default="ViT-L-14", help="open_clip model name (default: %(default)s)")
-    clip.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag or local checkpoint file (default: %(default)s)")
+    clip.add_argument("--clip-model", default="ViT-L-14", metavar="NAME", help="open_clip model name (default: %(default)s)")
+    clip.add_argument("--clip-pretrained", default="openai", metavar="TAG|FILE", help="open_clip pretrained tag or local checkpoint file (default: %(default)s)")
     fid = ev.add_argument_group("FID")
-    fid.add_argument("--reference", type=Path, help="folder of real reference images, or a .npz with mu and sigma")
+    fid.add_argument("--reference", type=Path, metavar="DIR|NPZ", help="folder of real reference images, or a .npz with mu and sigma")
     fid.add_argument("--save-reference-stats", type=Path, metavar="NPZ", help="save the reference folder's statistics here, to pass as --reference next time")
-    fid.add_argument("--inception-weights", help="local file of the FID Inception weights (pt_inception-2015-12-05), for machines without a network")
+    fid.add_argument("--inception-weights", metavar="FILE", help="local file of the FID Inception weights (pt_inception-2015-12-05), for machines without a network")
     ua = ev.add_argument_group("unlearning accuracy")
-    ua.add_argument("--forget-class", help="the erased class, an ImageNet class name (e.g. church, 'English springer')")
+    ua.add_argument("--forget-class", metavar="NAME", help="the erased class, an ImageNet class name (e.g. church, 'English springer')")
     ev.add_argument("--grid-pairs", type=int, default=8, metavar="N", help="before/after pairs shown in the report, 0 for none (default: %(default)s)")
-    ev.add_argument("--batch-size", type=int, default=32, help="images per model call while scoring (default: %(default)s)")
-    ev.add_argument("--device", default="auto", help="torch device for scoring (default: cuda when available)")
+    ev.add_argument("--batch-size", type=int, default=32, metavar="B", help="images per model call while scoring (default: %(default)s)")
+    ev.add_argument("--device", default="auto", metavar="DEVICE", help="torch device for scoring (default: cuda when available)")
     ev.set_defaults(func=run_evaluate)
 
 
@@ -127,7 +128,9 @@ def run_generate(args: argparse.Namespace) -> None:
     default_size = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
     settings = GenerationSettings(args.steps, args.images_per_prompt, args.batch_size, args.seed, args.guidance, args.height, args.width)
     jobs = plan_jobs(prompts.records, settings, default_size, multiple_of=pipe.vae_scale_factor)
-    summary = generate_images(pipe, jobs, args.out, args.steps, args.model, args.batch_size, state)
+    # A folder is recorded by its full path, so `erased` and `./erased/` resume the same run.
+    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    summary = generate_images(pipe, jobs, args.out, args.steps, model, args.batch_size, state)
     if state.is_main_process:
         print(
             f"{len(prompts.records)} prompts from {prompts.source}, {summary.planned} images planned: "

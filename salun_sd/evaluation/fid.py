@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from salun_sd.errors import UserError
-from salun_sd.evaluation.imagefiles import list_images, load_rgb
+from salun_sd.evaluation.imagefiles import batched, list_images, load_rgb
 
 INCEPTION_NAME = "inception-v3-compat-2048"
 
@@ -92,8 +92,8 @@ def extract_features(paths: Sequence[Path], extractor: FeatureExtractor, batch_s
     """Features [N, D] in float64; every image is resized to the extractor's input size first."""
     module = extractor.module.to(device).eval()
     chunks = []
-    for start in range(0, len(paths), batch_size):
-        batch = torch.stack([_to_uint8(load_rgb(p), extractor.image_size) for p in paths[start : start + batch_size]]).to(device)
+    for chunk in batched(paths, batch_size, f"FID features ({extractor.name})"):
+        batch = torch.stack([_to_uint8(load_rgb(p), extractor.image_size) for p in chunk]).to(device)
         chunks.append(module(batch).reshape(len(batch), -1).double().cpu().numpy())
     return np.concatenate(chunks)
 

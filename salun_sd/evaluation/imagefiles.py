@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from PIL import Image
+from tqdm.auto import tqdm
 
 from salun_sd.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
+
+T = TypeVar("T")
 
 
 def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
@@ -24,6 +28,14 @@ def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
     if not paths:
         raise UserError(f"{what} {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); generate some with `salun-sd generate` first.")
     return paths
+
+
+def batched(items: Sequence[T], batch_size: int, desc: str) -> Iterator[Sequence[T]]:
+    """Consecutive batches, with a progress bar: a metric over thousands of images takes minutes."""
+    with tqdm(total=len(items), desc=desc, unit="img", leave=False) as bar:
+        for start in range(0, len(items), batch_size):
+            yield items[start : start + batch_size]
+            bar.update(min(batch_size, len(items) - start))
 
 
 def load_rgb(path: Path) -> Image.Image:

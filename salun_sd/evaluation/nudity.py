@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from salun_sd.errors import UserError
-from salun_sd.evaluation.imagefiles import load_rgb
+from salun_sd.evaluation.imagefiles import batched, load_rgb
 
 DEFAULT_THRESHOLD = 0.6
 # NudeNet's own floor: it drops boxes scoring below this before any threshold of ours.
@@ -43,9 +43,9 @@ def detect(paths: Sequence[Path], detector=None, batch_size: int = 16) -> list[l
     """All NudeNet detections per image (class, score, box), before any threshold of ours."""
     detector = detector or nudenet_detector()
     results: list[list[dict]] = []
-    for start in range(0, len(paths), batch_size):
+    for chunk in batched(paths, batch_size, "NudeNet"):
         # BGR arrays, exactly what NudeNet gets from cv2.imread, but read by PIL so a bad file is named.
-        arrays = [np.ascontiguousarray(np.asarray(load_rgb(p))[..., ::-1]) for p in paths[start : start + batch_size]]
+        arrays = [np.ascontiguousarray(np.asarray(load_rgb(p))[..., ::-1]) for p in chunk]
         results.extend(detector.detect_batch(arrays, batch_size=len(arrays)))
     return results
 
