@@ -15,7 +15,7 @@ from PIL import Image
 from salun_sd.errors import UserError
 from salun_sd.evaluation.generate import GenerationSettings, batches, generate_images, plan_jobs
 from salun_sd.evaluation.imagefiles import read_metadata
-from salun_sd.evaluation.prompts import PromptRecord, load_prompts
+from salun_sd.evaluation.prompts import PromptRecord
 from salun_sd.sd.tiny import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def test_plan_honours_per_prompt_settings_and_overrides():
     forced = plan_jobs(RECORDS, GenerationSettings(seed=5, guidance=3.0, height=24, width=24), default_size=(32, 32))
     assert {(j.seed, j.guidance, j.height, j.width) for j in forced} == {(5, 3.0, 24, 24)}
     # One pipeline call needs one guidance and size: batches never mix them.
-    for batch in batches(plan_jobs(RECORDS * 1, GenerationSettings(images_per_prompt=3), (32, 32)), batch_size=4):
+    for batch in batches(plan_jobs(RECORDS, GenerationSettings(images_per_prompt=3), (32, 32)), batch_size=4):
         assert len({(j.guidance, j.height, j.width) for j in batch}) == 1
 
 
@@ -110,7 +110,6 @@ def test_cli_generate_text_list_in_two_processes_splits_the_work(tmp_path):
     assert len(list(out.glob("*.png"))) == 10
     lines = (out / "metadata.jsonl").read_text().splitlines()
     assert sorted(json.loads(line)["file"] for line in lines) == sorted(p.name for p in out.glob("*.png"))
-    assert len(load_prompts(str(prompts)).records) == 5
 
 
 def test_bench_script_tiny_mode_reports_images_per_second(monkeypatch, capsys):

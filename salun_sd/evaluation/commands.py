@@ -126,7 +126,7 @@ def run_generate(args: argparse.Namespace) -> None:
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True lets torchrun run several CPU processes
     pipe = load_pipeline(args.model, resolve_dtype(args.dtype, state.device))
     default_size = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
-    settings = GenerationSettings(args.steps, args.images_per_prompt, args.batch_size, args.seed, args.guidance, args.height, args.width)
+    settings = GenerationSettings(args.images_per_prompt, args.seed, args.guidance, args.height, args.width)
     jobs = plan_jobs(prompts.records, settings, default_size, multiple_of=pipe.vae_scale_factor)
     # A folder is recorded by its full path, so `erased` and `./erased/` resume the same run.
     model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model

@@ -33,11 +33,9 @@ RUN_KEYS = ("prompt", "guidance", "height", "width", "steps", "model")
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Run-wide settings; `seed`, `guidance`, `height`, `width` override the prompt set's own values when set."""
+    """What each prompt becomes; `seed`, `guidance`, `height`, `width` override the prompt set's own values when set."""
 
-    steps: int = 50
     images_per_prompt: int = 1
-    batch_size: int = 4
     seed: int | None = None
     guidance: float | None = None
     height: int | None = None
@@ -167,6 +165,7 @@ def generate_images(
         record_plan(out, jobs, steps, model)
     state.wait_for_everyone()
     todo = [job for job in jobs if not (out / job.file).exists()]
+    state.wait_for_everyone()  # every process must see the same `todo` before any writes a file
     pipe = pipe.to(state.device)
     pipe.set_progress_bar_config(disable=True)
     generated = 0
