@@ -41,7 +41,7 @@ def inception_extractor(weights_path: str | None = None) -> FeatureExtractor:
     except ImportError:
         raise UserError(
             "FID with the standard Inception features needs the torch-fidelity package: "
-            "`pip install torch-fidelity` (or `pip install torchmetrics[image]`)."
+            "`pip install 'salun-sd[fid]'` (torchmetrics + torch-fidelity)."
         ) from None
     from torchmetrics.image.fid import NoTrainInceptionV3
 
