@@ -2,8 +2,8 @@
 
 Frozen weights stay bitwise equal to the original: gradients are multiplied by the 0/1 mask before
 clipping and the optimizer step, the optimizer is Adam without built-in weight decay (Adam moves
-nothing whose gradient has always been zero), and optional weight decay is applied only where the
-mask is 1.
+nothing whose gradient has always been zero; 8-bit Adam does unless its moments are reset, see
+zero_frozen_8bit_moments), and optional weight decay is applied only where the mask is 1.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -31,6 +32,8 @@ TRAINABLE_SCOPES = {
     "all": lambda name: True,
     "xattn": lambda name: ".attn2." in name,  # cross-attention of diffusers' transformer blocks
 }
+OPTIMIZERS = ("adam", "adam_fused", "adam8bit")
+ATTENTION = ("sdpa", "eager", "xformers")
 
 
 @dataclass
@@ -51,6 +54,12 @@ class TrainConfig:
     max_grad_norm: float = 0.0  # 0 disables clipping
     trainable: str = "all"  # all | xattn
     gradient_checkpointing: bool = False
+    # Speed and memory levers (docs/BENCHMARKS.md); each gives the plain path's loss and update.
+    optimizer: str = "adam"  # adam | adam_fused (one kernel per step) | adam8bit (bitsandbytes: 8-bit moments, for 24 GB cards)
+    attention: str = "sdpa"  # sdpa (flash/memory-efficient kernels) | eager (materialised, as the official code) | xformers (CUDA)
+    channels_last: bool = False  # NHWC weights and activations for the convolutions
+    compile_unet: bool = False  # torch.compile the network
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     checkpointing_steps: int = 0  # 0: no intermediate checkpoints
     checkpoints_total_limit: int = 2
     resume_from_checkpoint: str = ""  # "" | latest | path to a checkpoint folder
@@ -82,6 +91,55 @@ def select_trainable(model: nn.Module, scope: str, mask: Mask | None) -> dict[st
     return chosen
 
 
+def set_attention(model: nn.Module, kind: str) -> None:
+    """Choose the attention kernel; the math is the same, speed and memory are not."""
+    if kind not in ATTENTION:
+        raise UserError(f"attention must be one of {', '.join(ATTENTION)}, got {kind!r}")
+    if not hasattr(model, "set_attn_processor"):
+        if kind != "sdpa":
+            raise UserError(f"train.attention={kind} needs a diffusers model with attention processors, not {type(model).__name__}")
+        return
+    if kind == "xformers":
+        try:
+            model.enable_xformers_memory_efficient_attention()
+        except (ImportError, ValueError) as err:
+            raise UserError(f"train.attention=xformers is unavailable here ({err}); it needs CUDA and pip install 'salun-sd[xformers]'") from None
+        return
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    model.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam without weight decay in one of three implementations (weight decay is applied by the loop, masked)."""
+    kwargs = {"lr": cfg.learning_rate, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, **kwargs)
+    if cfg.optimizer == "adam_fused":
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    if cfg.optimizer == "adam8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise UserError("train.optimizer=adam8bit needs bitsandbytes: pip install 'salun-sd[bnb]'") from None
+        return bitsandbytes.optim.Adam8bit(params, **kwargs)
+    raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+
+
+def zero_frozen_8bit_moments(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], masks: list[torch.Tensor]) -> None:
+    """Reset the 8-bit Adam moments of frozen weights to the code of exactly 0.
+
+    bitsandbytes quantizes a zero moment to a small non-zero code, so without this the next step
+    would move weights whose gradient is masked to 0 (by m / (sqrt(v) + eps) with v = 0: a lot).
+    Tensors below bitsandbytes' min_8bit_size keep fp32 moments, which stay exactly 0.
+    """
+    for p, m in zip(params, masks):
+        state = optimizer.state[p]
+        for moment, qmap in (("state1", "qmap1"), ("state2", "qmap2")):
+            if state[moment].dtype == torch.uint8:
+                state[moment].masked_fill_(~m, int((state[qmap] == 0).nonzero()[0]))
+
+
 def unlearn(
     den: Denoiser,
     forget: ConceptData,
@@ -91,8 +149,12 @@ def unlearn(
     accelerator: Accelerator,
     run_dir: Path,
     mask: Mask | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> nn.Module:
-    """Fine-tune den.model with cfg.method; returns the unwrapped model. Checkpoints go to run_dir/checkpoints."""
+    """Fine-tune den.model with cfg.method; returns the unwrapped model. Checkpoints go to run_dir/checkpoints.
+
+    on_step(step, logged values) is called after each optimizer step (the benchmark times steps with it).
+    """
     method = METHODS[cfg.method]
     if method.uses_mask and mask is None:
         raise UserError(f"method {cfg.method!r} needs a saliency mask: run `salun-sd mask` first or pass mask.path")
@@ -101,13 +163,17 @@ def unlearn(
     params = select_trainable(model, cfg.trainable, mask)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    set_attention(model, cfg.attention)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     model.train()
-    optimizer = torch.optim.Adam(params.values(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    optimizer = make_optimizer(list(params.values()), cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
+    net = torch.compile(model, mode=cfg.compile_mode, dynamic=False) if cfg.compile_unet else model  # static shapes: one graph per batch shape
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     den.to(device)
     forget, remain = forget.to(device), remain.to(device)
-    masks = [mask[n].to(device, p.dtype) for n, p in params.items()] if mask is not None else None
+    masks = [mask[n].to(device, torch.bool) for n in params] if mask is not None else None  # 1 byte per weight
     candidates = torch.tensor(misaligned, dtype=torch.long)
     ckpt_root = run_dir / "checkpoints"
     step = resume(accelerator, ckpt_root, cfg.resume_from_checkpoint)
@@ -122,7 +188,7 @@ def unlearn(
             f = draw_batch(forget, den, cfg.seed, "forget", key, global_batch, rank, cfg.batch_size, candidates)
             r = draw_batch(remain, den, cfg.seed, "remain", key, global_batch, rank, cfg.batch_size)
             with accelerator.no_sync(model) if micro < accum - 1 else nullcontext(), accelerator.autocast():
-                loss, terms = method.loss(den, model, f, r, cfg.alpha)
+                loss, terms = method.loss(den, net, f, r, cfg.alpha)
                 accelerator.backward(loss / accum)
             logs.append(torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())]))
         values = accelerator.reduce(torch.stack(logs).mean(0), reduction="mean").tolist()
@@ -144,10 +210,14 @@ def unlearn(
             with torch.no_grad():  # a factor of exactly 1.0 where the mask is 0
                 torch._foreach_mul_(list(params.values()), factors)
         optimizer.step()
+        if cfg.optimizer == "adam8bit" and masks is not None:
+            zero_frozen_8bit_moments(optimizer, list(params.values()), masks)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
         bar.set_postfix({k: f"{v:.4g}" for k, v in zip(["loss", *terms], values)})
+        if on_step is not None:
+            on_step(step, dict(zip(["loss", *terms], values)))
         if cfg.checkpointing_steps and (step % cfg.checkpointing_steps == 0 or step == total):
             save_checkpoint(accelerator, ckpt_root, step, cfg.checkpoints_total_limit)
     bar.close()
