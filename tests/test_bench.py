@@ -1,0 +1,47 @@
+"""scripts/bench_erase.py runs end to end on CPU at small shapes, and says plainly when diffusers is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_erase.py"
+
+
+def test_cpu_smoke_reports_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--cpu-smoke", "--naive", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["tflop_per_sample"] > 0
+    rows = {row["name"]: row for row in report["step"]}
+    assert set(rows) == {"official", "default", "smoke-levers"}
+    for row in rows.values():
+        assert row["samples_per_s"] > 0 and row["tflops"] > 0 and row["peak_memory_gib"] > 0
+        assert row["frozen_bitwise"] is True
+    assert rows["official"]["speedup_vs_official"] == 1.0
+    assert rows["official"]["batch_size"] == 1 and rows["official"]["attention"] == "eager"
+    mask = report["mask"]
+    assert abs(mask["kept"] - 0.5) < 1e-3 and mask["seconds"] > 0
+    assert mask["same_threshold"] is True
+    assert "| official |" in proc.stdout and "mask pass" in proc.stdout
+
+
+def test_missing_diffusers_is_said_plainly():
+    run_without_diffusers = (
+        "import runpy, sys; sys.modules['diffusers'] = None; "  # makes `import diffusers` fail as if it were not installed
+        f"sys.argv = ['bench_erase.py', '--cpu-smoke']; runpy.run_path({str(SCRIPT)!r}, run_name='__main__')"
+    )
+    proc = subprocess.run([sys.executable, "-c", run_without_diffusers], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "'diffusers' is not installed" in proc.stderr
+    assert "Traceback" not in proc.stderr
