@@ -1,7 +1,8 @@
 """`salun-sd`: one command, one subcommand per job.
 
-Each job's module owns its arguments (`register(subparsers)`) and its entry point, so this file
-only lists them; `salun-sd JOB --help` shows what a job takes.
+Each job's module owns its arguments (`register(subparsers)`) and its entry point. This file lists
+the jobs with a one-line summary and imports only the module of the job being run, so `--help`
+does not wait for torch and diffusers to load.
 """
 
 from __future__ import annotations
@@ -12,31 +13,43 @@ import sys
 
 from salun_sd.errors import UserError
 
-# module path -> the subcommands it registers (listed here so `--help` stays fast).
-COMMAND_MODULES = [
-    "salun_sd.sd.commands",
-    "salun_sd.ddpm.commands",
-    "salun_sd.evaluation.commands",
-]
+# subcommand -> (module that registers it, summary for the top-level --help)
+COMMANDS = {
+    "run": ("salun_sd.sd.commands", "the whole job: data -> mask -> erase -> export"),
+    "mask": ("salun_sd.sd.commands", "compute the saliency mask of the forget set"),
+    "erase": ("salun_sd.sd.commands", "masked unlearning with an existing mask, then export"),
+    "demo": ("salun_sd.sd.commands", "erase a concept from the embedded offline model on CPU, reload it, write a grid"),
+    "generate": ("salun_sd.evaluation.commands", "generate images from a prompt set (I2P, class prompts, a text list)"),
+    "evaluate": ("salun_sd.evaluation.commands", "score image folders (NudeNet, CLIP score, FID, UA) and write a report"),
+    "ddpm": ("salun_sd.ddpm.commands", "class-conditional CFG DDPM: train, sample, mask, erase, retrain, evaluate"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with full arguments for `command`'s module and summaries for the rest."""
     parser = argparse.ArgumentParser(
         prog="salun-sd",
         description=(
             "Erase a concept from a diffusion model with SalUn (saliency unlearning, Fan et al., ICLR 2024): "
             "find the UNet weights most sensitive to the concept, then fine-tune only those."
         ),
-        epilog="Typical flow: `salun-sd run configs/nudity.yaml`, or step by step `salun-sd mask ...` then `salun-sd erase ...`.",
+        epilog="Typical flow: `salun-sd run configs/nudity.yaml`, or step by step `salun-sd mask ...` then `salun-sd erase ...`. "
+        "`salun-sd COMMAND --help` shows what a command takes.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    loaded = COMMANDS[command][0] if command in COMMANDS else None
+    if loaded:
+        importlib.import_module(loaded).register(subparsers)
+    for name, (module, summary) in COMMANDS.items():
+        if module != loaded:
+            subparsers.add_parser(name, help=summary)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         args.func(args)
     except UserError as err:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -28,18 +27,6 @@ from salun_sd.errors import UserError
 from salun_sd.objectives import guided_forget_loss
 
 Mask = dict[str, torch.Tensor]  # parameter name -> bool tensor of the parameter's shape
-
-
-@dataclass
-class MaskConfig:
-    """Saliency mask. Defaults are the official SalUn SD settings (top 50 % globally, guidance 7.5)."""
-
-    fraction: float = 0.5  # share of weights kept trainable
-    extra_fractions: list[float] = field(default_factory=list)  # more masks from the same gradient pass
-    guidance: float = 7.5  # w in the guided forget loss (official DDPM: 2.0)
-    scope: str = "global"  # global | per_layer
-    batch_size: int = 8  # forget examples per backward pass (the mask does not depend on it)
-    path: str = ""  # use this mask file instead of computing one
 
 
 def accumulate_saliency(

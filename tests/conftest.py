@@ -4,10 +4,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from salun_sd.saliency import MaskConfig  # noqa: E402
-from salun_sd.sd.data import DataConfig, ImageGroup  # noqa: E402
-from salun_sd.sd.erase import EraseConfig  # noqa: E402
-from salun_sd.trainer import TrainConfig  # noqa: E402
+from salun_sd.core_config import MaskConfig, TrainConfig  # noqa: E402
+from salun_sd.sd.config import DataConfig, EraseConfig, ImageGroup  # noqa: E402
 
 FORGET, REMAIN = "a photo of a nude person", "a photo of a person wearing clothes"
 

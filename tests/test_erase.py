@@ -13,7 +13,7 @@ from conftest import FORGET, REMAIN, tiny_config
 from salun_sd.cli import main
 from salun_sd.errors import UserError
 from salun_sd.saliency import load_mask
-from salun_sd.sd.data import ImageGroup
+from salun_sd.sd.config import ImageGroup
 from salun_sd.sd.erase import erase
 from salun_sd.sd.tiny import tiny_pipeline
 from salun_sd.trainer import TrainingDiverged, list_checkpoints

@@ -22,8 +22,8 @@ from salun_sd.ddpm.model import ModelConfig
 from salun_sd.ddpm.sample import SampleConfig
 from salun_sd.ddpm.train import BaseTrainConfig
 from salun_sd.errors import UserError
-from salun_sd.saliency import MaskConfig
-from salun_sd.trainer import TrainConfig, list_checkpoints
+from salun_sd.core_config import MaskConfig, TrainConfig
+from salun_sd.trainer import list_checkpoints
 
 
 @dataclass

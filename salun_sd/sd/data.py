@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,46 +24,9 @@ from tqdm.auto import tqdm
 
 from salun_sd.denoiser import ConceptData
 from salun_sd.errors import UserError
+from salun_sd.sd.config import DataConfig, ImageGroup
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-
-
-@dataclass
-class ImageGroup:
-    """One prompt and where its images come from (set exactly one of generate, folder, hf_dataset)."""
-
-    prompt: str = ""
-    generate: int = 0  # number of images the base pipeline draws from the prompt
-    folder: str = ""  # or: a folder of images
-    hf_dataset: str = ""  # or: a Hugging Face dataset ...
-    hf_config: str = ""  # ... its configuration (e.g. "160px" for frgfm/imagenette)
-    hf_split: str = "train"
-    hf_label: int = -1  # ... and the class index to take
-    limit: int = 0  # use at most this many images (0: all)
-
-    def source(self) -> str:
-        given = [name for name, on in (("generate", self.generate > 0), ("folder", bool(self.folder)), ("hf_dataset", bool(self.hf_dataset))) if on]
-        if len(given) != 1:
-            raise UserError(f"image group {self.prompt!r} must set exactly one of generate, folder, hf_dataset (it sets {given or 'none'})")
-        return given[0]
-
-
-@dataclass
-class DataConfig:
-    """Forget set D_f, remain set D_r, and the misaligned prompts c' (default: the remain prompts)."""
-
-    forget: list[ImageGroup] = field(default_factory=list)
-    remain: list[ImageGroup] = field(default_factory=list)
-    misaligned_prompts: list[str] = field(default_factory=list)
-    resolution: int = 0  # training image size; 0: the UNet's native size (512 for SD-1.x)
-    generation_steps: int = 50  # sampler steps when the base model draws D_f/D_r images
-    generation_guidance: float = 7.5  # guidance scale for those images
-    generation_batch_size: int = 8  # images drawn per pipeline call
-    seed: int = 0  # image i of a generated group uses seed + i
-    cache_dir: str = ""  # default: $SALUN_SD_CACHE or ~/.cache/salun_sd
-
-    def misaligned(self) -> list[str]:
-        return self.misaligned_prompts or [g.prompt for g in self.remain]
 
 
 def cache_root(cfg: DataConfig) -> Path:

@@ -21,12 +21,12 @@ from salun_sd.denoiser import ConceptData
 from salun_sd.draws import draw_example_noise
 from salun_sd.objectives import diffusion_loss, per_example_mse
 from salun_sd.runtime import make_accelerator
-from salun_sd.saliency import MaskConfig
+from salun_sd.core_config import MaskConfig, TrainConfig
 from salun_sd.sd.adapter import sd_denoiser
-from salun_sd.sd.data import DataConfig, ImageGroup, concept_data
-from salun_sd.sd.erase import EraseConfig, erase
+from salun_sd.sd.config import DataConfig, EraseConfig, ImageGroup
+from salun_sd.sd.data import concept_data
+from salun_sd.sd.erase import erase
 from salun_sd.sd.loading import TINY, load_pipeline
-from salun_sd.trainer import TrainConfig
 
 FORGET, REMAIN = "a photo of a nude person", "a photo of a person wearing clothes"
 SEEDS = [0, 1, 2, 3]

@@ -10,37 +10,21 @@ Run folder layout (`output_dir`):
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 
 from salun_sd.config import to_dict
 from salun_sd.errors import UserError
 from salun_sd.manifest import manifest, write_manifest
 from salun_sd.objectives import METHODS
-from salun_sd.saliency import MaskConfig, accumulate_saliency, load_mask, mask_summary, save_mask, saliency_masks
+from salun_sd.saliency import accumulate_saliency, load_mask, mask_summary, save_mask, saliency_masks
 from salun_sd.sd.adapter import TextConditionedDenoiser, sd_denoiser
-from salun_sd.sd.data import DataConfig, concept_data
+from salun_sd.sd.config import EraseConfig
+from salun_sd.sd.data import concept_data
 from salun_sd.sd.export import export, model_card
 from salun_sd.sd.loading import load_pipeline
-from salun_sd.trainer import TRAINABLE_SCOPES, TrainConfig, list_checkpoints, unlearn
-
-
-@dataclass
-class EraseConfig:
-    """A whole SD erase. Defaults reproduce the official SalUn nudity run on SD v1.4."""
-
-    model: str = "CompVis/stable-diffusion-v1-4"  # Hub ID, local folder, or "tiny" (offline random weights)
-    concept: str = ""  # name of the erased concept, for the model card
-    output_dir: str = "outputs/erase"  # run folder: mask, checkpoints, manifest, pipeline/
-    overwrite: bool = False  # replace an existing run folder
-    mixed_precision: str = "no"  # no | fp16 | bf16 (Accelerate autocast; weights stay fp32)
-    export_unet_only: bool = False  # export the UNet alone instead of the whole pipeline
-    data: DataConfig = field(default_factory=DataConfig)
-    mask: MaskConfig = field(default_factory=MaskConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+from salun_sd.trainer import TRAINABLE_SCOPES, list_checkpoints, unlearn
 
 
 def mask_path(out: Path, fraction: float | None = None) -> Path:

@@ -1,0 +1,58 @@
+"""The knobs of the core: the saliency mask and the unlearning loop.
+
+Plain dataclasses without torch, so configs are validated and `--help` is printed instantly.
+Each field's comment is its documentation (it becomes the `--help` text of its flag).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class MaskConfig:
+    """Saliency mask. Defaults are the official SalUn SD settings (top 50 % globally, guidance 7.5)."""
+
+    fraction: float = 0.5  # share of weights kept trainable
+    extra_fractions: list[float] = field(default_factory=list)  # more masks from the same gradient pass
+    guidance: float = 7.5  # w in the guided forget loss (official DDPM: 2.0)
+    scope: str = "global"  # global | per_layer
+    batch_size: int = 8  # forget examples per backward pass (the mask does not depend on it)
+    path: str = ""  # use this mask file instead of computing one
+
+
+@dataclass
+class TrainConfig:
+    """Masked unlearning. Defaults are the official SalUn SD nudity run (Adam 1e-5, batch 8, α 0.1, 1 epoch of 800 images)."""
+
+    method: str = "salun"  # salun | rl | ga | ft (see salun_sd.objectives.METHODS)
+    alpha: float = 0.1  # weight of the remain-set loss
+    learning_rate: float = 1e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.0  # decoupled, applied only to masked-in weights
+    batch_size: int = 8  # forget examples per process per micro-step (and as many remain examples)
+    gradient_accumulation_steps: int = 1
+    epochs: float = 1.0  # passes over the forget set; used when max_steps is 0
+    max_steps: int = 0
+    max_grad_norm: float = 0.0  # 0 disables clipping
+    trainable: str = "all"  # all | xattn
+    gradient_checkpointing: bool = False
+    # Speed and memory levers (docs/BENCHMARKS.md); each gives the plain path's loss and update.
+    optimizer: str = "adam"  # adam | adam_fused (one kernel per step) | adam8bit (bitsandbytes: 8-bit moments, for 24 GB cards)
+    attention: str = "sdpa"  # sdpa (flash/memory-efficient kernels) | eager (materialised, as the official code) | xformers (CUDA)
+    channels_last: bool = False  # NHWC weights and activations for the convolutions
+    compile_unet: bool = False  # torch.compile the network
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+    checkpointing_steps: int = 0  # 0: no intermediate checkpoints
+    checkpoints_total_limit: int = 2
+    resume_from_checkpoint: str = ""  # "" | latest | path to a checkpoint folder
+    seed: int = 0
+
+    def total_steps(self, num_forget: int, num_processes: int) -> int:
+        if self.max_steps > 0:
+            return self.max_steps
+        per_step = self.batch_size * num_processes * self.gradient_accumulation_steps
+        return max(1, math.ceil(self.epochs * num_forget / per_step))
