@@ -53,9 +53,10 @@ def real_reference(cfg: DDPMConfig) -> dict:
 
 
 def table(cfg: DDPMConfig, rows: dict[str, dict], seconds: dict[str, float], total: float, classifier_acc: float) -> str:
+    k = cfg.forget_class
     lines = [
         BEGIN,
-        "## DDPM on digits: base, Retrain and SalUn (forgetting class 0)",
+        f"### Digits: base, Retrain and SalUn (forgetting class {k})",
         "",
         f"Written by `scripts/ddpm_digits_benchmark.py` on {time.strftime('%Y-%m-%d')} (revision `{git_revision()[:12]}`), "
         f"CPU only ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)), total {total / 60:.1f} min. "
@@ -64,9 +65,10 @@ def table(cfg: DDPMConfig, rows: dict[str, dict], seconds: dict[str, float], tot
         f"{cfg.unlearn.max_steps} masked Adam steps, lr {cfg.unlearn.learning_rate:g}, batch {cfg.unlearn.batch_size}, α {cfg.unlearn.alpha:g}, clip {cfg.unlearn.max_grad_norm:g}.",
         "",
         f"Scored on {cfg.evaluate.samples_per_class} samples per class ({cfg.sample.scheduler.upper()} {cfg.sample.num_inference_steps} steps, guidance w = {cfg.sample.guidance}) "
-        f"by the module's classifier ({classifier_acc:.1%} on real held-out digits). UA: share of class-0 samples not classified as 0 (higher = more forgotten). "
-        "Remaining accuracy: share of class 1–9 samples classified as their class. FID: class 1–9 samples vs the real held-out images of classes 1–9, "
-        "on the classifier's 32-d penultimate features (not comparable with Inception FID). Wall time: training (SalUn: mask + unlearning), sampling excluded.",
+        f"by the module's classifier ({classifier_acc:.1%} on real held-out digits). UA: share of class-{k} samples not classified as {k} "
+        f"(higher = more forgotten). Remaining accuracy: share of the other classes' samples classified as their class. FID: those samples vs "
+        f"the real held-out images of their classes, on the classifier's {cfg.classifier.widths[-1]}-d penultimate features (not comparable "
+        "with Inception FID). Wall time: training (SalUn: mask + unlearning); sampling excluded.",
         "",
         "| model | UA ↑ | remaining accuracy ↑ | FID ↓ | wall time |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -101,7 +103,7 @@ def main() -> None:
         "SalUn": timed(["ddpm", "mask", *common]) + timed(["ddpm", "erase", *common]),
     }
     cfg = from_dict(DDPMConfig, json.loads((Path(args.work_dir) / "base" / "manifest.json").read_text())["config"])  # as resolved, flags included
-    cli(["ddpm", "evaluate", *common, "--model", str(cfg.base_dir()), str(cfg.retrain_dir()), str(cfg.erase_dir())])
+    cli(["ddpm", "evaluate", *common, "--model_dir", str(cfg.base_dir()), str(cfg.retrain_dir()), str(cfg.erase_dir())])
     total = time.perf_counter() - start
     rows = {"real held-out digits (reference)": real_reference(cfg)}
     for name, folder in (("base", cfg.base_dir()), ("Retrain", cfg.retrain_dir()), ("SalUn", cfg.erase_dir())):

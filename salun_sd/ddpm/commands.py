@@ -21,7 +21,7 @@ EPILOG = """examples (digits run offline on a CPU in minutes; CIFAR-10 is the pa
   salun-sd ddpm classifier configs/ddpm_digits.yaml         # the judge -> WORK_DIR/classifier
   salun-sd ddpm mask configs/ddpm_digits.yaml               # saliency mask -> WORK_DIR/salun-class0/mask.safetensors
   salun-sd ddpm erase configs/ddpm_digits.yaml              # masked unlearning -> WORK_DIR/salun-class0
-  salun-sd ddpm sample configs/ddpm_digits.yaml --model outputs/ddpm-digits/salun-class0
+  salun-sd ddpm sample configs/ddpm_digits.yaml --model_dir outputs/ddpm-digits/salun-class0
   salun-sd ddpm evaluate configs/ddpm_digits.yaml           # UA, remaining accuracy, FID of every model found
   accelerate launch --num_processes 4 -m salun_sd ddpm train configs/ddpm_cifar10.yaml --train.batch_size 32
 Models load with UNet2DModel.from_pretrained("MODEL_DIR/unet") and DDPMScheduler.from_pretrained("MODEL_DIR/scheduler")."""
@@ -67,7 +67,7 @@ def run_forget(args: argparse.Namespace, steps: tuple[str, ...]) -> None:
 
     cfg = load_config(args)
     accelerator = make_accelerator(cfg.mixed_precision)
-    erase(cfg, accelerator, Path(args.model or cfg.base_dir()), Path(args.output) if args.output else cfg.erase_dir(), steps)
+    erase(cfg, accelerator, Path(args.model_dir or cfg.base_dir()), Path(args.output) if args.output else cfg.erase_dir(), steps)
     finish(accelerator)
 
 
@@ -76,7 +76,7 @@ def run_sample(args: argparse.Namespace) -> None:
     from salun_sd.ddpm.sample import class_labels, sample, save_samples
 
     cfg = load_config(args)
-    model_dir = Path(args.model or cfg.base_dir())
+    model_dir = Path(args.model_dir or cfg.base_dir())
     out = Path(args.output) if args.output else model_dir / "samples"
     if (out / "samples.safetensors").exists() and not cfg.overwrite:
         raise UserError(f"{out / 'samples.safetensors'} already exists: pass --overwrite to replace it")
@@ -107,10 +107,12 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from salun_sd.ddpm.evaluate import Features, evaluate_model, remaining_reference
 
     cfg = load_config(args)
-    models = [Path(m) for m in args.model] or [d for d in (cfg.base_dir(), cfg.retrain_dir(), cfg.erase_dir()) if (d / "unet").is_dir()]
+    models = [Path(m) for m in args.model_dir] or [d for d in (cfg.base_dir(), cfg.retrain_dir(), cfg.erase_dir()) if (d / "unet").is_dir()]
     if not models:
-        raise UserError(f"no trained model under {cfg.work_dir}; pass --model DIR")
+        raise UserError(f"no trained model under {cfg.work_dir}; pass --model_dir DIR")
     classifier, info = load_classifier(args.classifier or cfg.classifier_dir())
+    if info["architecture"]["num_classes"] != cfg.model.num_classes:
+        raise UserError(f"the classifier knows {info['architecture']['num_classes']} classes but model.num_classes is {cfg.model.num_classes}")
     classifier.to(device())
     features = Features(cfg.evaluate.features, classifier, cfg.evaluate.inception_weights, device())
     reference = features.stats(remaining_reference(cfg).x0)
@@ -146,7 +148,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p = steps.add_parser(name, help=help_text, description=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("config", nargs="?", help="YAML config (configs/ddpm_cifar10.yaml, configs/ddpm_digits.yaml); flags below override its keys")
         if name in MODEL_HELP:
-            p.add_argument("--model", nargs="*" if name == "evaluate" else None, default=[] if name == "evaluate" else None, help=MODEL_HELP[name])
+            p.add_argument("--model_dir", nargs="*" if name == "evaluate" else None, default=[] if name == "evaluate" else None, help=MODEL_HELP[name])
         if name == "evaluate":
             p.add_argument("--classifier", help="classifier folder (default: WORK_DIR/classifier)")
         else:
