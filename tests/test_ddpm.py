@@ -133,3 +133,18 @@ def test_erase_forgets_the_class_and_keeps_masked_out_weights(digits):
     assert base["per_class_accuracy"]["0"] >= 0.7 and base["ua"] <= 0.3  # the base model draws zeros ...
     assert erased["ua"] >= 0.8  # ... the erased one does not
     assert erased["remaining_accuracy"] >= 0.6 and erased["fid"] > 0
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    from test_distributed import salun  # the CPU multi-process launch recipe
+
+    # A large Adam epsilon keeps updates proportional to gradients, so float summation order cannot flip a step;
+    # a large learning rate makes the updates big enough that different data or noise would show.
+    flags = [DIGITS, "--train.adam_epsilon", "1e-2", "--train.learning_rate", "0.05", "--train.warmup_steps", "0", *QUICK]
+    salun("ddpm", "train", *flags, "--train.max_steps", "3", "--work_dir", str(tmp_path / "one"), "--train.batch_size", "8")
+    salun("ddpm", "train", *flags, "--train.max_steps", "3", "--work_dir", str(tmp_path / "two"), "--train.batch_size", "4", processes=2)
+    run(tmp_path / "init", "train", *flags[1:], "--train.max_steps", "0")
+    one, two, init = (unet_weights(tmp_path / d / "base") for d in ("one", "two", "init"))
+    assert max((one[k] - init[k]).abs().max().item() for k in one) > 1e-3
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=0, atol=1e-5)

@@ -80,7 +80,9 @@ def train_base(
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
-    model, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
+    model, optimizer = accelerator.prepare(unet, optimizer)
+    # Not prepared: Accelerate would step it once per process per step, so warm-up would depend on the process count.
+    accelerator.register_for_checkpointing(lr_schedule)
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
