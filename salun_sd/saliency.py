@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from salun_sd.core_config import MaskConfig
 from salun_sd.denoiser import ConceptData, Denoiser
 from salun_sd.draws import draw_example_noise
 from salun_sd.errors import UserError
@@ -164,3 +165,33 @@ def mask_info(path: str | Path) -> dict[str, object]:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     return {"info": json.loads(meta.get("info", "{}")), "summary": json.loads(meta.get("summary", "{}"))}
+
+
+def mask_path(run_dir: Path, fraction: float | None = None) -> Path:
+    """Where a run keeps its mask (`mask.safetensors`), and the extra fractions (`mask-0.3.safetensors`)."""
+    return run_dir / ("mask.safetensors" if fraction is None else f"mask-{fraction:g}.safetensors")
+
+
+def make_masks(
+    den: Denoiser,
+    forget: ConceptData,
+    accelerator: Accelerator,
+    cfg: MaskConfig,
+    run_dir: Path,
+    seed: int,
+    include: Callable[[str], bool],
+    info: dict[str, object],
+) -> Mask:
+    """The mask step of every adapter: one gradient pass, a mask per fraction saved in run_dir; returns cfg.fraction's."""
+    scores = accumulate_saliency(den, forget, accelerator, cfg.guidance, cfg.batch_size, seed, include)
+    masks = saliency_masks(scores, [cfg.fraction, *cfg.extra_fractions], cfg.scope)
+    if accelerator.is_main_process:
+        for fraction, m in masks.items():
+            meta = {"fraction": fraction, "scope": cfg.scope, "guidance": cfg.guidance, "forget_examples": len(forget), **info}
+            save_mask(m, mask_path(run_dir, None if fraction == cfg.fraction else fraction), meta)
+        summary = mask_summary(masks[cfg.fraction])
+        size = sum(m.numel() for m in masks[cfg.fraction].values())
+        rows = "\n".join(f"  {block:<16} {kept:7.2%}" for block, kept in summary.items() if block != "total")
+        accelerator.print(f"mask: kept {summary['total']:.2%} of {size:,} weights -> {mask_path(run_dir)}\nkept per block:\n{rows}")
+    accelerator.wait_for_everyone()
+    return masks[cfg.fraction]

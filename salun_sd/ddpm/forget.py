@@ -11,7 +11,6 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from salun_sd.config import to_dict
-from salun_sd.ddpm.adapter import ClassConditionedDenoiser
 from salun_sd.ddpm.config import DDPMConfig, claim_output
 from salun_sd.ddpm.data import load_split, split_by_class
 from salun_sd.ddpm.model import load_denoiser, save_model
@@ -19,12 +18,8 @@ from salun_sd.denoiser import ConceptData
 from salun_sd.errors import UserError
 from salun_sd.manifest import manifest, write_manifest
 from salun_sd.objectives import METHODS
-from salun_sd.saliency import Mask, accumulate_saliency, load_mask, mask_summary, save_mask, saliency_masks
+from salun_sd.saliency import load_mask, make_masks, mask_path
 from salun_sd.trainer import TRAINABLE_SCOPES, unlearn
-
-
-def mask_file(out: Path, fraction: float | None = None) -> Path:
-    return out / ("mask.safetensors" if fraction is None else f"mask-{fraction:g}.safetensors")
 
 
 def forget_data(cfg: DDPMConfig) -> tuple[ConceptData, ConceptData, list[int]]:
@@ -35,25 +30,12 @@ def forget_data(cfg: DDPMConfig) -> tuple[ConceptData, ConceptData, list[int]]:
     return forget, remain, [c for c in range(cfg.model.num_classes) if c != cfg.forget_class]
 
 
-def compute_mask(cfg: DDPMConfig, den: ClassConditionedDenoiser, forget: ConceptData, accelerator: Accelerator, out: Path, source: Path) -> Mask:
-    """Saliency of the guided forget loss (w = mask.guidance) at the base weights → out/mask.safetensors (+ extra fractions)."""
-    scores = accumulate_saliency(den, forget, accelerator, cfg.mask.guidance, cfg.mask.batch_size, cfg.unlearn.seed, TRAINABLE_SCOPES[cfg.unlearn.trainable])
-    masks = saliency_masks(scores, [cfg.mask.fraction, *cfg.mask.extra_fractions], cfg.mask.scope)
-    if accelerator.is_main_process:
-        info = {"scope": cfg.mask.scope, "guidance": cfg.mask.guidance, "model": str(source), "forget_class": cfg.forget_class, "forget_examples": len(forget)}
-        for fraction, m in masks.items():
-            save_mask(m, mask_file(out, None if fraction == cfg.mask.fraction else fraction), {"fraction": fraction, **info})
-        accelerator.print(f"mask: kept {mask_summary(masks[cfg.mask.fraction])['total']:.2%} of the weights -> {mask_file(out)}")
-    accelerator.wait_for_everyone()
-    return masks[cfg.mask.fraction]
-
-
 def erase(cfg: DDPMConfig, accelerator: Accelerator, model_dir: Path, out: Path, steps: tuple[str, ...]) -> Path:
     """`steps`: (mask,) writes the mask only; (erase,) reuses out/mask.safetensors (or mask.path), computing it when missing."""
     if cfg.unlearn.method not in METHODS:
         raise UserError(f"unlearn.method must be one of {sorted(METHODS)}, got {cfg.unlearn.method!r}")
     training = "erase" in steps
-    products = [out / "unet"] if training else [mask_file(out)]
+    products = [out / "unet"] if training else [mask_path(out)]
     claim_output(out, products, cfg.overwrite, bool(cfg.unlearn.resume_from_checkpoint) or not training, accelerator)
     den = load_denoiser(model_dir)
     forget, remain, misaligned = forget_data(cfg)
@@ -61,10 +43,11 @@ def erase(cfg: DDPMConfig, accelerator: Accelerator, model_dir: Path, out: Path,
     mask = None
     if cfg.mask.path:
         mask = load_mask(cfg.mask.path, den.model)
-    elif "mask" in steps or (METHODS[cfg.unlearn.method].uses_mask and not mask_file(out).exists()):
-        mask = compute_mask(cfg, den, forget, accelerator, out, model_dir)
+    elif "mask" in steps or (METHODS[cfg.unlearn.method].uses_mask and not mask_path(out).exists()):
+        info = {"model": str(model_dir), "forget_class": cfg.forget_class}
+        mask = make_masks(den, forget, accelerator, cfg.mask, out, cfg.unlearn.seed, TRAINABLE_SCOPES[cfg.unlearn.trainable], info)
     elif METHODS[cfg.unlearn.method].uses_mask:
-        mask = load_mask(mask_file(out), den.model)
+        mask = load_mask(mask_path(out), den.model)
     if not training:
         return out
     if accelerator.is_main_process:

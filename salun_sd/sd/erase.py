@@ -18,17 +18,13 @@ from salun_sd.config import to_dict
 from salun_sd.errors import UserError
 from salun_sd.manifest import manifest, write_manifest
 from salun_sd.objectives import METHODS
-from salun_sd.saliency import accumulate_saliency, load_mask, mask_summary, save_mask, saliency_masks
-from salun_sd.sd.adapter import TextConditionedDenoiser, sd_denoiser
+from salun_sd.saliency import load_mask, make_masks, mask_path, mask_summary
+from salun_sd.sd.adapter import sd_denoiser
 from salun_sd.sd.config import EraseConfig
 from salun_sd.sd.data import concept_data
 from salun_sd.sd.export import export, model_card
 from salun_sd.sd.loading import load_pipeline
 from salun_sd.trainer import TRAINABLE_SCOPES, list_checkpoints, unlearn
-
-
-def mask_path(out: Path, fraction: float | None = None) -> Path:
-    return out / ("mask.safetensors" if fraction is None else f"mask-{fraction:g}.safetensors")
 
 
 def check_output_dir(cfg: EraseConfig, accelerator: Accelerator, steps: tuple[str, ...]) -> Path:
@@ -79,22 +75,6 @@ def prepare(cfg: EraseConfig, accelerator: Accelerator):
     return pipe, den, forget, remain, misaligned
 
 
-def compute_mask(cfg: EraseConfig, accelerator: Accelerator, den: TextConditionedDenoiser, forget, out: Path) -> dict:
-    """Saliency of the guided forget loss at the original weights → mask.safetensors (+ extra fractions)."""
-    include = TRAINABLE_SCOPES[cfg.train.trainable]
-    scores = accumulate_saliency(den, forget, accelerator, cfg.mask.guidance, cfg.mask.batch_size, cfg.data.seed, include)
-    fractions = [cfg.mask.fraction, *cfg.mask.extra_fractions]
-    masks = saliency_masks(scores, fractions, cfg.mask.scope)
-    if accelerator.is_main_process:
-        for fraction, m in masks.items():
-            info = {"fraction": fraction, "scope": cfg.mask.scope, "guidance": cfg.mask.guidance, "model": cfg.model, "trainable": cfg.train.trainable, "forget_examples": len(forget)}
-            save_mask(m, mask_path(out, None if fraction == cfg.mask.fraction else fraction), info)
-        summary = mask_summary(masks[cfg.mask.fraction])
-        accelerator.print(f"mask: kept {summary['total']:.2%} of {sum(m.numel() for m in masks[cfg.mask.fraction].values()):,} weights -> {mask_path(out)}")
-    accelerator.wait_for_everyone()
-    return masks[cfg.mask.fraction]
-
-
 def erase(cfg: EraseConfig, accelerator: Accelerator, steps: tuple[str, ...] = ("mask", "erase")) -> Path:
     """Run the requested steps; returns the run folder."""
     out = check_output_dir(cfg, accelerator, steps)
@@ -107,7 +87,8 @@ def erase(cfg: EraseConfig, accelerator: Accelerator, steps: tuple[str, ...] = (
     if cfg.mask.path:
         mask = load_mask(cfg.mask.path, den.model)
     elif "mask" in steps and not mask_path(out).exists():
-        mask = compute_mask(cfg, accelerator, den, forget, out)
+        info = {"model": cfg.model, "trainable": cfg.train.trainable}
+        mask = make_masks(den, forget, accelerator, cfg.mask, out, cfg.data.seed, TRAINABLE_SCOPES[cfg.train.trainable], info)
     elif METHODS[cfg.train.method].uses_mask:  # made by an earlier `salun-sd mask` (or before an interruption)
         mask = load_mask(mask_path(out), den.model)
     if "erase" not in steps:
