@@ -158,6 +158,7 @@ def unlearn(
         values = accelerator.reduce(torch.stack(logs).mean(0), reduction="mean").tolist()
         if not all(math.isfinite(v) for v in values):
             save_checkpoint(accelerator, ckpt_root, step, cfg.checkpoints_total_limit + 1)
+            bar.close()
             raise TrainingDiverged(
                 f"the loss became {values[0]} at step {step + 1}; the weights before that step are saved in "
                 f"{ckpt_root / checkpoint_name(step)}. Lower train.learning_rate, or use bf16 rather than fp16, "
