@@ -1,0 +1,43 @@
+"""`salun-sd compare` (every method on the toy world) and the toy-world demo, as CLI subcommands.
+
+Registered like the other jobs' modules: cli.COMMANDS maps a subcommand to this module's register().
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from salun_sd.toyworld.compare import Case, CompareConfig, compare
+
+    cfg = CompareConfig(methods=args.methods, steps=args.steps, eval_per_prompt=args.eval_per_prompt, **({"base": args.base} if args.base else {}))
+    cases = [Case("shape", args.shape), Case("colour", args.colour)]
+    print(f"wrote {compare(cfg, Path(args.output_dir), cases)}")
+
+
+def run_toy_demo(args: argparse.Namespace) -> None:
+    from salun_sd.toyworld.demo import demo
+
+    demo(args.output_dir)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from salun_sd.toyworld.compare import METHOD_TRAIN, CompareConfig
+
+    p = subparsers.add_parser("compare", help="erase a shape and a colour of the toy world with every method; table + grids",
+                              description="Same base, data and seeds for every method; measures UA, remaining accuracy, "
+                              "a Fréchet distance in the toy classifier's features, and wall time.")
+    p.add_argument("--output_dir", default="outputs/compare")
+    p.add_argument("--base", default="", help="toy pipeline folder (default: the shipped one)")
+    p.add_argument("--methods", nargs="+", default=list(METHOD_TRAIN))
+    p.add_argument("--shape", default="circle")
+    p.add_argument("--colour", default="red")
+    p.add_argument("--steps", type=int, default=CompareConfig.steps)
+    p.add_argument("--eval_per_prompt", type=int, default=CompareConfig.eval_per_prompt)
+    p.set_defaults(func=run_compare)
+    p = subparsers.add_parser("toy-demo", help="erase 'circle' from the shipped toy model with SalUn; UA before/after, grid")
+    p.add_argument("--output_dir", default="outputs/toy-demo")
+    p.set_defaults(func=run_toy_demo)

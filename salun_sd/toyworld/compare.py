@@ -1,0 +1,210 @@
+"""Erase one concept of the toy world with every method from the same base and seeds, and measure it.
+
+For each method: UA (share of forget-prompt samples the classifier no longer sees as the erased
+concept), accuracy on the remaining prompts (shape and colour both right), a Fréchet distance in the
+classifier's feature space between the erased and the base model's samples of the remaining prompts,
+and the erase's wall time (mask included for SalUn; the shared forget/remain images are generated
+once, before any timing). Everything goes through the real erase flow (`salun_sd.sd.erase.erase`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from salun_sd.evaluation.fid import FidStats, frechet_distance
+from salun_sd.core_config import MaskConfig, TrainConfig
+from salun_sd.sd.config import DataConfig, EraseConfig, ImageGroup
+from salun_sd.toyworld.classifier import ToyClassifier, load_classifier
+from salun_sd.toyworld.pipeline import PIPELINE_DIR, load_toy_pipeline
+from salun_sd.toyworld.training import generate
+from salun_sd.toyworld.world import WorldSpec, caption
+
+FEATURES = "toyworld-classifier"
+
+
+@dataclass(frozen=True)
+class Case:
+    """What to erase: one shape (every colour of it) or one colour (every shape in it)."""
+
+    kind: str  # "shape" | "colour"
+    value: str
+
+    def split(self, spec: WorldSpec) -> tuple[list[str], list[str]]:
+        """(forget prompts, remaining prompts)."""
+        hit = [(c, s) for c, s in spec.concepts if (s if self.kind == "shape" else c) == self.value]
+        return [caption(c, s) for c, s in hit], [caption(c, s) for c, s in spec.concepts if (c, s) not in hit]
+
+    def anchor(self, spec: WorldSpec) -> list[str]:
+        """Misaligned prompts c' that keep one replacement concept (circle -> square, red -> green), as SalUn's
+        nudity run maps "nude person" to "person wearing clothes"; the remaining prompts at random average
+        into blobs that the judge may still read as the erased shape."""
+        names = spec.shapes if self.kind == "shape" else spec.colours
+        other = names[(names.index(self.value) + 1) % len(names)]
+        pairs = [(c, other) for c in spec.colours] if self.kind == "shape" else [(other, s) for s in spec.shapes]
+        return [caption(c, s) for c, s in pairs]
+
+
+# Settings per method on the toy world (1 M-parameter UNet): the same data, batch (8), steps (200) and seed
+# for all; alpha 0.5 as on digits (DESIGN.md: 1e-3 collapsed that model). Measured on erasing "circle" with
+# random remaining prompts as c': SalUn at lr 1e-4 reached only UA 0.19 in 200 steps, at 1e-3 UA 0.76-0.88
+# (800 steps: UA 0.96 but remaining accuracy 0.79); with the anchor c' (squares) UA 1.00 and 0.99 remaining
+# in 200 steps. GA at 1e-3 destroyed the model (remaining accuracy 0.10), so GA keeps its usual small rate.
+METHOD_TRAIN: dict[str, dict] = {
+    "salun": {"learning_rate": 1e-3, "alpha": 0.5},
+    "rl": {"learning_rate": 1e-3, "alpha": 0.5},
+    "ga": {"learning_rate": 1e-5, "alpha": 0.5},
+    "ft": {"learning_rate": 1e-3, "alpha": 0.5},
+}
+
+
+@dataclass
+class CompareConfig:
+    base: str = str(PIPELINE_DIR)
+    methods: list[str] = field(default_factory=lambda: list(METHOD_TRAIN))
+    forget_per_prompt: int = 32  # base-model images per forget prompt (D_f)
+    remain_per_prompt: int = 16  # per remaining prompt (D_r)
+    steps: int = 200
+    batch_size: int = 8
+    mask_fraction: float = 0.5
+    mask_guidance: float = 3.0  # the guidance the toy model samples with
+    eval_per_prompt: int = 32
+    guidance: float = 3.0
+    misaligned: str = "anchor"  # anchor: one replacement concept (Case.anchor) | remaining: any remaining prompt at random
+    seed: int = 0
+
+
+def erase_config(cfg: CompareConfig, case: Case, method: str, out: Path, spec: WorldSpec) -> EraseConfig:
+    forget, remain = case.split(spec)
+    data = DataConfig(
+        forget=[ImageGroup(prompt=p, generate=cfg.forget_per_prompt) for p in forget],
+        remain=[ImageGroup(prompt=p, generate=cfg.remain_per_prompt) for p in remain],
+        generation_steps=25,
+        generation_guidance=cfg.guidance,
+        generation_batch_size=64,
+        misaligned_prompts=case.anchor(spec) if cfg.misaligned == "anchor" else [],
+        seed=cfg.seed,
+        cache_dir=str(out / "cache"),
+    )
+    train = TrainConfig(method=method, batch_size=cfg.batch_size, max_steps=cfg.steps, max_grad_norm=1.0, seed=cfg.seed, **METHOD_TRAIN.get(method, {}))
+    return EraseConfig(model=cfg.base, concept=f"{case.kind} {case.value} (toy world)", output_dir=str(out / f"{case.kind}-{case.value}" / method),
+                       overwrite=True, data=data, mask=MaskConfig(fraction=cfg.mask_fraction, guidance=cfg.mask_guidance, batch_size=32), train=train)
+
+
+def evaluate(pipe, classifier: ToyClassifier, spec: WorldSpec, case: Case, cfg: CompareConfig) -> dict:
+    """Samples for every prompt (same seeds for every model), the classifier's verdicts and features."""
+    forget, remain = case.split(spec)
+    texts = [t for t in forget + remain for _ in range(cfg.eval_per_prompt)]
+    images = generate(pipe, texts, seed=10_000 + cfg.seed, guidance=cfg.guidance)
+    s, c = (v.numpy() for v in classifier.predict(images))
+    with torch.no_grad():
+        feats = torch.cat([classifier.features(images[i : i + 512]) for i in range(0, len(images), 512)]).double().numpy()
+    want = [parse(t, spec) for t in texts]
+    ws, wc = np.array([w[1] for w in want]), np.array([w[0] for w in want])
+    nf = len(forget) * cfg.eval_per_prompt
+    target = spec.shapes.index(case.value) if case.kind == "shape" else spec.colours.index(case.value)
+    erased_hit = (s[:nf] if case.kind == "shape" else c[:nf]) == target
+    both = (s[nf:] == ws[nf:]) & (c[nf:] == wc[nf:])
+    return {"UA": float(1 - erased_hit.mean()), "remaining_acc": float(both.mean()), "remain_features": feats[nf:], "images": images, "texts": texts}
+
+
+def parse(text: str, spec: WorldSpec) -> tuple[int, int]:
+    from salun_sd.toyworld.world import parse_caption
+
+    colour, shape = parse_caption(text, spec)
+    return spec.colours.index(colour), spec.shapes.index(shape)
+
+
+def stats(features: np.ndarray) -> FidStats:
+    return FidStats(features.mean(0), np.cov(features, rowvar=False), len(features), FEATURES)
+
+
+def run_case(cfg: CompareConfig, case: Case, out: Path, log=print) -> list[dict]:
+    """Base row plus one row per method; each erased model is evaluated on the same prompts and seeds."""
+    from salun_sd.runtime import make_accelerator
+    from salun_sd.sd.erase import erase, prepare
+
+    spec = WorldSpec()
+    classifier = load_classifier()
+    base = evaluate(load_toy_pipeline(cfg.base), classifier, spec, case, cfg)
+    base_stats = stats(base["remain_features"])
+    rows = [{"method": "base", "UA": base["UA"], "remaining_acc": base["remaining_acc"], "FD": 0.0, "seconds": 0.0, "images": base["images"], "texts": base["texts"]}]
+    accelerator = make_accelerator("no")
+    prepare(erase_config(cfg, case, "salun", out, spec), accelerator)  # generate and cache D_f, D_r once, outside the timings
+    for method in cfg.methods:
+        ecfg = erase_config(cfg, case, method, out, spec)
+        start = time.time()
+        run_dir = erase(ecfg, accelerator, ("mask", "erase") if method == "salun" else ("erase",))
+        seconds = time.time() - start
+        r = evaluate(load_toy_pipeline(run_dir / "pipeline"), classifier, spec, case, cfg)
+        row = {"method": method, "UA": r["UA"], "remaining_acc": r["remaining_acc"], "FD": frechet_distance(stats(r["remain_features"]), base_stats),
+               "seconds": seconds, "images": r["images"], "texts": r["texts"]}
+        log(f"{case.kind} {case.value} {method}: UA {row['UA']:.3f} remaining {row['remaining_acc']:.3f} FD {row['FD']:.3f} {seconds:.0f} s")
+        rows.append(row)
+    return rows
+
+
+def grid(rows: list[dict], per_prompt: int, path: Path, scale: int = 4) -> None:
+    """One image per prompt (first seed) for each model: rows = models, columns = prompts."""
+    texts = rows[0]["texts"][::per_prompt]
+    cell = rows[0]["images"].shape[-1] * scale
+    label_w, head = 60, 28
+    img = Image.new("RGB", (label_w + cell * len(texts), head + cell * len(rows)), "white")
+    pen = ImageDraw.Draw(img)
+    for k, text in enumerate(texts):  # "a photo of a red circle" -> "red" over "circle"
+        for line, word in enumerate(text.split()[-2:]):
+            pen.text((label_w + k * cell + 2, 2 + 12 * line), word, fill="black")
+    for r, row in enumerate(rows):
+        pen.text((4, head + r * cell + cell // 2 - 5), row["method"], fill="black")
+        for k in range(len(texts)):
+            x = ((row["images"][k * per_prompt].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            img.paste(Image.fromarray(x).resize((cell, cell), Image.Resampling.NEAREST), (label_w + k * cell, head + r * cell))
+    img.save(path)
+
+
+def preamble(cfg: CompareConfig) -> list[str]:
+    """What the numbers rest on: the judge's accuracy on drawn images and the base model's on its own samples."""
+    clf = load_classifier().cfg.measured.get("fresh_clean_8192", {})
+    lines = ["## Toy world: erasing with every method from the same base", "",
+             "World: `salun_sd.toyworld.world` (16x16, shapes circle/square/triangle/cross in red/green/blue/yellow, prompts "
+             "\"a photo of a {colour} {shape}\"). Judge: the shipped toy classifier"
+             + (f" ({clf['shape']:.2%} shape / {clf['colour']:.2%} colour on 8,192 fresh drawn images)." if clf else ".")]
+    base_eval = Path(cfg.base) / "toyworld_eval.json"
+    if base_eval.is_file():
+        b = json.loads(base_eval.read_text())
+        lines.append(f"Base model: `{cfg.base}`, scored on {b.get('samples', '?')} of its own samples: shape {b['shape']:.3f}, colour {b['colour']:.3f}.")
+    lines += ["UA: share of forget-prompt samples not classified as the erased concept. Remaining acc: shape and colour both right "
+              "on the other prompts. FD: Fréchet distance between the classifier's pooled features of the erased and the base "
+              "model's samples of the remaining prompts (same seeds). Wall time: the erase alone (SalUn: mask included).", ""]
+    return lines
+
+
+def markdown(results: dict[str, list[dict]], cfg: CompareConfig) -> str:
+    lines = preamble(cfg)
+    for name, rows in results.items():
+        lines += [f"### Erasing {name}", "", "| method | UA ↑ | remaining acc ↑ | FD vs base (classifier features) ↓ | wall time (s) |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['method']} | {r['UA']:.3f} | {r['remaining_acc']:.3f} | {r['FD']:.3f} | {r['seconds']:.0f} |" for r in rows]
+        lines += ["", f"![{name}](toyworld-{name.replace(' ', '-')}.png)", ""]
+    lines.append(f"Settings: {json.dumps({k: v for k, v in vars(cfg).items()})}; per-method training: {json.dumps(METHOD_TRAIN)}.")
+    return "\n".join(lines) + "\n"
+
+
+def compare(cfg: CompareConfig, out: Path, cases: list[Case], log=print) -> Path:
+    """Run every case, write out/RESULTS.md and one grid per case; returns the Markdown path."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for case in cases:
+        name = f"{case.kind} {case.value}"
+        rows = run_case(cfg, case, out / "runs", log)
+        grid(rows, cfg.eval_per_prompt, out / f"toyworld-{name.replace(' ', '-')}.png")
+        results[name] = rows
+        (out / "results.json").write_text(json.dumps({k: [{m: v for m, v in r.items() if m not in ("images", "texts")} for r in rs] for k, rs in results.items()}, indent=2))
+    md = out / "RESULTS.md"
+    md.write_text(markdown(results, cfg))
+    return md

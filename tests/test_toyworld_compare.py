@@ -1,0 +1,59 @@
+"""The comparison's bookkeeping: which prompts are forgotten, and the table it writes."""
+
+import numpy as np
+
+from salun_sd.toyworld.compare import Case, CompareConfig, markdown, stats
+from salun_sd.toyworld.world import WorldSpec, prompts
+from salun_sd.evaluation.fid import frechet_distance
+
+
+def test_cases_split_the_world():
+    spec = WorldSpec()
+    forget, remain = Case("shape", "circle").split(spec)
+    assert forget == [f"a photo of a {c} circle" for c in spec.colours]
+    assert sorted(forget + remain) == sorted(prompts(spec)) and not set(forget) & set(remain)
+    forget, remain = Case("colour", "red").split(spec)
+    assert forget == [f"a photo of a red {s}" for s in spec.shapes] and len(remain) == 12
+
+
+def test_frechet_distance_in_feature_space_is_zero_on_itself_and_grows_with_shift():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 8))
+    assert abs(frechet_distance(stats(a), stats(a))) < 1e-6
+    assert frechet_distance(stats(a), stats(a + 1.0)) > frechet_distance(stats(a), stats(a + 0.1)) > 0
+
+
+def test_markdown_table_has_a_row_per_method():
+    rows = [{"method": m, "UA": 0.5, "remaining_acc": 0.9, "FD": 0.1, "seconds": 3.0} for m in ("base", "salun", "ga")]
+    md = markdown({"shape circle": rows}, CompareConfig(methods=["salun", "ga"]))
+    assert md.count("\n| salun | 0.500 | 0.900 | 0.100 | 3 |") == 1 and "toyworld-shape-circle.png" in md
+
+
+def test_grid_has_a_row_per_model_and_a_column_per_prompt(tmp_path):
+    import torch
+    from PIL import Image
+
+    from salun_sd.toyworld.compare import grid
+
+    texts = ["a photo of a red circle"] * 2 + ["a photo of a blue square"] * 2
+    rows = [{"method": m, "images": torch.zeros(4, 3, 16, 16), "texts": texts} for m in ("base", "salun")]
+    grid(rows, per_prompt=2, path=tmp_path / "g.png", scale=4)
+    w, h = Image.open(tmp_path / "g.png").size
+    assert (w - 60, h - 28) == (2 * 64, 2 * 64)
+
+
+def test_anchor_replaces_the_erased_concept_by_one_neighbour():
+    spec = WorldSpec()
+    assert Case("shape", "circle").anchor(spec) == [f"a photo of a {c} square" for c in spec.colours]
+    assert Case("colour", "red").anchor(spec) == [f"a photo of a green {s}" for s in spec.shapes]
+
+
+def test_compare_command_parses():
+    import argparse
+
+    from salun_sd.toyworld.commands import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compare", "--methods", "salun", "ft", "--steps", "5"])
+    assert args.methods == ["salun", "ft"] and args.steps == 5 and args.shape == "circle" and args.colour == "red"
