@@ -164,7 +164,7 @@ def test_inception_features_without_torch_fidelity_say_what_to_install():
     try:
         import torch_fidelity  # noqa: F401
     except ImportError:
-        with pytest.raises(UserError, match="pip install torch-fidelity"):
+        with pytest.raises(UserError, match=r"salun-sd\[fid\]"):
             inception_extractor()
     else:
         pytest.skip("torch-fidelity is installed here")
