@@ -26,7 +26,7 @@ def test_frechet_distance_in_feature_space_is_zero_on_itself_and_grows_with_shif
 def test_markdown_table_has_a_row_per_method():
     rows = [{"method": m, "UA": 0.5, "remaining_acc": 0.9, "FD": 0.1, "seconds": 3.0} for m in ("base", "salun", "ga")]
     md = markdown({"shape circle": rows}, CompareConfig(methods=["salun", "ga"]))
-    assert md.count("\n| salun | 0.500 | 0.900 | 0.100 | 3 |") == 1 and "toyworld-shape-circle.png" in md
+    assert md.count("\n| salun | 0.500 | 0.900 | 0.10 | 3 |") == 1 and "toyworld-shape-circle.png" in md
 
 
 def test_grid_has_a_row_per_model_and_a_column_per_prompt(tmp_path):
@@ -57,3 +57,15 @@ def test_compare_command_parses():
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["compare", "--methods", "salun", "ft", "--steps", "5"])
     assert args.methods == ["salun", "ft"] and args.steps == 5 and args.shape == "circle" and args.colour == "red"
+
+
+def test_aggregate_over_seeds_gives_mean_and_std_in_the_table():
+    from salun_sd.toyworld.compare import aggregate
+
+    def run(ua):
+        return [{"method": "salun", "UA": ua, "remaining_acc": 1.0, "FD": 2.0, "seconds": 10.0, "images": None, "texts": None}]
+
+    rows = aggregate([run(1.0), run(0.5)])
+    assert rows[0]["UA"] == 0.75 and rows[0]["UA_std"] == 0.25 and rows[0]["seeds"] == 2
+    md = markdown({"shape circle": rows}, CompareConfig(seeds=[0, 1]))
+    assert "| salun | 0.750 ± 0.250 | 1.000 ± 0.000 | 2.00 ± 0.00 | 10 ± 0 |" in md and "mean ± std over seeds 0, 1" in md

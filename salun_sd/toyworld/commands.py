@@ -13,7 +13,7 @@ def run_compare(args: argparse.Namespace) -> None:
 
     from salun_sd.toyworld.compare import Case, CompareConfig, compare
 
-    cfg = CompareConfig(methods=args.methods, steps=args.steps, eval_per_prompt=args.eval_per_prompt, **({"base": args.base} if args.base else {}))
+    cfg = CompareConfig(methods=args.methods, steps=args.steps, eval_per_prompt=args.eval_per_prompt, seeds=args.seeds, **({"base": args.base} if args.base else {}))
     cases = [Case("shape", args.shape), Case("colour", args.colour)]
     print(f"wrote {compare(cfg, Path(args.output_dir), cases)}")
 
@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--colour", default="red")
     p.add_argument("--steps", type=int, default=CompareConfig.steps)
     p.add_argument("--eval_per_prompt", type=int, default=CompareConfig.eval_per_prompt)
+    p.add_argument("--seeds", type=int, nargs="+", default=CompareConfig().seeds, help="every run is repeated per seed; the table shows mean ± std")
     p.set_defaults(func=run_compare)
     p = subparsers.add_parser("toy-demo", help="erase 'circle' from the shipped toy model with SalUn; UA before/after, grid")
     p.add_argument("--output_dir", default="outputs/toy-demo")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +77,8 @@ class CompareConfig:
     eval_per_prompt: int = 32
     guidance: float = 3.0
     misaligned: str = "anchor"  # anchor: one replacement concept (Case.anchor) | remaining: any remaining prompt at random
-    seed: int = 0
+    seed: int = 0  # data, training and evaluation draws of one run
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # compare() repeats every run per seed and reports mean ± std
 
 
 def erase_config(cfg: CompareConfig, case: Case, method: str, out: Path, spec: WorldSpec) -> EraseConfig:
@@ -185,11 +186,30 @@ def preamble(cfg: CompareConfig) -> list[str]:
     return lines
 
 
+METRICS = ("UA", "remaining_acc", "FD", "seconds")
+
+
+def aggregate(per_seed: list[list[dict]]) -> list[dict]:
+    """Mean and (population) std over seeds of each method's metrics; images of the first seed."""
+    rows = []
+    for i, first in enumerate(per_seed[0]):
+        values = {k: np.array([runs[i][k] for runs in per_seed]) for k in METRICS}
+        rows.append({"method": first["method"], "seeds": len(per_seed), **{k: float(v.mean()) for k, v in values.items()},
+                     **{f"{k}_std": float(v.std()) for k, v in values.items()}, "images": first["images"], "texts": first["texts"]})
+    return rows
+
+
+def _cell(row: dict, key: str, digits: int) -> str:
+    text = f"{row[key]:.{digits}f}"
+    return text + (f" ± {row[key + '_std']:.{digits}f}" if row.get("seeds", 1) > 1 else "")
+
+
 def markdown(results: dict[str, list[dict]], cfg: CompareConfig) -> str:
     lines = preamble(cfg)
     for name, rows in results.items():
-        lines += [f"### Erasing {name}", "", "| method | UA ↑ | remaining acc ↑ | FD vs base (classifier features) ↓ | wall time (s) |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['method']} | {r['UA']:.3f} | {r['remaining_acc']:.3f} | {r['FD']:.3f} | {r['seconds']:.0f} |" for r in rows]
+        seeds = f" (mean ± std over seeds {', '.join(map(str, cfg.seeds))})" if rows[0].get("seeds", 1) > 1 else ""
+        lines += [f"### Erasing {name}{seeds}", "", "| method | UA ↑ | remaining acc ↑ | FD vs base (classifier features) ↓ | wall time (s) |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['method']} | {_cell(r, 'UA', 3)} | {_cell(r, 'remaining_acc', 3)} | {_cell(r, 'FD', 2)} | {_cell(r, 'seconds', 0)} |" for r in rows]
         lines += ["", f"![{name}](toyworld-{name.replace(' ', '-')}.png)", ""]
     lines.append(f"Settings: {json.dumps({k: v for k, v in vars(cfg).items()})}; per-method training: {json.dumps(METHOD_TRAIN)}.")
     return "\n".join(lines) + "\n"
@@ -198,13 +218,16 @@ def markdown(results: dict[str, list[dict]], cfg: CompareConfig) -> str:
 def compare(cfg: CompareConfig, out: Path, cases: list[Case], log=print) -> Path:
     """Run every case, write out/RESULTS.md and one grid per case; returns the Markdown path."""
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results, numbers = {}, {}
     for case in cases:
         name = f"{case.kind} {case.value}"
-        rows = run_case(cfg, case, out / "runs", log)
+        per_seed = [run_case(replace(cfg, seed=seed), case, out / "runs" / f"seed{seed}", log) for seed in cfg.seeds]
+        rows = aggregate(per_seed)
         grid(rows, cfg.eval_per_prompt, out / f"toyworld-{name.replace(' ', '-')}.png")
         results[name] = rows
-        (out / "results.json").write_text(json.dumps({k: [{m: v for m, v in r.items() if m not in ("images", "texts")} for r in rs] for k, rs in results.items()}, indent=2))
+        numbers[name] = {"per_seed": {seed: [{k: r[k] for k in ("method", *METRICS)} for r in runs] for seed, runs in zip(cfg.seeds, per_seed)},
+                         "mean_std": [{m: v for m, v in r.items() if m not in ("images", "texts")} for r in rows]}
+        (out / "results.json").write_text(json.dumps(numbers, indent=2))
     md = out / "RESULTS.md"
     md.write_text(markdown(results, cfg))
     return md
