@@ -1,21 +1,34 @@
-"""Process setup and teardown shared by every command that trains."""
+"""Process setup and teardown shared by every command that trains.
+
+torch and Accelerate are imported inside the functions, so command modules can import this one
+without slowing `--help`.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
-
-import torch
-from accelerate import Accelerator
+from typing import TYPE_CHECKING
 
 from salun_sd.errors import UserError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     """Accelerate picks up `accelerate launch`; CPU-only machines need cpu=True to run several processes."""
+    from accelerate import Accelerator
+
     if mixed_precision not in ("no", "fp16", "bf16"):
-        raise UserError(f"mixed_precision must be no, fp16 or bf16, got {mixed_precision!r}")
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+        raise UserError(f"mixed_precision must be no, fp16 or bf16, got {mixed_precision!r} (in YAML, quote \"no\")")
+    return Accelerator(mixed_precision=mixed_precision, cpu=device() == "cpu")
 
 
 def finish(accelerator: Accelerator) -> None:

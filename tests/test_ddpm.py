@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 
 from salun_sd.cli import main as cli
 from salun_sd.config import load_yaml
-from salun_sd.ddpm.config import DDPMConfig
-from salun_sd.ddpm.data import DataConfig, load_split, split_by_class
+from salun_sd.ddpm.config import DataConfig, DDPMConfig, SampleConfig
+from salun_sd.ddpm.data import load_split, split_by_class
 from salun_sd.ddpm.model import build_unet, load_denoiser
-from salun_sd.ddpm.sample import SampleConfig, load_samples, sample
+from salun_sd.ddpm.sample import load_samples, sample
 from salun_sd.saliency import load_mask
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

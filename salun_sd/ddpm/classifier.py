@@ -8,7 +8,7 @@ penultimate (pooled) features stand in for Inception features in the offline FID
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -17,22 +17,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from salun_sd.ddpm.config import ClassifierConfig
 from salun_sd.denoiser import ConceptData
 from salun_sd.draws import generator
 from salun_sd.errors import UserError
-
-
-@dataclass
-class ClassifierConfig:
-    """Classifier architecture and training (Adam with cosine decay, crop + optional flip augmentation)."""
-
-    widths: list[int] = field(default_factory=lambda: [64, 128, 256])  # channels per stage; stages after the first halve the resolution
-    blocks_per_stage: int = 2
-    epochs: int = 30
-    batch_size: int = 128
-    learning_rate: float = 2e-3
-    weight_decay: float = 5e-4
-    seed: int = 0
 
 
 class BasicBlock(nn.Module):

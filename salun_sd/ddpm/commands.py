@@ -7,13 +7,11 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from salun_sd.config import add_config_flags, apply_config_flags, load_yaml, to_dict
 from salun_sd.ddpm.config import DDPMConfig, claim_output
 from salun_sd.errors import UserError
 from salun_sd.manifest import manifest, write_manifest
-from salun_sd.runtime import finish, make_accelerator
+from salun_sd.runtime import device, finish, make_accelerator
 
 EPILOG = """examples (digits run offline on a CPU in minutes; CIFAR-10 is the paper's setting):
   salun-sd ddpm train configs/ddpm_digits.yaml              # base model -> WORK_DIR/base
@@ -30,10 +28,6 @@ Models load with UNet2DModel.from_pretrained("MODEL_DIR/unet") and DDPMScheduler
 def load_config(args: argparse.Namespace) -> DDPMConfig:
     cfg = load_yaml(DDPMConfig, args.config) if args.config else DDPMConfig()
     return apply_config_flags(cfg, args)
-
-
-def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_train(args: argparse.Namespace, exclude_class: int = -1) -> None:

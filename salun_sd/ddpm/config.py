@@ -13,17 +13,95 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from accelerate import Accelerator
-
-from salun_sd.ddpm.classifier import ClassifierConfig
-from salun_sd.ddpm.data import DataConfig
-from salun_sd.ddpm.model import ModelConfig
-from salun_sd.ddpm.sample import SampleConfig
-from salun_sd.ddpm.train import BaseTrainConfig
-from salun_sd.errors import UserError
 from salun_sd.core_config import MaskConfig, TrainConfig
-from salun_sd.trainer import list_checkpoints
+from salun_sd.errors import UserError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+@dataclass
+class ModelConfig:
+    """UNet and schedule. Defaults are the official CIFAR-10 model; the digits config shrinks it."""
+
+    sample_size: int = 32
+    channels: int = 3  # image channels (3 for CIFAR-10, 1 for digits)
+    num_classes: int = 10  # real classes; the class embedding gets num_classes + 1 rows
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 256, 256])
+    layers_per_block: int = 2
+    attention_resolutions: list[int] = field(default_factory=lambda: [16])  # feature-map sizes with self-attention
+    mid_attention: bool = True
+    dropout: float = 0.1
+    norm_num_groups: int = 32
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    num_train_timesteps: int = 1000
+
+
+@dataclass
+class DataConfig:
+    """Which images. `dataset`: cifar10 (torchvision, downloaded to `root`) or digits (scikit-learn, offline);
+    `hf_dataset` instead loads a Hugging Face dataset with an image and a label column."""
+
+    dataset: str = "cifar10"
+    root: str = "data"  # torchvision download folder
+    hf_dataset: str = ""  # e.g. uoft-cs/cifar10
+    hf_image_column: str = "img"
+    hf_label_column: str = "label"
+    image_size: int = 0  # 0: the dataset's own size (32 for CIFAR-10, 8 for digits)
+    random_flip: bool = True  # horizontal flips in base training (off for digits: a flipped digit is another shape)
+    digits_test_fraction: float = 0.2  # digits have no official split; this share of each class is held out
+    seed: int = 0  # digits split
+
+
+@dataclass
+class SampleConfig:
+    """Sampling. scheduler: ddim | ddpm; guidance is w above (official SalUn DDPM: 2.0)."""
+
+    scheduler: str = "ddim"
+    num_inference_steps: int = 100
+    guidance: float = 2.0
+    eta: float = 0.0  # DDIM stochasticity
+    per_class: int = 10
+    classes: list[int] = field(default_factory=list)  # empty: every class
+    batch_size: int = 256
+    seed: int = 0
+
+
+@dataclass
+class ClassifierConfig:
+    """Classifier architecture and training (Adam with cosine decay, crop + optional flip augmentation)."""
+
+    widths: list[int] = field(default_factory=lambda: [64, 128, 256])  # channels per stage; stages after the first halve the resolution
+    blocks_per_stage: int = 2
+    epochs: int = 30
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    weight_decay: float = 5e-4
+    seed: int = 0
+
+
+@dataclass
+class BaseTrainConfig:
+    """Base training. Defaults are the official CIFAR-10 run (Adam 2e-4, batch 128, 800k steps, clip 1.0, EMA 0.9999)."""
+
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0  # AdamW's decoupled decay (no mask here, so it is safe to use)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    warmup_steps: int = 0  # linear learning-rate warm-up
+    batch_size: int = 128  # per process
+    max_steps: int = 800_000
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    cond_drop_prob: float = 0.1  # share of examples trained with the null class, for classifier-free guidance
+    ema_decay: float = 0.9999  # 0 disables EMA; the decay ramps up as (1+step)/(10+step) until it reaches this
+    checkpointing_steps: int = 5000  # 0: no intermediate checkpoints
+    checkpoints_total_limit: int = 2
+    resume_from_checkpoint: str = ""  # "" | latest | path to a checkpoint folder
+    seed: int = 0
 
 
 @dataclass
@@ -70,6 +148,8 @@ def claim_output(out: Path, products: list[Path], overwrite: bool, resuming: boo
 
     Pass products=[] with resuming=True for steps that neither train nor checkpoint.
     """
+    from salun_sd.trainer import list_checkpoints  # torch loads only when a command runs
+
     blocking = [*products, *([] if resuming else list_checkpoints(out / "checkpoints")[:1])]
     existing = [p for p in blocking if p.exists()]
     if existing and not overwrite:

@@ -6,33 +6,16 @@ so the tests and the CPU benchmark on digits exercise the code path CIFAR-10 run
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from salun_sd.ddpm.config import DataConfig
 from salun_sd.denoiser import ConceptData
 from salun_sd.errors import UserError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DIGITS_CLASSES = tuple(str(i) for i in range(10))
-
-
-@dataclass
-class DataConfig:
-    """Which images. `dataset`: cifar10 (torchvision, downloaded to `root`) or digits (scikit-learn, offline);
-    `hf_dataset` instead loads a Hugging Face dataset with an image and a label column."""
-
-    dataset: str = "cifar10"
-    root: str = "data"  # torchvision download folder
-    hf_dataset: str = ""  # e.g. uoft-cs/cifar10
-    hf_image_column: str = "img"
-    hf_label_column: str = "label"
-    image_size: int = 0  # 0: the dataset's own size (32 for CIFAR-10, 8 for digits)
-    random_flip: bool = True  # horizontal flips in base training (off for digits: a flipped digit is another shape)
-    digits_test_fraction: float = 0.2  # digits have no official split; this share of each class is held out
-    seed: int = 0  # digits split
 
 
 def class_names(cfg: DataConfig) -> tuple[str, ...]:

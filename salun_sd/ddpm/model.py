@@ -7,31 +7,13 @@ embedding has one extra row, the "null" class, which stands for "no condition" i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffusers import DDPMScheduler, UNet2DModel
 
 from salun_sd.ddpm.adapter import ClassConditionedDenoiser
+from salun_sd.ddpm.config import ModelConfig
 from salun_sd.errors import UserError
-
-
-@dataclass
-class ModelConfig:
-    """UNet and schedule. Defaults are the official CIFAR-10 model; the digits config shrinks it."""
-
-    sample_size: int = 32
-    channels: int = 3  # image channels (3 for CIFAR-10, 1 for digits)
-    num_classes: int = 10  # real classes; the class embedding gets num_classes + 1 rows
-    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 256, 256])
-    layers_per_block: int = 2
-    attention_resolutions: list[int] = field(default_factory=lambda: [16])  # feature-map sizes with self-attention
-    mid_attention: bool = True
-    dropout: float = 0.1
-    norm_num_groups: int = 32
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    num_train_timesteps: int = 1000
 
 
 def build_unet(cfg: ModelConfig) -> UNet2DModel:

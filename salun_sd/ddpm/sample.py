@@ -9,7 +9,6 @@ before and after erasing can be compared image by image.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,24 +18,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from salun_sd.ddpm.config import SampleConfig
 from salun_sd.ddpm.adapter import ClassConditionedDenoiser
 from salun_sd.ddpm.data import to_uint8
 from salun_sd.draws import generator
 from salun_sd.errors import UserError
-
-
-@dataclass
-class SampleConfig:
-    """Sampling. scheduler: ddim | ddpm; guidance is w above (official SalUn DDPM: 2.0)."""
-
-    scheduler: str = "ddim"
-    num_inference_steps: int = 100
-    guidance: float = 2.0
-    eta: float = 0.0  # DDIM stochasticity
-    per_class: int = 10
-    classes: list[int] = field(default_factory=list)  # empty: every class
-    batch_size: int = 256
-    seed: int = 0
 
 
 def inference_scheduler(den: ClassConditionedDenoiser, cfg: SampleConfig):

@@ -8,7 +8,6 @@ Batches, noise, timesteps, condition dropout and flips all come from salun_sd.dr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,33 +16,13 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from salun_sd.ddpm.adapter import ClassConditionedDenoiser
-from salun_sd.ddpm.model import ModelConfig, build_scheduler, build_unet, save_model
+from salun_sd.ddpm.config import BaseTrainConfig, ModelConfig
+from salun_sd.ddpm.model import build_scheduler, build_unet, save_model
 from salun_sd.denoiser import ConceptData
 from salun_sd.draws import draw_batch, generator
 from salun_sd.errors import UserError
 from salun_sd.objectives import Batch, diffusion_loss
 from salun_sd.trainer import TrainingDiverged, resume, save_checkpoint
-
-
-@dataclass
-class BaseTrainConfig:
-    """Base training. Defaults are the official CIFAR-10 run (Adam 2e-4, batch 128, 800k steps, clip 1.0, EMA 0.9999)."""
-
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.0  # AdamW's decoupled decay (no mask here, so it is safe to use)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    warmup_steps: int = 0  # linear learning-rate warm-up
-    batch_size: int = 128  # per process
-    max_steps: int = 800_000
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    cond_drop_prob: float = 0.1  # share of examples trained with the null class, for classifier-free guidance
-    ema_decay: float = 0.9999  # 0 disables EMA; the decay ramps up as (1+step)/(10+step) until it reaches this
-    checkpointing_steps: int = 5000  # 0: no intermediate checkpoints
-    checkpoints_total_limit: int = 2
-    resume_from_checkpoint: str = ""  # "" | latest | path to a checkpoint folder
-    seed: int = 0
 
 
 def augment(batch: Batch, null_cond: int, cfg: BaseTrainConfig, flip: bool, step: int, rank: int, world: int) -> Batch:

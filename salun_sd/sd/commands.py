@@ -6,6 +6,7 @@ import argparse
 from functools import partial
 
 from salun_sd.config import add_config_flags, apply_config_flags, load_yaml
+from salun_sd.runtime import finish, make_accelerator
 from salun_sd.sd.config import EraseConfig
 
 STEPS = {
@@ -29,8 +30,7 @@ def load_config(args: argparse.Namespace) -> EraseConfig:
 
 
 def run_steps(args: argparse.Namespace, steps: tuple[str, ...]) -> None:
-    from salun_sd.runtime import finish, make_accelerator  # torch and diffusers load only when a job runs
-    from salun_sd.sd.erase import erase
+    from salun_sd.sd.erase import erase  # torch and diffusers load only when a job runs
 
     cfg = load_config(args)
     accelerator = make_accelerator(cfg.mixed_precision)
