@@ -1,7 +1,7 @@
 """The toy-world demo: erase "circle" from the shipped toy Stable Diffusion with SalUn, on CPU.
 
 Prints UA and remaining-concept accuracy before and after (judged by the shipped classifier on the
-model's own samples) and writes a before/after grid; a few minutes on a 2-core CPU.
+model's own samples) and writes a before/after grid; about a minute on a shared 2-core CPU (54 s measured).
 """
 
 from __future__ import annotations
