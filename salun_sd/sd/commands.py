@@ -38,24 +38,9 @@ def run_steps(args: argparse.Namespace, steps: tuple[str, ...]) -> None:
     finish(accelerator)
 
 
-def run_demo(args: argparse.Namespace) -> None:
-    from salun_sd.sd.demo import demo
-
-    demo(args.output_dir, overwrite=args.overwrite)
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     for name, (steps, summary) in STEPS.items():
         p = subparsers.add_parser(name, help=summary, description=summary, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("config", nargs="?", help="YAML run config (see configs/); flags below override its keys")
         add_config_flags(p, EraseConfig)
         p.set_defaults(func=partial(run_steps, steps=steps))
-    p = subparsers.add_parser(
-        "demo",
-        help="erase a concept from the embedded offline model on CPU, reload it, write a before/after grid",
-        description="Runs the whole main job on the embedded tiny pipeline (no download, CPU, a few minutes) and "
-        "reloads the export with from_pretrained in a fresh process.",
-    )
-    p.add_argument("--output_dir", default="outputs/demo", help="where the run folder goes (default: outputs/demo)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run")
-    p.set_defaults(func=run_demo)

@@ -18,7 +18,7 @@ def run_compare(args: argparse.Namespace) -> None:
     print(f"wrote {compare(cfg, Path(args.output_dir), cases)}")
 
 
-def run_toy_demo(args: argparse.Namespace) -> None:
+def run_demo(args: argparse.Namespace) -> None:
     from salun_sd.toyworld.demo import demo
 
     demo(args.output_dir)
@@ -39,6 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval_per_prompt", type=int, default=CompareConfig.eval_per_prompt)
     p.add_argument("--seeds", type=int, nargs="+", default=CompareConfig().seeds, help="every run is repeated per seed; the table shows mean ± std")
     p.set_defaults(func=run_compare)
-    p = subparsers.add_parser("toy-demo", help="erase 'circle' from the shipped toy model with SalUn; UA before/after, grid")
-    p.add_argument("--output_dir", default="outputs/toy-demo")
-    p.set_defaults(func=run_toy_demo)
+    p = subparsers.add_parser(
+        "demo",
+        help="erase 'circle' from the shipped toy Stable Diffusion on CPU; UA before/after, reload check, grid",
+        description="The whole main job (data -> mask -> erase -> export) on the toy Stable Diffusion that ships with the "
+        "package: no download, CPU, about a minute. The shipped classifier scores the model's samples before and after; "
+        "the export is reloaded with from_pretrained in a fresh process and scored again.",
+    )
+    p.add_argument("--output_dir", default="outputs/demo", help="where the demo writes (replaced on each run; default: outputs/demo)")
+    p.set_defaults(func=run_demo)
