@@ -106,14 +106,24 @@ def tiny_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionPipeli
             pad_token_id=49407,
         )
     )
-    scheduler = DDIMScheduler(
+    return assemble(vae, text_encoder, unet, sd1_ddim_scheduler())
+
+
+def sd1_ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """SD-1.x's noise schedule; clip_sample off because clipping breaks guided sampling (DESIGN.md)."""
+    return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type=prediction_type,
     )
+
+
+def assemble(vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel, scheduler: DDIMScheduler) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline from components, with the real CLIP tokenizer and no safety checker."""
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

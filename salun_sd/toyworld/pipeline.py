@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from salun_sd.errors import UserError
-from salun_sd.sd.tiny import CLIP_MAX_LENGTH, clip_tokenizer
+from salun_sd.sd.tiny import CLIP_MAX_LENGTH, sd1_ddim_scheduler
 from salun_sd.toyworld import ASSETS
 
 PIPELINE_DIR = ASSETS / "pipeline"
@@ -98,30 +98,7 @@ def build_unet(cfg: ToySDConfig) -> UNet2DConditionModel:
 
 
 def build_scheduler(cfg: ToySDConfig) -> DDIMScheduler:
-    """SD-1.x's schedule; clip_sample off because clipping breaks guided sampling (DESIGN.md)."""
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=cfg.prediction_type,
-    )
-
-
-def assemble(vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel, scheduler: DDIMScheduler) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline from the toy components, with the real CLIP tokenizer and no safety checker."""
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return sd1_ddim_scheduler(cfg.prediction_type)
 
 
 def load_toy_pipeline(folder: str | Path | None = None, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:

@@ -20,7 +20,8 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from transformers import CLIPTextModel
 
 from salun_sd.toyworld.classifier import ToyClassifier
-from salun_sd.toyworld.pipeline import ToySDConfig, assemble, build_scheduler
+from salun_sd.sd.tiny import assemble
+from salun_sd.toyworld.pipeline import ToySDConfig, build_scheduler
 from salun_sd.toyworld.world import WorldSpec, prompts, sample, to_tensor
 
 
