@@ -27,65 +27,17 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from salun_sd.evaluation.generate import resolve_dtype
-from salun_sd.sd.tiny import CLIP_MAX_LENGTH, tiny_pipeline
-
-# The SD-1.4 UNet (CompVis/stable-diffusion-v1-4, unet/config.json), 860 M parameters.
-SD14_UNET = dict(
-    act_fn="silu",
-    attention_head_dim=8,
-    block_out_channels=(320, 640, 1280, 1280),
-    center_input_sample=False,
-    cross_attention_dim=768,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    downsample_padding=1,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    in_channels=4,
-    layers_per_block=2,
-    mid_block_scale_factor=1,
-    norm_eps=1e-5,
-    norm_num_groups=32,
-    out_channels=4,
-    sample_size=64,
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-)
-# The SD-1.x VAE (vae/config.json), 84 M parameters.
-SD14_VAE = dict(
-    act_fn="silu",
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    in_channels=3,
-    out_channels=3,
-    latent_channels=4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    sample_size=512,
-)
-# CLIP ViT-L/14 text tower (text_encoder/config.json), 123 M parameters.
-SD14_TEXT = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=CLIP_MAX_LENGTH,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-    bos_token_id=49406,
-    eos_token_id=49407,
-    pad_token_id=1,
-)
-
+from salun_sd.sd.reference import SD14_TEXT_CONFIG, SD14_UNET_CONFIG, SD14_VAE_CONFIG
+from salun_sd.sd.tiny import tiny_pipeline
 
 def full_size_pipeline(dtype: torch.dtype, device: torch.device) -> StableDiffusionPipeline:
     """SD-1.4-shaped models with random weights, built on `device` in `dtype`; the tokenizer and the
     scheduler (SD-1.x betas) are the tiny pipeline's, which are the real ones."""
     with torch.device(device):
         models = {
-            "unet": UNet2DConditionModel(**SD14_UNET),
-            "vae": AutoencoderKL(**SD14_VAE),
-            "text_encoder": CLIPTextModel(CLIPTextConfig(**SD14_TEXT)),
+            "unet": UNet2DConditionModel(**SD14_UNET_CONFIG),
+            "vae": AutoencoderKL(**SD14_VAE_CONFIG),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**SD14_TEXT_CONFIG)),
         }
     if dtype != torch.float32:
         models = {name: model.to(dtype) for name, model in models.items()}

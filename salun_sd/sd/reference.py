@@ -1,14 +1,16 @@
-"""The SD-1.x UNet architecture at full size, for benchmarks that build it with random weights.
+"""The SD-1.x architecture at full size (UNet, VAE, CLIP text tower), for benchmarks that build it with random weights.
 
 The cost of a step does not depend on the weight values, so speed and memory at real size can be
 measured without downloading a checkpoint. Values are those of CompVis/stable-diffusion-v1-4's
-unet/config.json (SD-1.5 has the same UNet); 859,520,964 parameters.
+unet/, vae/ and text_encoder/ configs (SD-1.5 has the same); the UNet has 859,520,964 parameters.
 """
 
 from __future__ import annotations
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
+
+from salun_sd.sd.tiny import CLIP_MAX_LENGTH
 
 SD14_UNET_CONFIG: dict[str, object] = {
     "act_fn": "silu",
@@ -29,6 +31,34 @@ SD14_UNET_CONFIG: dict[str, object] = {
     "sample_size": 64,
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
+
+# The SD-1.x VAE (vae/config.json), 84 M parameters.
+SD14_VAE_CONFIG: dict[str, object] = dict(
+    act_fn="silu",
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    sample_size=512,
+)
+# CLIP ViT-L/14 text tower (text_encoder/config.json), 123 M parameters.
+SD14_TEXT_CONFIG: dict[str, object] = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=CLIP_MAX_LENGTH,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=1,
+)
 
 # SD-1.x training noise schedule (scheduler/scheduler_config.json of the same repository).
 SD14_SCHEDULER_CONFIG: dict[str, object] = {
