@@ -26,8 +26,9 @@ class MaskConfig:
 class TrainConfig:
     """Masked unlearning. Defaults are the official SalUn SD nudity run (Adam 1e-5, batch 8, α 0.1, 1 epoch of 800 images)."""
 
-    method: str = "salun"  # salun | rl | ga | ft (see salun_sd.objectives.METHODS)
-    alpha: float = 0.1  # weight of the remain-set loss
+    method: str = "salun"  # salun | rl | ga | ft | esd_x | esd_u | fmn (salun_sd.objectives.METHODS; configs/methods/ has each one's usual settings)
+    alpha: float = 0.1  # weight of the remain-set loss (salun, rl, ga)
+    negative_guidance: float = 1.0  # η of esd_x / esd_u: how far the target is guided away from the concept
     learning_rate: float = 1e-5
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -38,7 +39,7 @@ class TrainConfig:
     epochs: float = 1.0  # passes over the forget set; used when max_steps is 0
     max_steps: int = 0
     max_grad_norm: float = 0.0  # 0 disables clipping
-    trainable: str = "all"  # all | xattn
+    trainable: str = "all"  # all | xattn (cross-attention) | noxattn (all but cross-attention); esd_x and esd_u fix their own
     gradient_checkpointing: bool = False
     # Speed and memory levers (docs/BENCHMARKS.md); each gives the plain path's loss and update.
     optimizer: str = "adam"  # adam | adam_fused (one kernel per step) | adam8bit (bitsandbytes: 8-bit moments, for 24 GB cards)

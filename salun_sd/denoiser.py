@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from salun_sd.errors import UserError
+
 
 @dataclass
 class ConceptData:
@@ -47,6 +49,10 @@ class Denoiser(ABC):
     @abstractmethod
     def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Run `model` (the plain or the DDP-wrapped network) on condition ids `cond`."""
+
+    def concept_attention(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Per example, how strongly `model`'s cross-attention attends to the concept's tokens (for FMN)."""
+        raise UserError(f"this method needs a text-conditioned model with concept tokens; {type(self).__name__} has none")
 
     def to(self, device: torch.device | str) -> "Denoiser":
         """Move what the denoiser holds besides the network (e.g. a table of text embeddings)."""

@@ -1,5 +1,8 @@
 """Losses on the denoiser interface: the SalUn objective, its saliency loss, and the baselines.
 
+Every training loss takes (denoiser, network, forget batch, remain batch or None, TrainConfig, frozen
+original network or None) and returns (loss, logged terms); METHODS says what each one needs.
+
 Every loss is a mean over per-example losses, so it does not depend on how a batch is split
 across processes or accumulation steps.
 """
@@ -12,7 +15,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from salun_sd.core_config import TrainConfig
 from salun_sd.denoiser import Denoiser
+from salun_sd.errors import UserError
 
 
 @dataclass
@@ -58,38 +63,79 @@ def _forget_and_remain(den: Denoiser, model: nn.Module, forget: Batch, remain: B
     return x_f, pred_f, per_example_mse(pred_r, den.target(remain.x0, remain.noise, remain.t)).mean()
 
 
-def salun_loss(den: Denoiser, model: nn.Module, forget: Batch, remain: Batch, alpha: float):
+def salun_loss(den: Denoiser, model: nn.Module, forget: Batch, remain: Batch | None, cfg: TrainConfig, frozen: nn.Module | None):
     """‖ε(x_t|c) − sg[ε(x_t|c')]‖² on D_f + α·diffusion loss on D_r (c' a misaligned concept)."""
     x_f, pred_f, remain_loss = _forget_and_remain(den, model, forget, remain)
     with torch.no_grad():
         target = den.predict(model, x_f, forget.t, forget.misaligned)
     forget_loss = per_example_mse(pred_f, target).mean()
-    return forget_loss + alpha * remain_loss, {"forget": forget_loss, "remain": remain_loss}
+    return forget_loss + cfg.alpha * remain_loss, {"forget": forget_loss, "remain": remain_loss}
 
 
-def gradient_ascent_loss(den: Denoiser, model: nn.Module, forget: Batch, remain: Batch, alpha: float):
+def gradient_ascent_loss(den: Denoiser, model: nn.Module, forget: Batch, remain: Batch | None, cfg: TrainConfig, frozen: nn.Module | None):
     """GA baseline: maximise the diffusion loss on D_f (α·D_r term kept so α=0 gives the plain baseline)."""
     x_f, pred_f, remain_loss = _forget_and_remain(den, model, forget, remain)
     forget_loss = per_example_mse(pred_f, den.target(forget.x0, forget.noise, forget.t)).mean()
-    return -forget_loss + alpha * remain_loss, {"forget": forget_loss, "remain": remain_loss}
+    return -forget_loss + cfg.alpha * remain_loss, {"forget": forget_loss, "remain": remain_loss}
 
 
-def finetune_loss(den: Denoiser, model: nn.Module, forget: Batch, remain: Batch, alpha: float):
+def finetune_loss(den: Denoiser, model: nn.Module, forget: Batch, remain: Batch | None, cfg: TrainConfig, frozen: nn.Module | None):
     """FT baseline: fine-tune on D_r alone, relying on forgetting by interference."""
     remain_loss = diffusion_loss(den, model, remain).mean()
     return remain_loss, {"remain": remain_loss}
 
 
+def esd_loss(den: Denoiser, model: nn.Module, forget: Batch, remain: Batch | None, cfg: TrainConfig, frozen: nn.Module | None):
+    """ESD (Gandikota et al., 2023): pull ε_θ(x_t|c) to ε*(x_t|∅) − η·(ε*(x_t|c) − ε*(x_t|∅)), ε* the frozen original.
+
+    The target is the original model guided *away* from the concept with negative guidance η. x_t is a
+    noised D_f image (an image the base model drew from c), where the ESD code runs the model being
+    trained for a random number of DDIM steps from c; both give an x_t of the concept at time t.
+    """
+    x_t = den.add_noise(forget.x0, forget.noise, forget.t)
+    null = torch.full_like(forget.cond, den.null_cond)
+    with torch.no_grad():
+        e_c, e_u = den.predict(frozen, torch.cat([x_t, x_t]), torch.cat([forget.t, forget.t]), torch.cat([forget.cond, null])).chunk(2)
+        target = e_u - cfg.negative_guidance * (e_c - e_u)
+    forget_loss = per_example_mse(den.predict(model, x_t, forget.t, forget.cond), target).mean()
+    return forget_loss, {"forget": forget_loss}
+
+
+def attention_resteering_loss(den: Denoiser, model: nn.Module, forget: Batch, remain: Batch | None, cfg: TrainConfig, frozen: nn.Module | None):
+    """FMN (Zhang et al., 2023): shrink the cross-attention that noised D_f images pay to the concept's tokens.
+
+    Per example, the Frobenius norm of the attention probabilities on the concept tokens over every
+    cross-attention layer, head and query position (the FMN code takes one norm over the batch).
+    """
+    x_t = den.add_noise(forget.x0, forget.noise, forget.t)
+    attention = den.concept_attention(model, x_t, forget.t, forget.cond).mean()
+    return attention, {"attention": attention}
+
+
 @dataclass(frozen=True)
 class Method:
     loss: Callable
-    uses_mask: bool
     doc: str
+    uses_mask: bool = False  # trains only the saliency-masked weights
+    uses_remain: bool = True  # draws D_r batches
+    uses_misaligned: bool = False  # draws a misaligned condition c' per forget example
+    needs_frozen: bool = False  # the loss reads a frozen copy of the original network
+    uses_concept_tokens: bool = False  # the loss reads attention to the concept's prompt tokens
+    scope: str = ""  # trainable scope the method itself fixes ("": train.trainable decides)
 
 
 METHODS: dict[str, Method] = {
-    "salun": Method(salun_loss, True, "SalUn: misaligned-concept loss + α·remain loss, saliency-masked"),
-    "rl": Method(salun_loss, False, "Random label: the SalUn objective on all weights, no mask"),
-    "ga": Method(gradient_ascent_loss, False, "Gradient ascent on the forget set"),
-    "ft": Method(finetune_loss, False, "Fine-tune on the remain set only"),
+    "salun": Method(salun_loss, "SalUn: misaligned-concept loss + α·remain loss, saliency-masked", uses_mask=True, uses_misaligned=True),
+    "rl": Method(salun_loss, "Random label: the SalUn objective on all weights, no mask", uses_misaligned=True),
+    "ga": Method(gradient_ascent_loss, "Gradient ascent on the forget set"),
+    "ft": Method(finetune_loss, "Fine-tune on the remain set only"),
+    "esd_x": Method(esd_loss, "ESD-x: negative-guidance distillation into the cross-attention weights", uses_remain=False, needs_frozen=True, scope="xattn"),
+    "esd_u": Method(esd_loss, "ESD-u: negative-guidance distillation into every weight but cross-attention", uses_remain=False, needs_frozen=True, scope="noxattn"),
+    "fmn": Method(attention_resteering_loss, "Forget-Me-Not: attention re-steering away from the concept tokens", uses_remain=False, uses_concept_tokens=True),
 }
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise UserError(f"train.method must be one of {', '.join(METHODS)}, got {name!r}")
+    return METHODS[name]

@@ -8,6 +8,7 @@ zero_frozen_8bit_moments), and optional weight decay is applied only where the m
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -25,12 +26,14 @@ from salun_sd.core_config import TrainConfig
 from salun_sd.denoiser import ConceptData, Denoiser
 from salun_sd.draws import draw_batch
 from salun_sd.errors import UserError
-from salun_sd.objectives import METHODS
+from salun_sd.objectives import get_method
 from salun_sd.saliency import Mask
 
 TRAINABLE_SCOPES = {
     "all": lambda name: True,
     "xattn": lambda name: ".attn2." in name,  # cross-attention of diffusers' transformer blocks
+    # ESD-u's "noxattn": all but cross-attention, the time embedding and the output layer (ESD code: out., time_embed)
+    "noxattn": lambda name: ".attn2." not in name and not name.startswith(("time_embedding.", "conv_norm_out.", "conv_out.")),
 }
 OPTIMIZERS = ("adam", "adam_fused", "adam8bit")
 ATTENTION = ("sdpa", "eager", "xformers")
@@ -38,6 +41,14 @@ ATTENTION = ("sdpa", "eager", "xformers")
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good state was saved."""
+
+
+def trainable_scope(cfg: TrainConfig) -> str:
+    """The scope the method fixes (ESD-x: cross-attention, ESD-u: the rest), else train.trainable."""
+    fixed = get_method(cfg.method).scope
+    if fixed and cfg.trainable not in ("all", fixed):
+        raise UserError(f"method {cfg.method} trains {fixed!r} weights by definition; remove train.trainable={cfg.trainable!r}")
+    return fixed or cfg.trainable
 
 
 def select_trainable(model: nn.Module, scope: str, mask: Mask | None) -> dict[str, nn.Parameter]:
@@ -107,7 +118,7 @@ def zero_frozen_8bit_moments(optimizer: torch.optim.Optimizer, params: list[nn.P
 def unlearn(
     den: Denoiser,
     forget: ConceptData,
-    remain: ConceptData,
+    remain: ConceptData | None,
     misaligned: list[int],
     cfg: TrainConfig,
     accelerator: Accelerator,
@@ -119,26 +130,27 @@ def unlearn(
 
     on_step(step, logged values) is called after each optimizer step (the benchmark times steps with it).
     """
-    method = METHODS[cfg.method]
+    method = get_method(cfg.method)
     if method.uses_mask and mask is None:
         raise UserError(f"method {cfg.method!r} needs a saliency mask: run `salun-sd mask` first or pass mask.path")
     mask = mask if method.uses_mask else None
     model = den.model
-    params = select_trainable(model, cfg.trainable, mask)
+    params = select_trainable(model, trainable_scope(cfg), mask)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     set_attention(model, cfg.attention)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    frozen = copy.deepcopy(model).requires_grad_(False).eval().to(accelerator.device) if method.needs_frozen else None  # the original, for ESD's target
     model.train()
     optimizer = make_optimizer(list(params.values()), cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     net = torch.compile(model, mode=cfg.compile_mode, dynamic=False) if cfg.compile_unet else model  # static shapes: one graph per batch shape
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     den.to(device)
-    forget, remain = forget.to(device), remain.to(device)
+    forget, remain = forget.to(device), remain.to(device) if remain is not None else None
     masks = [mask[n].to(device, torch.bool) for n in params] if mask is not None else None  # 1 byte per weight
-    candidates = torch.tensor(misaligned, dtype=torch.long)
+    candidates = torch.tensor(misaligned, dtype=torch.long) if method.uses_misaligned else None
     ckpt_root = run_dir / "checkpoints"
     step = resume(accelerator, ckpt_root, cfg.resume_from_checkpoint)
     total, accum = cfg.total_steps(len(forget), world), cfg.gradient_accumulation_steps
@@ -150,9 +162,9 @@ def unlearn(
         for micro in range(accum):
             key = step * accum + micro
             f = draw_batch(forget, den, cfg.seed, "forget", key, global_batch, rank, cfg.batch_size, candidates)
-            r = draw_batch(remain, den, cfg.seed, "remain", key, global_batch, rank, cfg.batch_size)
+            r = draw_batch(remain, den, cfg.seed, "remain", key, global_batch, rank, cfg.batch_size) if method.uses_remain else None
             with accelerator.no_sync(model) if micro < accum - 1 else nullcontext(), accelerator.autocast():
-                loss, terms = method.loss(den, net, f, r, cfg.alpha)
+                loss, terms = method.loss(den, net, f, r, cfg, frozen)
                 accelerator.backward(loss / accum)
             logs.append(torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())]))
         values = accelerator.reduce(torch.stack(logs).mean(0), reduction="mean").tolist()

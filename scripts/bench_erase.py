@@ -209,7 +209,7 @@ def flops_per_sample(unet_config: dict[str, object], latent: int) -> float:
         return Batch(x0=x, cond=torch.tensor([cond], device="meta"), noise=torch.randn_like(x), t=torch.tensor([500], device="meta"), misaligned=torch.tensor([3], device="meta"))
 
     with FlopCounterMode(display=False) as counter:
-        loss, _ = METHODS["salun"].loss(den, unet, batch(1), batch(2), 0.1)
+        loss, _ = METHODS["salun"].loss(den, unet, batch(1), batch(2), TrainConfig(alpha=0.1), None)
         loss.backward()
     return float(counter.get_total_flops())
 

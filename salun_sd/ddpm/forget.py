@@ -17,7 +17,7 @@ from salun_sd.ddpm.model import load_denoiser, save_model
 from salun_sd.denoiser import ConceptData
 from salun_sd.errors import UserError
 from salun_sd.manifest import manifest, write_manifest
-from salun_sd.objectives import METHODS
+from salun_sd.objectives import get_method
 from salun_sd.saliency import load_mask, make_masks, mask_path
 from salun_sd.trainer import TRAINABLE_SCOPES, unlearn
 
@@ -32,8 +32,7 @@ def forget_data(cfg: DDPMConfig) -> tuple[ConceptData, ConceptData, list[int]]:
 
 def erase(cfg: DDPMConfig, accelerator: Accelerator, model_dir: Path, out: Path, steps: tuple[str, ...]) -> Path:
     """`steps`: (mask,) writes the mask only; (erase,) reuses out/mask.safetensors (or mask.path), computing it when missing."""
-    if cfg.unlearn.method not in METHODS:
-        raise UserError(f"unlearn.method must be one of {sorted(METHODS)}, got {cfg.unlearn.method!r}")
+    get_method(cfg.unlearn.method)
     training = "erase" in steps
     products = [out / "unet"] if training else [mask_path(out)]
     claim_output(out, products, cfg.overwrite, bool(cfg.unlearn.resume_from_checkpoint) or not training, accelerator)
@@ -43,10 +42,10 @@ def erase(cfg: DDPMConfig, accelerator: Accelerator, model_dir: Path, out: Path,
     mask = None
     if cfg.mask.path:
         mask = load_mask(cfg.mask.path, den.model)
-    elif "mask" in steps or (METHODS[cfg.unlearn.method].uses_mask and not mask_path(out).exists()):
+    elif "mask" in steps or (get_method(cfg.unlearn.method).uses_mask and not mask_path(out).exists()):
         info = {"model": str(model_dir), "forget_class": cfg.forget_class}
         mask = make_masks(den, forget, accelerator, cfg.mask, out, cfg.unlearn.seed, TRAINABLE_SCOPES[cfg.unlearn.trainable], info)
-    elif METHODS[cfg.unlearn.method].uses_mask:
+    elif get_method(cfg.unlearn.method).uses_mask:
         mask = load_mask(mask_path(out), den.model)
     if not training:
         return out

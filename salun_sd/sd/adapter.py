@@ -10,19 +10,32 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from torch import nn
 
 from salun_sd.denoiser import Denoiser
+from salun_sd.errors import UserError
+from salun_sd.sd.attention import concept_token_mask, recording
 
 
 class TextConditionedDenoiser(Denoiser):
-    def __init__(self, unet: nn.Module, noise_scheduler, prompts: list[str], embeddings: torch.Tensor) -> None:
+    def __init__(self, unet: nn.Module, noise_scheduler, prompts: list[str], embeddings: torch.Tensor, concept_tokens: torch.Tensor | None = None) -> None:
         super().__init__(unet, noise_scheduler, null_cond=prompts.index(""))
         self.prompts = prompts
         self.embeddings = embeddings
+        self.concept_tokens = concept_tokens  # [prompts, tokens] bool: where each prompt names the erased concept
 
     def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return model(x_t, t, encoder_hidden_states=self.embeddings[cond]).sample
 
+    def concept_attention(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Per example, the norm of the cross-attention probabilities on its prompt's concept tokens."""
+        if self.concept_tokens is None:
+            raise UserError("this denoiser was built without concept words (data.concept_words)")
+        with recording(model, self.concept_tokens[cond]) as total:
+            self.predict(model, x_t, t, cond)
+        return total.sqrt()
+
     def to(self, device: torch.device | str) -> "TextConditionedDenoiser":
         self.embeddings = self.embeddings.to(device)
+        if self.concept_tokens is not None:
+            self.concept_tokens = self.concept_tokens.to(device)
         return self
 
     def cond_id(self, prompt: str) -> int:
@@ -40,8 +53,12 @@ def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], batch_size
     return torch.cat(out)
 
 
-def sd_denoiser(pipe: StableDiffusionPipeline, prompts: list[str]) -> TextConditionedDenoiser:
-    """A denoiser over `prompts` plus the empty prompt (the unconditional branch of guidance)."""
+def sd_denoiser(pipe: StableDiffusionPipeline, prompts: list[str], concept_words: list[str] = ()) -> TextConditionedDenoiser:
+    """A denoiser over `prompts` plus the empty prompt (the unconditional branch of guidance).
+
+    With `concept_words`, it also knows which tokens of each prompt name the concept (for attention re-steering).
+    """
     table = list(dict.fromkeys(["", *prompts]))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    return TextConditionedDenoiser(pipe.unet, noise_scheduler, table, encode_prompts(pipe, table))
+    tokens = concept_token_mask(pipe.tokenizer, table, list(concept_words)) if concept_words else None
+    return TextConditionedDenoiser(pipe.unet, noise_scheduler, table, encode_prompts(pipe, table), tokens)

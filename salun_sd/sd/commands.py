@@ -18,6 +18,7 @@ STEPS = {
 EPILOG = """examples:
   salun-sd run configs/nudity.yaml
   salun-sd run configs/nudity.yaml --model ./stable-diffusion-v1-4 --output_dir outputs/nudity
+  salun-sd erase configs/methods/esd_u.yaml                # a baseline (configs/methods/: esd_x, esd_u, fmn, ga, rl, ft)
   accelerate launch --num_processes 4 -m salun_sd run configs/nudity.yaml --train.batch_size 2
   salun-sd erase configs/nudity.yaml --train.resume_from_checkpoint latest   # continue an interrupted run
 
@@ -42,5 +43,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for name, (steps, summary) in STEPS.items():
         p = subparsers.add_parser(name, help=summary, description=summary, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("config", nargs="?", help="YAML run config (see configs/); flags below override its keys")
+        p.add_argument("--method", dest="cfg:train.method", metavar="STR", default=None, help="the erasing method: shorthand for --train.method (listed there)")
         add_config_flags(p, EraseConfig)
         p.set_defaults(func=partial(run_steps, steps=steps))

@@ -5,6 +5,7 @@ Plain dataclasses (no torch or diffusers imports), loaded from YAML and `--key` 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from salun_sd.core_config import MaskConfig, TrainConfig
@@ -38,6 +39,7 @@ class DataConfig:
     forget: list[ImageGroup] = field(default_factory=list)
     remain: list[ImageGroup] = field(default_factory=list)
     misaligned_prompts: list[str] = field(default_factory=list)
+    concept_words: list[str] = field(default_factory=list)  # words naming the concept in the forget prompts (fmn); default: forget-prompt words no remain prompt has
     resolution: int = 0  # training image size; 0: the UNet's native size (512 for SD-1.x)
     generation_steps: int = 50  # sampler steps when the base model draws D_f/D_r images
     generation_guidance: float = 7.5  # guidance scale for those images
@@ -47,6 +49,17 @@ class DataConfig:
 
     def misaligned(self) -> list[str]:
         return self.misaligned_prompts or [g.prompt for g in self.remain]
+
+    def concept(self) -> list[str]:
+        """The concept's words: given, or those of the forget prompts that no remain prompt uses ("nude" in "a photo of a nude person")."""
+        if self.concept_words:
+            return self.concept_words
+        remain = {w for g in self.remain for w in words(g.prompt)}
+        return list(dict.fromkeys(w for g in self.forget for w in words(g.prompt) if w not in remain))
+
+
+def words(prompt: str) -> list[str]:
+    return re.findall(r"[\w']+", prompt.lower())
 
 
 @dataclass

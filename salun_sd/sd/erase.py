@@ -17,14 +17,14 @@ from accelerate import Accelerator
 from salun_sd.config import to_dict
 from salun_sd.errors import UserError
 from salun_sd.manifest import manifest, write_manifest
-from salun_sd.objectives import METHODS
+from salun_sd.objectives import Method, get_method
 from salun_sd.saliency import load_mask, make_masks, mask_path, mask_summary
 from salun_sd.sd.adapter import sd_denoiser
 from salun_sd.sd.config import EraseConfig
 from salun_sd.sd.data import concept_data
 from salun_sd.sd.export import export, model_card
 from salun_sd.sd.loading import load_pipeline
-from salun_sd.trainer import TRAINABLE_SCOPES, list_checkpoints, unlearn
+from salun_sd.trainer import TRAINABLE_SCOPES, list_checkpoints, trainable_scope, unlearn
 
 
 def check_output_dir(cfg: EraseConfig, accelerator: Accelerator, steps: tuple[str, ...]) -> Path:
@@ -32,7 +32,7 @@ def check_output_dir(cfg: EraseConfig, accelerator: Accelerator, steps: tuple[st
     out = Path(cfg.output_dir)
     resuming = bool(cfg.train.resume_from_checkpoint)
     blocking = []
-    if "mask" in steps and not resuming:
+    if "mask" in steps and not resuming and ("erase" not in steps or get_method(cfg.train.method).uses_mask):
         blocking.append(mask_path(out))
     if "erase" in steps:
         blocking.append(out / "pipeline")
@@ -51,27 +51,54 @@ def check_output_dir(cfg: EraseConfig, accelerator: Accelerator, steps: tuple[st
     return out
 
 
-def prepare(cfg: EraseConfig, accelerator: Accelerator):
-    """Load the base pipeline and build D_f, D_r and the denoiser (the main process generates and caches first)."""
-    if cfg.train.method not in METHODS:
-        raise UserError(f"train.method must be one of {sorted(METHODS)}, got {cfg.train.method!r}")
-    pipe = load_pipeline(cfg.model)
+def check_config(cfg: EraseConfig) -> Method:
+    """Every check that needs no model, so a bad config fails before minutes of loading; returns the method."""
+    method = get_method(cfg.train.method)
     if cfg.mask.scope not in ("global", "per_layer"):
         raise UserError(f"mask.scope must be 'global' or 'per_layer', got {cfg.mask.scope!r}")
     if cfg.train.trainable not in TRAINABLE_SCOPES:
-        raise UserError(f"train.trainable must be one of {sorted(TRAINABLE_SCOPES)}, got {cfg.train.trainable!r}")
+        raise UserError(f"train.trainable must be one of {', '.join(TRAINABLE_SCOPES)}, got {cfg.train.trainable!r}")
+    trainable_scope(cfg.train)
     data = cfg.data
+    if not data.forget:
+        raise UserError("the forget set is empty: give data.forget at least one group with a prompt and images")
+    for group in data.forget + data.remain:
+        group.source()
+    if method.uses_remain and not data.remain:
+        raise UserError(f"method {cfg.train.method} trains on a remain set: give data.remain at least one group")
+    if method.uses_misaligned and not data.misaligned():
+        raise UserError(f"method {cfg.train.method} needs misaligned prompts c': give data.misaligned_prompts or data.remain groups")
+    if method.uses_concept_tokens and not data.concept_words and not data.remain:
+        raise UserError(f"method {cfg.train.method} needs to know which words name the concept: give data.concept_words (e.g. [nude])")
+    return method
+
+
+def prepare(cfg: EraseConfig, accelerator: Accelerator):
+    """Load the base pipeline and build D_f, D_r (None if the method has no use for it) and the denoiser.
+
+    The main process generates and caches images first; the other processes then read the cache.
+    """
+    method = check_config(cfg)
+    data = cfg.data
+    misaligned_prompts = data.misaligned() if method.uses_misaligned else []
+    concept_words = data.concept() if method.uses_concept_tokens else []
+    pipe = load_pipeline(cfg.model)
     resolution = data.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    prompts = [g.prompt for g in data.forget + data.remain] + data.misaligned()
+    remain_groups = data.remain if method.uses_remain else []
+    prompts = [g.prompt for g in data.forget + remain_groups] + misaligned_prompts
     with accelerator.main_process_first():
         pipe.to(accelerator.device)
-        den = sd_denoiser(pipe, prompts)
+        den = sd_denoiser(pipe, prompts, concept_words)
         cond_of = {p: den.cond_id(p) for p in prompts}
         forget = concept_data(pipe, cfg.model, data.forget, cond_of, data, resolution, "forget")
-        remain = concept_data(pipe, cfg.model, data.remain, cond_of, data, resolution, "remain")
+        remain = concept_data(pipe, cfg.model, data.remain, cond_of, data, resolution, "remain") if method.uses_remain else None
+    if method.uses_concept_tokens:
+        missing = [g.prompt for g in data.forget if not den.concept_tokens[cond_of[g.prompt]].any()]
+        if missing:
+            raise UserError(f"forget prompt {missing[0]!r} contains none of the concept words {concept_words}: set data.concept_words")
     pipe.text_encoder.to("cpu")  # embeddings are cached: the step needs only the UNet
     pipe.vae.to("cpu")
-    misaligned = [cond_of[p] for p in data.misaligned()]
+    misaligned = [cond_of[p] for p in misaligned_prompts]
     return pipe, den, forget, remain, misaligned
 
 
@@ -81,15 +108,17 @@ def erase(cfg: EraseConfig, accelerator: Accelerator, steps: tuple[str, ...] = (
     if accelerator.is_main_process:
         write_manifest(out / "manifest.json", manifest(to_dict(cfg), "+".join(steps), num_processes=accelerator.num_processes))
     pipe, den, forget, remain, misaligned = prepare(cfg, accelerator)
-    accelerator.print(f"forget set: {len(forget)} examples, remain set: {len(remain)}, misaligned prompts: {cfg.data.misaligned()}")
+    accelerator.print(f"forget set: {len(forget)} examples, remain set: {len(remain) if remain is not None else 'not used'}, method: {cfg.train.method}")
 
     mask = None
-    if cfg.mask.path:
+    if "erase" in steps and not get_method(cfg.train.method).uses_mask:
+        pass  # the baselines train without a saliency mask
+    elif cfg.mask.path:
         mask = load_mask(cfg.mask.path, den.model)
     elif "mask" in steps and not mask_path(out).exists():
         info = {"model": cfg.model, "trainable": cfg.train.trainable}
         mask = make_masks(den, forget, accelerator, cfg.mask, out, cfg.data.seed, TRAINABLE_SCOPES[cfg.train.trainable], info)
-    elif METHODS[cfg.train.method].uses_mask:  # made by an earlier `salun-sd mask` (or before an interruption)
+    else:  # made by an earlier `salun-sd mask` (or before an interruption)
         mask = load_mask(mask_path(out), den.model)
     if "erase" not in steps:
         return out
@@ -101,7 +130,8 @@ def erase(cfg: EraseConfig, accelerator: Accelerator, steps: tuple[str, ...] = (
             "method": cfg.train.method,
             "forget prompts": [g.prompt for g in cfg.data.forget],
             "remain prompts": [g.prompt for g in cfg.data.remain],
-            "misaligned prompts": cfg.data.misaligned(),
+            **({"misaligned prompts": cfg.data.misaligned()} if get_method(cfg.train.method).uses_misaligned else {}),
+            **({"concept words": cfg.data.concept()} if get_method(cfg.train.method).uses_concept_tokens else {}),
             **{f"train.{k}": v for k, v in to_dict(cfg.train).items() if k not in ("resume_from_checkpoint",)},
             **({f"mask.{k}": v for k, v in to_dict(cfg.mask).items()} if mask is not None else {}),
             "num_processes": accelerator.num_processes,

@@ -16,11 +16,13 @@ from diffusers import StableDiffusionPipeline
 from torch import nn
 
 from salun_sd.manifest import write_manifest
+from salun_sd.objectives import METHODS
 
 MANIFEST_NAME = "salun_manifest.json"
 
 
 def model_card(base_model: str, concept: str, settings: dict[str, Any], mask_kept: float | None, unet_only: bool) -> str:
+    method = settings.get("method", "salun")
     loader = "UNet2DConditionModel.from_pretrained(folder)" if unet_only else "StableDiffusionPipeline.from_pretrained(folder)"
     rows = "\n".join(f"| {k} | `{json.dumps(v)}` |" for k, v in settings.items())
     kept = f"{mask_kept:.2%} of the trained weights" if mask_kept is not None else "no mask (all trained weights)"
@@ -36,11 +38,11 @@ tags:
 
 # {base_model} with "{concept}" erased
 
-This model is `{base_model}` after erasing the concept **{concept}** with
-[SalUn](https://arxiv.org/abs/2310.12508) (saliency unlearning, Fan et al., ICLR 2024), made with salun-sd.
+This model is `{base_model}` after erasing the concept **{concept}** with salun-sd, the toolkit of
+[SalUn](https://arxiv.org/abs/2310.12508) (saliency unlearning, Fan et al., ICLR 2024).
 Only the UNet changed; the text encoder, VAE and tokenizer are the base model's.
 
-- **Method:** `{settings.get("method", "salun")}`
+- **Method:** `{method}` ({METHODS[method].doc})
 - **Weights updated:** {kept}; every other weight is bit-for-bit the base model's.
 
 ## Load it

@@ -1,0 +1,170 @@
+"""ESD-x, ESD-u and Forget-Me-Not on the core trainer (tiny SD UNet, CPU), their configs and the CLI path."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+from conftest import FORGET, REMAIN, tiny_config
+from salun_sd.cli import main
+from salun_sd.config import load_yaml
+from salun_sd.core_config import TrainConfig
+from salun_sd.denoiser import ConceptData
+from salun_sd.errors import UserError
+from salun_sd.objectives import Batch, esd_loss, per_example_mse
+from salun_sd.sd.adapter import TextConditionedDenoiser
+from salun_sd.sd.attention import concept_token_mask, cross_attention_layers, recording
+from salun_sd.sd.config import DataConfig, EraseConfig, ImageGroup
+from salun_sd.sd.erase import check_config
+from salun_sd.sd.tiny import tiny_pipeline
+from salun_sd.trainer import TRAINABLE_SCOPES, unlearn
+
+METHOD_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "methods").glob("*.yaml"))
+PROMPTS = ["", FORGET, REMAIN]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+def denoiser(pipe, unet=None) -> TextConditionedDenoiser:
+    """The tiny UNet with random text states for PROMPTS and the real token positions of "nude"."""
+    unet = unet or copy.deepcopy(pipe.unet)
+    states = torch.randn(len(PROMPTS), 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(0))
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    return TextConditionedDenoiser(unet, scheduler, PROMPTS, states, concept_token_mask(pipe.tokenizer, PROMPTS, ["nude"]))
+
+
+def forget_batch(n: int = 4) -> Batch:
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(n, 4, 8, 8, generator=gen)
+    return Batch(x0=x0, cond=torch.full((n,), 1), noise=torch.randn(x0.shape, generator=gen), t=torch.randint(1000, (n,), generator=gen))
+
+
+def test_concept_tokens_are_the_words_that_only_the_forget_prompt_has(pipe):
+    data = DataConfig(forget=[ImageGroup(prompt=FORGET)], remain=[ImageGroup(prompt=REMAIN)])
+    assert data.concept() == ["nude"]
+    mask = concept_token_mask(pipe.tokenizer, [FORGET, REMAIN, "Nude, nude!"], data.concept())
+    assert mask[0].nonzero().flatten().tolist() == [5]  # <start> a photo of a nude person
+    assert not mask[1].any()
+    assert mask[2].nonzero().flatten().tolist() == [1, 3]
+    two_piece = concept_token_mask(pipe.tokenizer, ["a painting by van gogh"], ["van gogh"])
+    assert two_piece[0].nonzero().flatten().tolist() == [4, 5]  # <start> a painting by van gogh
+
+
+def test_esd_loss_at_the_original_weights_is_the_scaled_guidance_gap(pipe):
+    """At θ = θ*, ε_θ(c) − (ε*(∅) − η(ε*(c) − ε*(∅))) = (1+η)(ε(c) − ε(∅)): the target is guided away from c."""
+    den, batch = denoiser(pipe), forget_batch()
+    eta = 1.5
+    with torch.no_grad():
+        loss, _ = esd_loss(den, den.model, batch, None, TrainConfig(negative_guidance=eta), copy.deepcopy(den.model))
+        x_t = den.add_noise(batch.x0, batch.noise, batch.t)
+        gap = per_example_mse(den.predict(den.model, x_t, batch.t, batch.cond), den.predict(den.model, x_t, batch.t, torch.zeros_like(batch.cond)))
+    assert loss.item() > 0
+    assert loss.item() == pytest.approx((1 + eta) ** 2 * gap.mean().item(), rel=1e-4)
+
+
+def test_recording_keeps_the_unet_output_and_restores_its_attention(pipe):
+    den, batch = denoiser(pipe), forget_batch()
+    den.model.eval()
+    x_t = den.add_noise(batch.x0, batch.noise, batch.t)
+    cond = torch.tensor([1, 2, 1, 2])  # forget, remain, forget, remain
+    before = [type(layer.processor) for layer in cross_attention_layers(den.model)]
+    with torch.no_grad():
+        plain = den.predict(den.model, x_t, batch.t, cond)
+        with recording(den.model, den.concept_tokens[cond]) as total:
+            recorded = den.predict(den.model, x_t, batch.t, cond)
+    torch.testing.assert_close(recorded, plain, rtol=1e-4, atol=1e-5)
+    assert (total[[0, 2]] > 0).all() and (total[[1, 3]] == 0).all()  # the remain prompt has no concept token
+    assert [type(layer.processor) for layer in cross_attention_layers(den.model)] == before
+
+
+def train(pipe, tmp_path: Path, method: str, steps: int = 3, **cfg) -> tuple[TextConditionedDenoiser, dict, dict]:
+    """Train a copy of the tiny UNet on a forget set alone; returns the denoiser and the weights before/after."""
+    den = denoiser(pipe)
+    before = {n: p.detach().clone() for n, p in den.model.named_parameters()}
+    forget = ConceptData(torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.full((8,), 1))
+    AcceleratorState._reset_state(True)
+    trained = unlearn(den, forget, None, [], TrainConfig(method=method, batch_size=4, max_steps=steps, learning_rate=1e-3, **cfg), Accelerator(cpu=True), tmp_path)
+    return den, before, {n: p.detach().clone() for n, p in trained.named_parameters()}
+
+
+@pytest.mark.parametrize(("method", "scope", "extra"), [("esd_x", "xattn", {}), ("esd_u", "noxattn", {}), ("fmn", "xattn", {"trainable": "xattn"})])
+def test_each_baseline_changes_only_its_scope(pipe, tmp_path, method, scope, extra):
+    _, before, after = train(pipe, tmp_path, method, **extra)
+    inside = [n for n in before if TRAINABLE_SCOPES[scope](n)]
+    assert inside and len(inside) < len(before)
+    for name in before:
+        if name not in inside:
+            assert torch.equal(before[name], after[name]), name
+    moved = sum(int((before[n] != after[n]).sum()) for n in inside)
+    assert moved > 0.9 * sum(before[n].numel() for n in inside)
+    if scope == "noxattn":
+        assert not any(n.startswith(("time_embedding.", "conv_out.")) for n in inside)
+
+
+def test_fmn_steers_attention_away_from_the_concept_tokens(pipe, tmp_path):
+    den, before, _ = train(pipe, tmp_path, "fmn", steps=10, trainable="xattn")
+    batch = forget_batch(8)
+    x_t = den.add_noise(batch.x0, batch.noise, batch.t)
+    original = denoiser(pipe)
+    original.model.load_state_dict(before)
+    with torch.no_grad():
+        start = original.concept_attention(original.model, x_t, batch.t, batch.cond).mean().item()
+        end = den.concept_attention(den.model.eval(), x_t, batch.t, batch.cond).mean().item()
+    assert end < 0.9 * start  # 0.56 -> 0.47 in 10 steps at lr 1e-3
+
+
+def test_a_scope_that_contradicts_the_method_is_refused(pipe, tmp_path):
+    with pytest.raises(UserError, match="esd_u trains 'noxattn'"):
+        train(pipe, tmp_path, "esd_u", trainable="xattn")
+
+
+@pytest.mark.parametrize("path", METHOD_CONFIGS, ids=lambda p: p.name)
+def test_each_method_config_passes_the_checks_and_names_its_method(path):
+    cfg = load_yaml(EraseConfig, path)
+    assert check_config(cfg) and cfg.train.method == path.stem
+
+
+def test_method_configs_state_the_usual_defaults():
+    cfgs = {p.stem: load_yaml(EraseConfig, p) for p in METHOD_CONFIGS}
+    assert set(cfgs) == {"esd_x", "esd_u", "fmn", "ga", "rl", "ft"}
+    for name in ("esd_x", "esd_u"):  # ESD code: lr 1e-5, batch 1, 1000 iterations, negative guidance 1
+        t = cfgs[name].train
+        assert (t.learning_rate, t.batch_size, t.max_steps, t.negative_guidance) == (1e-5, 1, 1000, 1.0)
+    fmn = cfgs["fmn"].train
+    assert (fmn.learning_rate, fmn.max_steps, fmn.trainable) == (2e-5, 35, "xattn")
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"method": "esd"}, "train.method must be one of salun, rl, ga, ft, esd_x, esd_u, fmn"),
+    ({"method": "rl", "remain": []}, "rl trains on a remain set"),
+    ({"method": "fmn", "remain": []}, "give data.concept_words"),
+])
+def test_method_requirements_are_checked_before_loading(tmp_path, changes, message):
+    cfg = tiny_config(tmp_path, tmp_path)
+    cfg.train.method = changes["method"]
+    if "remain" in changes:
+        cfg.data.remain = changes["remain"]
+    with pytest.raises(UserError, match=message):
+        check_config(cfg)
+
+
+def test_cli_method_shorthand_runs_esd_u_without_a_remain_set_or_mask(tmp_path, data_cache):
+    config = tmp_path / "esd.yaml"
+    config.write_text(f"model: tiny\ndata:\n  forget:\n    - {{prompt: {FORGET}, generate: 8}}\n  generation_steps: 3\n"
+                      f"  cache_dir: {data_cache}\ntrain:\n  batch_size: 2\n  max_steps: 2\n  learning_rate: 1.0e-4\n")
+    out = tmp_path / "out"
+    main(["run", str(config), "--method", "esd_u", "--output_dir", str(out)])
+    assert not (out / "mask.safetensors").exists()
+    card = (out / "pipeline" / "README.md").read_text()
+    assert "`esd_u` (ESD-u" in card and "| train.negative_guidance | `1.0` |" in card
+    reloaded = StableDiffusionPipeline.from_pretrained(out / "pipeline")
+    assert reloaded("a photo", num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
