@@ -62,7 +62,8 @@ def select_trainable(model: nn.Module, scope: str, mask: Mask | None) -> dict[st
         if keep:
             chosen[name] = p
     if not chosen:
-        raise UserError(f"no weight is trainable with trainable={scope!r} and this mask")
+        hint = " (esd_x and xattn need cross-attention layers, attn2)" if scope == "xattn" else ""
+        raise UserError(f"no weight of {type(model).__name__} is trainable with scope {scope!r}{' and this mask' if mask is not None else ''}{hint}")
     return chosen
 
 
