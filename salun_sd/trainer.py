@@ -62,8 +62,7 @@ def select_trainable(model: nn.Module, scope: str, mask: Mask | None) -> dict[st
         if keep:
             chosen[name] = p
     if not chosen:
-        hint = " (esd_x and xattn need cross-attention layers, attn2)" if scope == "xattn" else ""
-        raise UserError(f"no weight of {type(model).__name__} is trainable with scope {scope!r}{' and this mask' if mask is not None else ''}{hint}")
+        raise UserError(f"no weight of {type(model).__name__} is in scope {scope!r}{' and this mask' if mask is not None else ''}")
     return chosen
 
 

@@ -32,7 +32,7 @@ def forget_data(cfg: DDPMConfig) -> tuple[ConceptData, ConceptData, list[int]]:
 
 def erase(cfg: DDPMConfig, accelerator: Accelerator, model_dir: Path, out: Path, steps: tuple[str, ...]) -> Path:
     """`steps`: (mask,) writes the mask only; (erase,) reuses out/mask.safetensors (or mask.path), computing it when missing."""
-    get_method(cfg.unlearn.method)
+    method = get_method(cfg.unlearn.method)
     training = "erase" in steps
     products = [out / "unet"] if training else [mask_path(out)]
     claim_output(out, products, cfg.overwrite, bool(cfg.unlearn.resume_from_checkpoint) or not training, accelerator)
@@ -42,10 +42,10 @@ def erase(cfg: DDPMConfig, accelerator: Accelerator, model_dir: Path, out: Path,
     mask = None
     if cfg.mask.path:
         mask = load_mask(cfg.mask.path, den.model)
-    elif "mask" in steps or (get_method(cfg.unlearn.method).uses_mask and not mask_path(out).exists()):
+    elif "mask" in steps or (method.uses_mask and not mask_path(out).exists()):
         info = {"model": str(model_dir), "forget_class": cfg.forget_class}
         mask = make_masks(den, forget, accelerator, cfg.mask, out, cfg.unlearn.seed, TRAINABLE_SCOPES[cfg.unlearn.trainable], info)
-    elif get_method(cfg.unlearn.method).uses_mask:
+    elif method.uses_mask:
         mask = load_mask(mask_path(out), den.model)
     if not training:
         return out

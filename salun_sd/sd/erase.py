@@ -27,12 +27,17 @@ from salun_sd.sd.loading import load_pipeline
 from salun_sd.trainer import TRAINABLE_SCOPES, list_checkpoints, trainable_scope, unlearn
 
 
+def uses_mask(cfg: EraseConfig, steps: tuple[str, ...]) -> bool:
+    """`salun-sd mask` always makes one; an erase only for a method that trains under a mask (SalUn)."""
+    return "erase" not in steps or get_method(cfg.train.method).uses_mask
+
+
 def check_output_dir(cfg: EraseConfig, accelerator: Accelerator, steps: tuple[str, ...]) -> Path:
     """Refuse to clobber earlier results unless --overwrite; a resumed erase may reuse its mask and checkpoints."""
     out = Path(cfg.output_dir)
     resuming = bool(cfg.train.resume_from_checkpoint)
     blocking = []
-    if "mask" in steps and not resuming and ("erase" not in steps or get_method(cfg.train.method).uses_mask):
+    if "mask" in steps and not resuming and uses_mask(cfg, steps):
         blocking.append(mask_path(out))
     if "erase" in steps:
         blocking.append(out / "pipeline")
@@ -104,22 +109,22 @@ def prepare(cfg: EraseConfig, accelerator: Accelerator):
 
 def erase(cfg: EraseConfig, accelerator: Accelerator, steps: tuple[str, ...] = ("mask", "erase")) -> Path:
     """Run the requested steps; returns the run folder."""
+    method = check_config(cfg)
     out = check_output_dir(cfg, accelerator, steps)
     if accelerator.is_main_process:
         write_manifest(out / "manifest.json", manifest(to_dict(cfg), "+".join(steps), num_processes=accelerator.num_processes))
     pipe, den, forget, remain, misaligned = prepare(cfg, accelerator)
     accelerator.print(f"forget set: {len(forget)} examples, remain set: {len(remain) if remain is not None else 'not used'}, method: {cfg.train.method}")
 
-    mask = None
-    if "erase" in steps and not get_method(cfg.train.method).uses_mask:
-        pass  # the baselines train without a saliency mask
-    elif cfg.mask.path:
-        mask = load_mask(cfg.mask.path, den.model)
-    elif "mask" in steps and not mask_path(out).exists():
-        info = {"model": cfg.model, "trainable": cfg.train.trainable}
-        mask = make_masks(den, forget, accelerator, cfg.mask, out, cfg.data.seed, TRAINABLE_SCOPES[cfg.train.trainable], info)
-    else:  # made by an earlier `salun-sd mask` (or before an interruption)
-        mask = load_mask(mask_path(out), den.model)
+    mask = None  # the baselines train without a saliency mask
+    if uses_mask(cfg, steps):
+        if cfg.mask.path:
+            mask = load_mask(cfg.mask.path, den.model)
+        elif "mask" in steps and not mask_path(out).exists():
+            info = {"model": cfg.model, "trainable": cfg.train.trainable}
+            mask = make_masks(den, forget, accelerator, cfg.mask, out, cfg.data.seed, TRAINABLE_SCOPES[cfg.train.trainable], info)
+        else:  # made by an earlier `salun-sd mask` (or before an interruption)
+            mask = load_mask(mask_path(out), den.model)
     if "erase" not in steps:
         return out
     unet = unlearn(den, forget, remain, misaligned, cfg.train, accelerator, out, mask)
@@ -130,8 +135,8 @@ def erase(cfg: EraseConfig, accelerator: Accelerator, steps: tuple[str, ...] = (
             "method": cfg.train.method,
             "forget prompts": [g.prompt for g in cfg.data.forget],
             "remain prompts": [g.prompt for g in cfg.data.remain],
-            **({"misaligned prompts": cfg.data.misaligned()} if get_method(cfg.train.method).uses_misaligned else {}),
-            **({"concept words": cfg.data.concept()} if get_method(cfg.train.method).uses_concept_tokens else {}),
+            **({"misaligned prompts": cfg.data.misaligned()} if method.uses_misaligned else {}),
+            **({"concept words": cfg.data.concept()} if method.uses_concept_tokens else {}),
             **{f"train.{k}": v for k, v in to_dict(cfg.train).items() if k not in ("resume_from_checkpoint",)},
             **({f"mask.{k}": v for k, v in to_dict(cfg.mask).items()} if mask is not None else {}),
             "num_processes": accelerator.num_processes,
