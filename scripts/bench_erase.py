@@ -50,7 +50,7 @@ from salun_sd.objectives import METHODS, Batch
 from salun_sd.saliency import _kth_largest, saliency_masks
 from salun_sd.sd.adapter import TextConditionedDenoiser
 from salun_sd.sd.config import EraseConfig
-from salun_sd.sd.reference import SD14_UNET_CONFIG, sd14_noise_scheduler, sd14_unet
+from reference_models import SD14_UNET_CONFIG, sd14_noise_scheduler, sd14_unet
 from salun_sd.core_config import TrainConfig
 from salun_sd.trainer import unlearn
 

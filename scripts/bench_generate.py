@@ -27,7 +27,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from salun_sd.evaluation.generate import resolve_dtype
-from salun_sd.sd.reference import SD14_TEXT_CONFIG, SD14_UNET_CONFIG, SD14_VAE_CONFIG
+from reference_models import SD14_TEXT_CONFIG, SD14_UNET_CONFIG, SD14_VAE_CONFIG
 from salun_sd.sd.tiny import tiny_pipeline
 
 def full_size_pipeline(dtype: torch.dtype, device: torch.device) -> StableDiffusionPipeline:

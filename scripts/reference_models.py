@@ -1,7 +1,9 @@
 """The SD-1.x architecture at full size (UNet, VAE, CLIP text tower), for benchmarks that build it with random weights.
 
-The cost of a step does not depend on the weight values, so speed and memory at real size can be
-measured without downloading a checkpoint. Values are those of CompVis/stable-diffusion-v1-4's
+Benchmark-only, so it lives with the scripts that use it (they import it as `reference_models`: a
+script's own folder is first on sys.path), not in the installed package. The cost of a step does not
+depend on the weight values, so speed and memory at real size can be measured without downloading a
+checkpoint. Values are those of CompVis/stable-diffusion-v1-4's
 unet/, vae/ and text_encoder/ configs (SD-1.5 has the same); the UNet has 859,520,964 parameters.
 """
 
