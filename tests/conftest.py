@@ -1,13 +1,56 @@
+"""What every test shares: one torch thread, the offline Hub, subprocesses on the CPU, tiny erase configs.
+
+One thread for the whole suite and every process it starts: the models here are tiny, and on a busy
+2-core machine spinning threads cost more than they give (the toy demo took 645 s under load, 86 s
+on one thread). Subprocesses also see no GPU, so tests that compare processes run the same code
+on a machine with CUDA as without.
+"""
+
 import os
+import socket
+import subprocess
+import sys
 
-import pytest
-
+os.environ["OMP_NUM_THREADS"] = "1"  # before torch loads, and inherited by every subprocess
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import open_clip  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 from salun_sd.core_config import MaskConfig, TrainConfig  # noqa: E402
+from salun_sd.evaluation.clip_score import ClipScorer  # noqa: E402
 from salun_sd.sd.config import DataConfig, EraseConfig, ImageGroup  # noqa: E402
 
+torch.set_num_threads(1)
+
 FORGET, REMAIN = "a photo of a nude person", "a photo of a person wearing clothes"
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    """The environment of a test's subprocess: this one's, on the CPU, offline, one thread."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def salun(*args: str, processes: int = 1, check: bool = True, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
+    """`python -m salun_sd ARGS` in a subprocess on the CPU; with processes > 1 under `accelerate launch`."""
+    if processes == 1:
+        cmd = [sys.executable, "-m", "salun_sd", *args]
+    else:  # the CPU recipe: --multi_gpu with Accelerator(cpu=True); `--cpu --num_processes 2` runs one process
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "salun_sd", *args]
+    if popen:
+        return subprocess.Popen(cmd, env=cpu_env(), **popen)
+    result = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
 
 
 def tiny_config(out, cache, **train) -> EraseConfig:
@@ -25,6 +68,29 @@ def tiny_config(out, cache, **train) -> EraseConfig:
         mask=MaskConfig(fraction=0.5, batch_size=4),
         train=TrainConfig(**{"batch_size": 2, "max_steps": 4, "learning_rate": 1e-3, **train}),
     )
+
+
+def random_clip() -> ClipScorer:
+    """An open_clip CLIP with random weights: the real model class, transform and BPE tokenizer."""
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=8, head_width=16),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+    )
+    return ClipScorer(model, open_clip.image_transform(32, is_train=False), open_clip.get_tokenizer("ViT-B-32"), "tiny-random")
+
+
+class RandomCNN(torch.nn.Module):
+    """A small random CNN feature extractor taking uint8 images, like the Inception one."""
+
+    def __init__(self, features: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, features, 5, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.float() / 255)
 
 
 @pytest.fixture(scope="session")

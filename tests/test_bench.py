@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import cpu_env
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_erase.py"
 
@@ -18,7 +19,7 @@ def test_cpu_smoke_reports_every_figure(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        env=cpu_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -7,7 +7,6 @@ classifier); the forgetting test erases class 0 from it and checks the samples, 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
+from conftest import salun
 from salun_sd.cli import main as cli
 from salun_sd.config import load_yaml
 from salun_sd.ddpm.config import DataConfig, DDPMConfig, SampleConfig
@@ -34,18 +34,12 @@ def run(work_dir: Path, *argv: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Iterator[Path]:
-    """A base digits model trained for 500 steps (~30 s) and its classifier, for this module's tests.
-
-    On one thread: the model is tiny, and on a busy 2-core machine a second spinning thread costs minutes.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def digits(tmp_path_factory) -> Path:
+    """A base digits model trained for 500 steps (~30 s) and its classifier, for this module's tests."""
     work = tmp_path_factory.mktemp("ddpm-digits")
     run(work, "train", "--train.max_steps", "500", "--train.batch_size", "64", *QUICK)
     run(work, "classifier", "--classifier.epochs", "15")
-    yield work
-    torch.set_num_threads(threads)
+    return work
 
 
 def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -136,8 +130,6 @@ def test_erase_forgets_the_class_and_keeps_masked_out_weights(digits):
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    from test_distributed import salun  # the CPU multi-process launch recipe
-
     # A large Adam epsilon keeps updates proportional to gradients, so float summation order cannot flip a step;
     # a large learning rate makes the updates big enough that different data or noise would show.
     flags = [DIGITS, "--train.adam_epsilon", "1e-2", "--train.learning_rate", "0.05", "--train.warmup_steps", "0", *QUICK]

@@ -1,39 +1,15 @@
 """Issue 3: data-parallel erase equals single-process erase; SIGKILL + resume equals an uninterrupted run."""
 
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FORGET, REMAIN
+from conftest import FORGET, REMAIN, salun
 from salun_sd.sd.tiny import tiny_pipeline
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def salun(*args: str, processes: int = 1, check: bool = True, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
-    if processes == 1:
-        cmd = [sys.executable, "-m", "salun_sd", *args]
-    else:  # the CPU recipe: --multi_gpu with Accelerator(cpu=True); `--cpu --num_processes 2` runs one process
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "salun_sd", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    if popen:
-        return subprocess.Popen(cmd, env=env, **popen)
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Batch generation with the offline tiny pipeline: files, metadata, resume, per-prompt settings, processes."""
 
 import json
-import os
 import runpy
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import cpu_env
 from salun_sd.errors import UserError
 from salun_sd.evaluation.generate import GenerationSettings, batches, generate_images, plan_jobs
 from salun_sd.evaluation.imagefiles import read_metadata
@@ -25,15 +25,6 @@ RECORDS = [
     PromptRecord(12, "a nude painting", categories=("sexual",), nudity_percentage=80.0),
 ]
 STEPS = 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning threads cost 50x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +92,7 @@ def test_cli_generate_text_list_in_two_processes_splits_the_work(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"prompt number {i}" for i in range(5)))
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = cpu_env(PYTHONPATH=str(ROOT))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "salun_sd", "generate",
                "--model", "tiny", "--prompts", str(prompts), "--out", str(out), "--steps", "2", "--images-per-prompt", "2", "--batch-size", "2"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -117,6 +108,6 @@ def test_bench_script_tiny_mode_reports_images_per_second(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [str(script), "--tiny", "--steps", "2", "--batch-size", "2", "--repeats", "1"])
     runpy.run_path(str(script), run_name="__main__")
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert figures["device"].startswith("CPU") and figures["pipeline"] == "tiny"
+    assert figures["device"].startswith(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU") and figures["pipeline"] == "tiny"
     assert (figures["size"], figures["steps"], figures["images_timed"]) == ("32x32", 2, 2)
     assert figures["images_per_s"] > 0

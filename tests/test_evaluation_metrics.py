@@ -2,16 +2,16 @@
 FID with a small random CNN, unlearning accuracy with an injected classifier."""
 
 import numpy as np
-import open_clip
 import pytest
 import scipy.linalg
 import skimage.data
 import torch
 from PIL import Image
 
+from conftest import RandomCNN, random_clip
 from salun_sd.errors import UserError
 from salun_sd.evaluation.classify import IMAGENETTE_IMAGENET_INDEX, ImageClassifier, imagenet_categories, imagenet_index, unlearning_accuracy
-from salun_sd.evaluation.clip_score import ClipScorer, clip_score_metrics
+from salun_sd.evaluation.clip_score import clip_score_metrics
 from salun_sd.evaluation.fid import FeatureExtractor, FidStats, compute_stats, frechet_distance, inception_extractor, reference_stats
 from salun_sd.evaluation.nudity import EXPOSED_CLASSES, detect, nudity_metrics
 
@@ -56,17 +56,6 @@ def test_nudenet_bad_settings(photos):
         nudity_metrics(photos, classes=["FACE_FEMALE"])
 
 
-def random_clip() -> ClipScorer:
-    """An open_clip CLIP with random weights: the real model class, transform and BPE tokenizer."""
-    torch.manual_seed(0)
-    model = open_clip.CLIP(
-        embed_dim=32,
-        vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=8, head_width=16),
-        text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
-    )
-    return ClipScorer(model, open_clip.image_transform(32, is_train=False), open_clip.get_tokenizer("ViT-B-32"), "tiny-random")
-
-
 @pytest.fixture(scope="module")
 def tiny_clip():
     return random_clip()
@@ -86,18 +75,6 @@ def test_clip_score_with_random_open_clip_is_finite_and_in_range(photos, tiny_cl
         text = tiny_clip.model.encode_text(tiny_clip.tokenizer([prompts[0]]))
     expected = 100 * max(torch.cosine_similarity(image, text).item(), 0)
     assert scores[0] == pytest.approx(expected, abs=1e-4)
-
-
-class RandomCNN(torch.nn.Module):
-    """A small random CNN feature extractor taking uint8 images, like the Inception one."""
-
-    def __init__(self, features: int = 8):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, features, 5, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.float() / 255)
 
 
 @pytest.fixture(scope="module")

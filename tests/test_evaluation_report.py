@@ -7,13 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import RandomCNN, random_clip
 from salun_sd.cli import main
 from salun_sd.errors import UserError
 from salun_sd.evaluation.fid import FeatureExtractor
 from salun_sd.evaluation.report import GAP, THUMBNAIL, metric_table, write_report
 from salun_sd.evaluation.suite import EvalSettings, ImageSet, Scorers, evaluate_sets
 from salun_sd.sd.tiny import tiny_pipeline
-from test_evaluation_metrics import RandomCNN, random_clip
 
 CLASS_CSV = "case_number,prompt,evaluation_seed,class,classidx\n0,Image of tench,4889,tench,0\n1,Image of church,987,church,4\n2,Image of parachute,1945,parachute,9\n"
 
@@ -22,15 +22,12 @@ CLASS_CSV = "case_number,prompt,evaluation_seed,class,classidx\n0,Image of tench
 def folders(tmp_path_factory):
     """Base (tiny, seed 0) and 'erased' (another tiny pipeline saved as a diffusers folder) images of 3 class prompts x 2."""
     root = tmp_path_factory.mktemp("eval")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; threads only spin on a shared 2-core machine
     (root / "classes.csv").write_text(CLASS_CSV)
     tiny_pipeline(seed=1).save_pretrained(root / "erased_model")
     common = ["--prompts", str(root / "classes.csv"), "--steps", "2", "--images-per-prompt", "2", "--height", "32", "--width", "32"]
     main(["generate", "--model", "tiny", "--out", str(root / "base"), *common])
     main(["generate", "--model", str(root / "erased_model"), "--out", str(root / "erased"), *common])
-    yield root
-    torch.set_num_threads(before)
+    return root
 
 
 def test_generate_cli_writes_class_images(folders, capsys):
