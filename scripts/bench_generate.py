@@ -20,11 +20,15 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # reference_models, also when run through runpy (tests)
 
 from salun_sd.evaluation.generate import resolve_dtype
 from reference_models import SD14_TEXT_CONFIG, SD14_UNET_CONFIG, SD14_VAE_CONFIG
