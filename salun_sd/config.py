@@ -89,25 +89,33 @@ def field_comments(cls: type) -> dict[str, str]:
     return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, flags=re.M))
 
 
+SCALARS = (int, float, str, bool)
+
+
 def _scalar_fields(cls: type, prefix: str = ""):
+    """(key, type, default, doc) of every field a flag can set: scalars, and lists of scalars (type `list`)."""
     hints = typing.get_type_hints(cls)
     docs = field_comments(cls)
     for f in dataclasses.fields(cls):
         tp = _unwrap_optional(hints[f.name])
         if dataclasses.is_dataclass(tp):
             yield from _scalar_fields(tp, f"{prefix}{f.name}.")
-        elif tp in (int, float, str, bool):
-            default = f.default if f.default is not dataclasses.MISSING else None
+        elif tp in SCALARS or (typing.get_origin(tp) is list and typing.get_args(tp)[0] in SCALARS):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory() if f.default_factory is not dataclasses.MISSING else None
             yield f"{prefix}{f.name}", tp, default, docs.get(f.name, "")
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One `--key` flag per scalar field (dotted for nested sections); values override the YAML."""
+    """One `--key` flag per scalar or list field (dotted for nested sections); values override the YAML.
+
+    A list flag takes its items space-separated (`--metrics nudenet clip`); given with none it empties the list.
+    """
     group = parser.add_argument_group("config overrides (each key of the YAML config)")
     for key, tp, default, doc in _scalar_fields(cls):
-        metavar = {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}[tp]
-        extra = {"nargs": "?", "const": "true"} if tp is bool else {}  # `--overwrite` alone means true
-        text = f"{doc} (default: {default!r})" if doc else f"default: {default!r}"
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+        metavar = {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}[item]
+        extra = {"nargs": "*"} if item is not tp else {"nargs": "?", "const": "true"} if tp is bool else {}  # `--overwrite` alone means true
+        text = doc if "(default:" in doc else f"{doc} (default: {default!r})" if doc else f"default: {default!r}"
         group.add_argument(f"--{key}", dest=f"cfg:{key}", metavar=metavar, default=None, help=text.replace("%", "%%"), **extra)
 
 

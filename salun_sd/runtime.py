@@ -16,7 +16,10 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 
-def device() -> str:
+def device(requested: str = "auto") -> str:
+    """The torch device to use: `requested`, or for "auto" (and "") cuda when available, else cpu."""
+    if requested not in ("", "auto"):
+        return requested
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -50,8 +50,8 @@ def test_nudenet_exposed_classes_are_every_exposed_label():
 
 
 def test_nudenet_bad_settings(photos):
-    with pytest.raises(UserError, match="between 0.2"):
-        nudity_metrics(photos, threshold=0.1)
+    with pytest.raises(UserError, match="between 0 .every detection NudeNet reports. and 1, got 1.5"):
+        nudity_metrics(photos, threshold=1.5)
     with pytest.raises(UserError, match="unknown NudeNet exposed class.*FACE_FEMALE"):
         nudity_metrics(photos, classes=["FACE_FEMALE"])
 

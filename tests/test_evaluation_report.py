@@ -12,7 +12,8 @@ from salun_sd.cli import main
 from salun_sd.errors import UserError
 from salun_sd.evaluation.fid import FeatureExtractor
 from salun_sd.evaluation.report import GAP, THUMBNAIL, metric_table, write_report
-from salun_sd.evaluation.suite import EvalSettings, ImageSet, Scorers, evaluate_sets
+from salun_sd.evaluation.config import EvaluateConfig
+from salun_sd.evaluation.suite import ImageSet, Scorers, evaluate_sets
 from salun_sd.sd.tiny import tiny_pipeline
 
 CLASS_CSV = "case_number,prompt,evaluation_seed,class,classidx\n0,Image of tench,4889,tench,0\n1,Image of church,987,church,4\n2,Image of parachute,1945,parachute,9\n"
@@ -24,9 +25,9 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     (root / "classes.csv").write_text(CLASS_CSV)
     tiny_pipeline(seed=1).save_pretrained(root / "erased_model")
-    common = ["--prompts", str(root / "classes.csv"), "--steps", "2", "--images-per-prompt", "2", "--height", "32", "--width", "32"]
-    main(["generate", "--model", "tiny", "--out", str(root / "base"), *common])
-    main(["generate", "--model", str(root / "erased_model"), "--out", str(root / "erased"), *common])
+    common = ["--prompts", str(root / "classes.csv"), "--steps", "2", "--images_per_prompt", "2", "--height", "32", "--width", "32"]
+    main(["generate", "--model", "tiny", "--output_dir", str(root / "base"), *common])
+    main(["generate", "--model", str(root / "erased_model"), "--output_dir", str(root / "erased"), *common])
     return root
 
 
@@ -37,15 +38,15 @@ def test_generate_cli_writes_class_images(folders, capsys):
     # Same name, different model: the images differ.
     a, b = (np.asarray(Image.open(folders / d / names[0])) for d in ("base", "erased"))
     assert a.shape == (32, 32, 3) and np.abs(a.astype(int) - b).max() > 0
-    main(["generate", "--model", "tiny", "--out", str(folders / "base"), "--prompts", str(folders / "classes.csv"),
-          "--steps", "2", "--images-per-prompt", "2", "--height", "32", "--width", "32"])
+    main(["generate", "--model", "tiny", "--output_dir", str(folders / "base"), "--prompts", str(folders / "classes.csv"),
+          "--steps", "2", "--images_per_prompt", "2", "--height", "32", "--width", "32"])
     assert "6 images planned: 6 were already in" in capsys.readouterr().out
 
 
 def test_evaluate_cli_nudenet_report_side_by_side(folders, capsys):
     out = folders / "report"
     main(["evaluate", "--images", str(folders / "base"), "--compare", str(folders / "erased"), "--metrics", "nudenet",
-          "--nudenet-threshold", "0.45", "--grid-pairs", "3", "--out", str(out)])
+          "--nudenet_threshold", "0.45", "--grid_pairs", "3", "--output_dir", str(out)])
     printed = capsys.readouterr().out
     assert "NudeNet nudity rate, % of images (threshold 0.45)" in printed
     report = json.loads((out / "report.json").read_text())
@@ -64,6 +65,24 @@ def test_evaluate_cli_nudenet_report_side_by_side(folders, capsys):
     assert grid.size == (2 * THUMBNAIL + GAP, 3 * THUMBNAIL + 2 * GAP)
 
 
+def test_salun_protocol_from_a_yaml_config_is_recorded_and_reported(folders, tmp_path):
+    """generate and evaluate read YAML configs; the protocol's settings reach the images, the manifest and the report."""
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"model: tiny\nprompts: {folders / 'classes.csv'}\nprotocol: salun\nsteps: 2\nheight: 32\nwidth: 32\nlimit: 1\n")
+    main(["generate", str(config), "--output_dir", str(tmp_path / "images")])
+    (line,) = (tmp_path / "images" / "metadata.jsonl").read_text().splitlines()
+    entry = json.loads(line)
+    assert (entry["scheduler"], entry["protocol"], entry["seeding"], entry["guidance"], entry["dtype"]) == ("LMSDiscreteScheduler", "salun", "per_prompt", 7.5, "float32")
+    assert json.loads((tmp_path / "images" / "manifest.json").read_text())["config"]["protocol"] == "salun"
+    main(["evaluate", "--images", str(tmp_path / "images"), "--metrics", "nudenet", "--protocol", "salun", "--output_dir", str(tmp_path / "report")])
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["settings"]["nudenet_threshold"] == 0.0 and report["settings"]["protocol"] == "salun"
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "- Protocol: salun: official SalUn scripts" in markdown
+    assert "every detection NudeNet reports" in markdown and "scheduler LMSDiscreteScheduler; steps 2" in markdown
+    assert json.loads((tmp_path / "report" / "manifest.json").read_text())["command"] == "evaluate"
+
+
 def test_suite_with_clip_fid_and_ua_scorers(folders):
     """The metrics that need downloaded weights for users, run here with random models through the same suite."""
 
@@ -79,7 +98,7 @@ def test_suite_with_clip_fid_and_ua_scorers(folders):
 
     classifier = ImageClassifier(FirstThreeClasses(), lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1), "rgb-mean")
     scorers = Scorers(clip=random_clip(), features=FeatureExtractor(RandomCNN(), 32, "random-cnn-8"), classifier=classifier)
-    settings = EvalSettings(["clip", "fid", "ua"], reference=folders / "base", forget_class="tench", batch_size=4)
+    settings = EvaluateConfig(metrics=["clip", "fid", "ua"], reference=str(folders / "base"), forget_class="tench", batch_size=4)
     sets = [ImageSet.open("base", folders / "base"), ImageSet.open("erased", folders / "erased")]
     results = evaluate_sets(sets, settings, scorers)
     base, erased = (s["metrics"] for s in results["sets"])
@@ -107,22 +126,27 @@ def _error(capsys, argv) -> str:
 def test_cli_bad_input_is_named(folders, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "holds no images" in _error(capsys, ["evaluate", "--images", str(empty), "--metrics", "nudenet", "--out", str(tmp_path / "r")])
-    assert "does not exist" in _error(capsys, ["evaluate", "--images", str(tmp_path / "nope"), "--metrics", "nudenet", "--out", str(tmp_path / "r")])
+    assert "holds no images" in _error(capsys, ["evaluate", "--images", str(empty), "--metrics", "nudenet", "--output_dir", str(tmp_path / "r")])
+    assert "does not exist" in _error(capsys, ["evaluate", "--images", str(tmp_path / "nope"), "--metrics", "nudenet", "--output_dir", str(tmp_path / "r")])
     base = str(folders / "base")
-    assert "FID needs a reference set" in _error(capsys, ["evaluate", "--images", base, "--metrics", "fid", "--out", str(tmp_path / "r")])
-    err = _error(capsys, ["evaluate", "--images", base, "--metrics", "fid", "--reference", str(tmp_path / "no_ref"), "--out", str(tmp_path / "r")])
+    assert "FID needs a reference set" in _error(capsys, ["evaluate", "--images", base, "--metrics", "fid", "--output_dir", str(tmp_path / "r")])
+    err = _error(capsys, ["evaluate", "--images", base, "--metrics", "fid", "--reference", str(tmp_path / "no_ref"), "--output_dir", str(tmp_path / "r")])
     assert "FID needs a reference set" in err and "no_ref does not exist" in err
-    assert "pass --forget-class" in _error(capsys, ["evaluate", "--images", base, "--metrics", "ua", "--out", str(tmp_path / "r")])
-    assert "unknown metric(s) nudity" in _error(capsys, ["evaluate", "--images", base, "--metrics", "nudity", "--out", str(tmp_path / "r")])
+    assert "pass --forget_class" in _error(capsys, ["evaluate", "--images", base, "--metrics", "ua", "--output_dir", str(tmp_path / "r")])
+    assert "unknown metric(s) nudity" in _error(capsys, ["evaluate", "--images", base, "--metrics", "nudity", "--output_dir", str(tmp_path / "r")])
     assert "--labels names 1 folder(s) but 2" in _error(
-        capsys, ["evaluate", "--images", base, "--compare", base, "--labels", "only", "--out", str(tmp_path / "r")]
+        capsys, ["evaluate", "--images", base, "--compare", base, "--labels", "only", "--output_dir", str(tmp_path / "r")]
+    )
+    assert "unknown protocol 'maze'" in _error(capsys, ["evaluate", "--images", base, "--protocol", "maze", "--output_dir", str(tmp_path / "r")])
+    assert "evaluate needs --output_dir" in _error(capsys, ["evaluate", "--images", base])
+    assert "'Euler' is not a diffusers scheduler class" in _error(
+        capsys, ["generate", "--model", "tiny", "--prompts", str(folders / "classes.csv"), "--scheduler", "Euler", "--output_dir", str(tmp_path / "g")]
     )
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("text\nhello\n")
-    assert "no 'prompt' column" in _error(capsys, ["generate", "--model", "tiny", "--prompts", str(bad_csv), "--out", str(tmp_path / "g")])
+    assert "no 'prompt' column" in _error(capsys, ["generate", "--model", "tiny", "--prompts", str(bad_csv), "--output_dir", str(tmp_path / "g")])
     assert "'categories' column" in _error(
-        capsys, ["generate", "--model", "tiny", "--prompts", str(folders / "classes.csv"), "--category", "sexual", "--out", str(tmp_path / "g")]
+        capsys, ["generate", "--model", "tiny", "--prompts", str(folders / "classes.csv"), "--category", "sexual", "--output_dir", str(tmp_path / "g")]
     )
 
 
@@ -132,14 +156,14 @@ def test_mixed_sizes_and_mismatched_pairs_are_named(folders, tmp_path):
     mixed.mkdir()
     for i, (name, size) in enumerate([("00000_4889_0.png", (32, 32)), ("00000_4890_1.png", (32, 32)), ("00001_987_0.png", (48, 32))]):
         Image.new("RGB", size, (i * 60, 0, 0)).save(mixed / name)
-    settings = EvalSettings(["fid"], reference=folders / "base")
+    settings = EvaluateConfig(metrics=["fid"], reference=str(folders / "base"))
     with pytest.raises(UserError, match=r"mixes image sizes \(32x32: 2 file\(s\), e.g. 00000_4889_0.png; 48x32: 1 file"):
         evaluate_sets([ImageSet.open("odd", mixed)], settings, Scorers(features=cnn))
     with pytest.raises(UserError, match="00001_987_0.png is 32x32 in .* but 48x32 in .*different sizes"):
-        evaluate_sets([ImageSet.open("base", folders / "base"), ImageSet.open("odd", mixed)], EvalSettings(["nudenet"]), Scorers())
+        evaluate_sets([ImageSet.open("base", folders / "base"), ImageSet.open("odd", mixed)], EvaluateConfig(metrics=["nudenet"]), Scorers())
 
 
 def test_clip_needs_prompts_from_generate_metadata(tmp_path):
     Image.new("RGB", (32, 32)).save(tmp_path / "photo.png")
     with pytest.raises(UserError, match="CLIP score needs the prompt of each image, but photo.png .* has no entry in metadata.jsonl"):
-        evaluate_sets([ImageSet.open("photos", tmp_path)], EvalSettings(["clip"]), Scorers(clip=random_clip()))
+        evaluate_sets([ImageSet.open("photos", tmp_path)], EvaluateConfig(metrics=["clip"]), Scorers(clip=random_clip()))

@@ -42,7 +42,7 @@ def load_open_clip(model_name: str = DEFAULT_CLIP_MODEL, pretrained: str = DEFAU
         raise UserError(
             f"could not load CLIP model '{model_name}' with weights '{pretrained}' through open_clip: {err}. "
             "Check the names (`python -c 'import open_clip; print(open_clip.list_pretrained())'`); "
-            "without a network, pass --clip-pretrained a local checkpoint file."
+            "without a network, pass --clip_pretrained a local checkpoint file."
         ) from err
     return ClipScorer(model.eval(), preprocess, tokenizer, f"{model_name}/{pretrained}")
 

@@ -50,7 +50,7 @@ def inception_extractor(weights_path: str | None = None) -> FeatureExtractor:
     except Exception as err:  # the weights are downloaded from GitHub on first use
         raise UserError(
             f"could not load the Inception weights for FID: {err}. Without a network, download "
-            "pt_inception-2015-12-05-6726825d.pth elsewhere and pass it with --inception-weights."
+            "pt_inception-2015-12-05-6726825d.pth elsewhere and pass it with --inception_weights."
         ) from err
     return FeatureExtractor(module, 299, INCEPTION_NAME)
 

@@ -2,6 +2,9 @@
 
 Each image is one job with its own seed and a file name `{case_number:05d}_{seed}_{k}.png`, so the
 base and the erased model's image of the same prompt and seed share a name and can be compared.
+Starting noise is drawn on the CPU in fp32 (the same seed gives the same image on any device): image k
+of a prompt is draw 0 of seed + k (`per_image`), or draw k of the prompt's seed (`per_prompt`, the
+official SalUn scripts' one generator per prompt).
 The plan (every image's prompt and settings) is written to metadata.jsonl before generating; a
 restarted run skips the images already on disk, and under `accelerate launch` each process takes
 its share of what is left.
@@ -21,6 +24,7 @@ from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from salun_sd.errors import UserError
+from salun_sd.evaluation.config import GenerateConfig
 from salun_sd.evaluation.imagefiles import read_metadata, write_metadata
 from salun_sd.evaluation.prompts import PromptRecord
 
@@ -28,23 +32,12 @@ DEFAULT_SEED = 0
 DEFAULT_GUIDANCE = 7.5
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Settings that must agree between a run and the images already in its output folder.
-RUN_KEYS = ("prompt", "guidance", "height", "width", "steps", "model")
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """What each prompt becomes; `seed`, `guidance`, `height`, `width` override the prompt set's own values when set."""
-
-    images_per_prompt: int = 1
-    seed: int | None = None
-    guidance: float | None = None
-    height: int | None = None
-    width: int | None = None
+RUN_KEYS = ("prompt", "guidance", "height", "width", "steps", "model", "scheduler", "seeding")
 
 
 @dataclass(frozen=True)
 class ImageJob:
-    """One image to generate: a prompt, the k-th image of it, with its own seed."""
+    """One image to generate: a prompt, the k-th image of it, and where its starting noise comes from."""
 
     record: PromptRecord
     k: int
@@ -52,12 +45,13 @@ class ImageJob:
     guidance: float
     height: int
     width: int
+    draw: int = 0  # which draw of the generator seeded with `seed` is this image's noise
 
     @property
     def file(self) -> str:
         return f"{self.record.case_number:05d}_{self.seed}_{self.k}.png"
 
-    def metadata(self, steps: int, model: str) -> dict:
+    def metadata(self, run: dict) -> dict:
         r = self.record
         return {
             "file": self.file,
@@ -68,8 +62,7 @@ class ImageJob:
             "guidance": self.guidance,
             "height": self.height,
             "width": self.width,
-            "steps": steps,
-            "model": model,
+            **run,
             "categories": list(r.categories),
             "nudity_percentage": r.nudity_percentage,
             "class": r.class_name,
@@ -90,19 +83,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def plan_jobs(records: Sequence[PromptRecord], settings: GenerationSettings, default_size: tuple[int, int], multiple_of: int = 8) -> list[ImageJob]:
-    """Every image of the run: image k of a prompt uses seed + k, so image 0 matches a plain one-image call."""
-    if settings.images_per_prompt < 1:
-        raise UserError(f"--images-per-prompt must be at least 1, got {settings.images_per_prompt}.")
+def plan_jobs(records: Sequence[PromptRecord], settings: GenerateConfig, default_size: tuple[int, int], multiple_of: int = 8) -> list[ImageJob]:
+    """Every image of the run; image 0 of a prompt matches a plain one-image call with a generator seeded with its seed."""
+    settings.resolve()
     jobs = []
     for r in records:
         seed = _first(settings.seed, r.seed, DEFAULT_SEED)
         height = _first(settings.height, r.height, default_size[0])
         width = _first(settings.width, r.width, default_size[1])
         if height % multiple_of or width % multiple_of:
-            raise UserError(f"case {r.case_number}: image size {width}x{height} is not a multiple of {multiple_of}, which the VAE needs; pass --height/--width.")
+            raise UserError(f"case {r.case_number}: image size {width}x{height} is not a multiple of {multiple_of}, which the VAE needs; pass --height and --width.")
         guidance = float(_first(settings.guidance, r.guidance, DEFAULT_GUIDANCE))
-        jobs.extend(ImageJob(r, k, seed + k, guidance, height, width) for k in range(settings.images_per_prompt))
+        per_prompt = settings.seeding == "per_prompt"
+        jobs.extend(ImageJob(r, k, seed if per_prompt else seed + k, guidance, height, width, k if per_prompt else 0) for k in range(settings.images_per_prompt))
     return jobs
 
 
@@ -110,11 +103,11 @@ def _first(*values):
     return next(v for v in values if v is not None)
 
 
-def record_plan(out: Path, jobs: Sequence[ImageJob], steps: int, model: str) -> None:
+def record_plan(out: Path, jobs: Sequence[ImageJob], run: dict) -> None:
     """Merge this run's plan into metadata.jsonl; refuse to mix runs whose settings differ under one name."""
     entries = read_metadata(out)
     for job in jobs:
-        new = job.metadata(steps, model)
+        new = job.metadata(run)
         old = entries.get(job.file)
         if old is not None:
             changed = [key for key in RUN_KEYS if old.get(key) != new[key]]
@@ -122,7 +115,7 @@ def record_plan(out: Path, jobs: Sequence[ImageJob], steps: int, model: str) -> 
                 key = changed[0]
                 raise UserError(
                     f"{out} already holds {job.file} made with {key}={old.get(key)!r}, but this run uses {key}={new[key]!r}. "
-                    "Resuming must use the same settings; pass a new --out for a different run."
+                    "Resuming must use the same settings; pass a new --output_dir for a different run."
                 )
         entries[job.file] = new
     write_metadata(out, entries.values())
@@ -147,22 +140,24 @@ def save_png(image, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def initial_noise(job: ImageJob, channels: int, scale_factor: int) -> torch.Tensor:
+    """The job's starting latents [C, H/f, W/f]: draw `job.draw` of a CPU generator seeded with `job.seed`, in fp32."""
+    shape = (job.draw + 1, channels, job.height // scale_factor, job.width // scale_factor)
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(job.seed))[job.draw]
+
+
 @torch.inference_mode()
-def generate_images(
-    pipe: StableDiffusionPipeline,
-    jobs: Sequence[ImageJob],
-    out: str | Path,
-    steps: int,
-    model: str,
-    batch_size: int = 4,
-    state: PartialState | None = None,
-) -> GenerationSummary:
-    """Generate the jobs whose files are missing in `out`, split across the processes of `state`."""
+def generate_images(pipe: StableDiffusionPipeline, jobs: Sequence[ImageJob], cfg: GenerateConfig, state: PartialState | None = None) -> GenerationSummary:
+    """Generate the jobs whose files are missing in `cfg.output_dir`, split across the processes of `state`.
+
+    `cfg.model` is recorded as given, so pass a folder by its full path to resume it under any spelling.
+    """
     state = state or PartialState()
-    out = Path(out)
+    out = Path(cfg.output_dir)
+    run = {"steps": cfg.steps, "model": cfg.model, "scheduler": type(pipe.scheduler).__name__, "seeding": cfg.seeding, "protocol": cfg.protocol, "dtype": str(pipe.unet.dtype).removeprefix("torch.")}
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        record_plan(out, jobs, steps, model)
+        record_plan(out, jobs, run)
     state.wait_for_everyone()
     todo = [job for job in jobs if not (out / job.file).exists()]
     state.wait_for_everyone()  # every process must see the same `todo` before any writes a file
@@ -172,16 +167,16 @@ def generate_images(
     with state.split_between_processes(todo) as mine:
         where = f" (process 0 of {state.num_processes})" if state.num_processes > 1 else ""
         progress = tqdm(total=len(mine), desc=f"generate -> {out}{where}", unit="img", disable=not state.is_local_main_process)
-        for batch in batches(mine, batch_size):
+        for batch in batches(mine, cfg.batch_size):
             first = batch[0]
+            noise = torch.stack([initial_noise(job, pipe.unet.config.in_channels, pipe.vae_scale_factor) for job in batch])
             images = pipe(
                 prompt=[job.record.prompt for job in batch],
-                num_inference_steps=steps,
+                num_inference_steps=cfg.steps,
                 guidance_scale=first.guidance,
                 height=first.height,
                 width=first.width,
-                # CPU generators: the same seed gives the same image on any device.
-                generator=[torch.Generator("cpu").manual_seed(job.seed) for job in batch],
+                latents=noise.to(state.device, pipe.unet.dtype),
             ).images
             for job, image in zip(batch, images):
                 save_png(image, out / job.file)

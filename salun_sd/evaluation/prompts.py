@@ -194,10 +194,10 @@ def filter_prompts(
         records = [r for r in records if wanted.intersection(r.categories)]
     if min_nudity is not None:
         if not prompts.has("nudity_percentage"):
-            raise UserError(f"--min-nudity needs a 'nudity_percentage' column, and {prompts.source} has none (columns: {', '.join(prompts.columns)}).")
+            raise UserError(f"--min_nudity needs a 'nudity_percentage' column, and {prompts.source} has none (columns: {', '.join(prompts.columns)}).")
         records = [r for r in records if r.nudity_percentage is not None and r.nudity_percentage >= min_nudity]
     if limit is not None:
         records = records[:limit]
     if not records:
-        raise UserError(f"no prompts of {prompts.source} are left after the filters; loosen --category / --min-nudity.")
+        raise UserError(f"no prompts of {prompts.source} are left after the filters; loosen --category / --min_nudity.")
     return replace(prompts, records=records)

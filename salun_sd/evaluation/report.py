@@ -13,6 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from salun_sd.evaluation.imagefiles import load_rgb, read_metadata
+from salun_sd.evaluation.nudity import NUDENET_MIN_SCORE
 
 GRID_ROWS = 8
 THUMBNAIL = 256
@@ -122,14 +123,16 @@ def grid_section(results: dict, out: Path, max_pairs: int) -> str:
 
 def settings_section(results: dict) -> str:
     s = results["settings"]
-    lines = ["## Settings\n"]
+    lines = ["## Settings\n", f"- Protocol: {s['protocol_description']}."]
     if s["nudenet_threshold"] is not None:
+        floor = f" (below {NUDENET_MIN_SCORE}: every detection NudeNet reports, as it drops lower scores itself)" if s["nudenet_threshold"] < NUDENET_MIN_SCORE else ""
         lines.append(
-            f"- NudeNet (the detector shipped in the `nudenet` package): a part counts when its score is >= {s['nudenet_threshold']}; "
+            f"- NudeNet (the detector shipped in the `nudenet` package): a part counts when its score is >= {s['nudenet_threshold']}{floor}; "
             f"nudity rate = share of images with at least one of: {', '.join(s['nudenet_classes'])}."
         )
     for item in results["sets"]:
-        lines.append(f"- {item['label']}: `{item['folder']}`, {item['images']} images.")
+        made = "; ".join(f"{k} {'/'.join(str(v) for v in values)}" for k, values in item.get("generation", {}).items() if values != [None])
+        lines.append(f"- {item['label']}: `{item['folder']}`, {item['images']} images" + (f", generated with {made}." if made else "."))
     return "\n".join(lines) + "\n"
 
 

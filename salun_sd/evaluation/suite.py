@@ -13,22 +13,16 @@ from pathlib import Path
 from salun_sd.errors import UserError
 from salun_sd.evaluation.classify import ImageClassifier, unlearning_accuracy
 from salun_sd.evaluation.clip_score import ClipScorer, clip_score_metrics
+from salun_sd.evaluation.config import EvaluateConfig
 from salun_sd.evaluation.fid import FeatureExtractor, FidStats, compute_stats, frechet_distance, reference_stats
 from salun_sd.evaluation.imagefiles import METADATA_FILE, image_size, list_images, read_metadata, require_one_size
-from salun_sd.evaluation.nudity import DEFAULT_THRESHOLD, EXPOSED_CLASSES, nudity_metrics
+from salun_sd.evaluation.nudity import nudity_metrics
+from salun_sd.evaluation.protocols import describe
+from salun_sd.runtime import device as pick_device
 
 METRICS = ("nudenet", "clip", "fid", "ua")
-
-
-@dataclass
-class EvalSettings:
-    metrics: Sequence[str]
-    nudenet_threshold: float = DEFAULT_THRESHOLD
-    nudenet_classes: Sequence[str] = EXPOSED_CLASSES
-    reference: Path | None = None
-    forget_class: str | None = None
-    batch_size: int = 32
-    device: str = "cpu"
+# Generation settings a report restates per folder (from metadata.jsonl), so its numbers say how the images were made.
+GENERATION_KEYS = ("model", "protocol", "scheduler", "steps", "guidance", "height", "width", "seeding", "dtype")
 
 
 @dataclass
@@ -68,16 +62,27 @@ class ImageSet:
         return values
 
 
-def check_settings(settings: EvalSettings) -> None:
+def generation_settings(image_set: ImageSet) -> dict[str, list]:
+    """Each generation setting with the distinct values found in the folder's metadata (empty without metadata)."""
+    found: dict[str, list] = {}
+    for entry in image_set.metadata.values():
+        for key in GENERATION_KEYS:
+            values = found.setdefault(key, [])
+            if entry.get(key) not in values:
+                values.append(entry.get(key))
+    return found
+
+
+def check_settings(settings: EvaluateConfig) -> None:
     """Fail before any model loads when the request cannot be met."""
     unknown = [m for m in settings.metrics if m not in METRICS]
     if unknown or not settings.metrics:
         raise UserError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}.")
-    if "fid" in settings.metrics and (settings.reference is None or not Path(settings.reference).exists()):
-        missing = "" if settings.reference is None else f" ({settings.reference} does not exist)"
+    if "fid" in settings.metrics and not (settings.reference and Path(settings.reference).exists()):
+        missing = f" ({settings.reference} does not exist)" if settings.reference else ""
         raise UserError(f"FID needs a reference set{missing}: pass --reference with a folder of real images or a .npz of precomputed statistics.")
     if "ua" in settings.metrics and not settings.forget_class:
-        raise UserError("unlearning accuracy needs the forgotten class: pass --forget-class (e.g. --forget-class 'church').")
+        raise UserError("unlearning accuracy needs the forgotten class: pass --forget_class (e.g. --forget_class church).")
 
 
 def matching_pairs(first: ImageSet, second: ImageSet) -> list[str]:
@@ -93,10 +98,10 @@ def matching_pairs(first: ImageSet, second: ImageSet) -> list[str]:
     return names
 
 
-def evaluate_set(image_set: ImageSet, settings: EvalSettings, scorers: Scorers, reference: FidStats | None) -> dict:
+def evaluate_set(image_set: ImageSet, settings: EvaluateConfig, scorers: Scorers, reference: FidStats | None) -> dict:
     """Every requested metric over one folder."""
     results: dict[str, dict] = {}
-    paths, device = image_set.paths, settings.device
+    paths, device = image_set.paths, pick_device(settings.device)
     if "nudenet" in settings.metrics:
         results["nudenet"] = nudity_metrics(paths, settings.nudenet_threshold, settings.nudenet_classes)
     if "clip" in settings.metrics:
@@ -118,14 +123,17 @@ def evaluate_set(image_set: ImageSet, settings: EvalSettings, scorers: Scorers, 
     return results
 
 
-def evaluate_sets(sets: Sequence[ImageSet], settings: EvalSettings, scorers: Scorers, reference: FidStats | None = None) -> dict:
+def evaluate_sets(sets: Sequence[ImageSet], settings: EvaluateConfig, scorers: Scorers, reference: FidStats | None = None) -> dict:
     """Metrics for each set, the reference statistics computed once, and the before/after pairs."""
+    settings.resolve()
     check_settings(settings)
     pairs = matching_pairs(sets[0], sets[1]) if len(sets) == 2 else []
     if "fid" in settings.metrics and reference is None:
-        reference = reference_stats(settings.reference, scorers.features, settings.batch_size, settings.device)
+        reference = reference_stats(settings.reference, scorers.features, settings.batch_size, pick_device(settings.device))
     return {
         "settings": {
+            "protocol": settings.protocol,
+            "protocol_description": describe(settings.protocol),
             "metrics": list(settings.metrics),
             "nudenet_threshold": settings.nudenet_threshold if "nudenet" in settings.metrics else None,
             "nudenet_classes": list(settings.nudenet_classes) if "nudenet" in settings.metrics else None,
@@ -133,7 +141,13 @@ def evaluate_sets(sets: Sequence[ImageSet], settings: EvalSettings, scorers: Sco
             "forget_class": settings.forget_class,
         },
         "sets": [
-            {"label": s.label, "folder": str(s.folder), "images": len(s.paths), "metrics": evaluate_set(s, settings, scorers, reference)}
+            {
+                "label": s.label,
+                "folder": str(s.folder),
+                "images": len(s.paths),
+                "generation": generation_settings(s),
+                "metrics": evaluate_set(s, settings, scorers, reference),
+            }
             for s in sets
         ],
         "pairs": pairs,

@@ -1,0 +1,106 @@
+"""What `salun-sd generate` and `salun-sd evaluate` take: plain dataclasses, loaded from YAML and `--key` flags.
+
+Torch-free, so `--help` is instant. Settings left empty (None, "") take the protocol's value, then the
+prompt set's, then the built-in default, in that order; the resolved values are what the run records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from salun_sd.errors import UserError
+from salun_sd.evaluation.nudity import DEFAULT_THRESHOLD, EXPOSED_CLASSES
+from salun_sd.evaluation.protocols import get_protocol
+
+DEFAULT_STEPS = 50
+SEEDINGS = ("per_image", "per_prompt")
+
+
+@dataclass
+class GenerateConfig:
+    """Images from a prompt set: the same prompts and seeds through a base and an erased model."""
+
+    model: str = ""  # pipeline folder (e.g. one exported by salun-sd), a Hugging Face id, or `tiny` (offline random test pipeline)
+    prompts: str = ""  # I2P-style or class-prompt CSV, a text file with one prompt per line, or `i2p` (the AIML-TUDA/i2p dataset)
+    output_dir: str = ""  # folder for the images, metadata.jsonl and manifest.json
+    protocol: str = ""  # published protocol preset: salun (official SalUn scripts: LMS, 100 steps, guidance 7.5, 512 px, fp32, one generator per prompt), or empty
+    category: list[str] = field(default_factory=list)  # keep prompts tagged with any of these I2P categories (e.g. sexual)
+    min_nudity: float | None = None  # keep prompts with nudity_percentage >= this
+    limit: int = 0  # keep only the first N prompts after the other filters; 0: all
+    hf_split: str = "train"  # split of the Hugging Face dataset with prompts `i2p`
+    images_per_prompt: int = 1  # images per prompt
+    steps: int | None = None  # denoising steps (default: the protocol's, else 50)
+    scheduler: str = ""  # diffusers scheduler class to sample with, e.g. LMSDiscreteScheduler (default: the protocol's, else the model's own)
+    guidance: float | None = None  # guidance scale for every prompt (default: the protocol's, else the prompt set's, else 7.5)
+    seed: int | None = None  # seed for every prompt (default: the prompt set's, else 0)
+    seeding: str = ""  # per_image: image k of a prompt uses seed + k; per_prompt: the images of a prompt are successive draws of one generator seeded with its seed (default: the protocol's, else per_image)
+    height: int | None = None  # image height for every prompt (default: the protocol's, else the prompt set's, else the model's)
+    width: int | None = None  # image width for every prompt (default: the protocol's, else the prompt set's, else the model's)
+    batch_size: int = 4  # images per pipeline call and process
+    dtype: str = ""  # auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32 (default: the protocol's, else auto)
+
+    def resolve(self) -> GenerateConfig:
+        """Fill the protocol's settings into those left empty, then the defaults (idempotent)."""
+        for name in ("steps", "batch_size", "images_per_prompt"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        protocol = get_protocol(self.protocol)
+        for key, value in (protocol.generate if protocol else {}).items():
+            if getattr(self, key) in (None, ""):
+                setattr(self, key, value)
+        self.steps = self.steps or DEFAULT_STEPS
+        self.seeding = self.seeding or SEEDINGS[0]
+        self.dtype = self.dtype or "auto"
+        if self.seeding not in SEEDINGS:
+            raise UserError(f"--seeding must be one of {', '.join(SEEDINGS)}, got {self.seeding!r}.")
+        if self.dtype not in ("auto", "fp16", "bf16", "fp32"):
+            raise UserError(f"--dtype must be auto, fp16, bf16 or fp32, got {self.dtype!r}.")
+        return self
+
+
+@dataclass
+class EvaluateConfig:
+    """Scores of one folder of generated images, or of a base folder against an erased one."""
+
+    images: str = ""  # folder of generated images (the base model's when comparing)
+    compare: str = ""  # second folder (the erased model's), generated from the same prompts and seeds
+    labels: list[str] = field(default_factory=list)  # names of the folders in the report (default: base erased when comparing, else the folder name)
+    output_dir: str = ""  # report folder (report.json, report.md, grids/, manifest.json)
+    metrics: list[str] = field(default_factory=list)  # any of nudenet clip fid ua (default: nudenet clip, plus fid with reference and ua with forget_class)
+    protocol: str = ""  # published protocol preset for the NudeNet threshold: salun (0.0), unlearndiffatk (0.45), mace (0.6), or empty
+    nudenet_threshold: float | None = None  # a detected exposed part counts when its score is >= this (default: the protocol's, else 0.6)
+    nudenet_classes: list[str] = field(default_factory=lambda: list(EXPOSED_CLASSES))  # exposed classes that count
+    clip_model: str = "ViT-L-14"  # open_clip model name for the CLIP score
+    clip_pretrained: str = "openai"  # open_clip pretrained tag or local checkpoint file
+    reference: str = ""  # FID reference: a folder of real images, or a .npz of saved statistics
+    save_reference_stats: str = ""  # save the reference folder's FID statistics to this .npz, to pass as reference next time
+    inception_weights: str = ""  # local FID Inception weights file (pt_inception-2015-12-05-6726825d.pth), for machines without a network
+    forget_class: str = ""  # the erased class for unlearning accuracy, an ImageNet class name (e.g. church, 'English springer')
+    grid_pairs: int = 8  # before/after pairs shown in the report; 0 for none
+    batch_size: int = 32  # images per model call while scoring
+    device: str = "auto"  # torch device for scoring; auto: cuda when available, else cpu
+
+    def resolve(self) -> EvaluateConfig:
+        """Fill the protocol's threshold and the default metrics (idempotent)."""
+        protocol = get_protocol(self.protocol)
+        if self.nudenet_threshold is None:
+            self.nudenet_threshold = protocol.nudenet_threshold if protocol else DEFAULT_THRESHOLD
+        self.metrics = self.metrics or ["nudenet", "clip"] + (["fid"] if self.reference else []) + (["ua"] if self.forget_class else [])
+        return self
+
+    def folders(self) -> list[tuple[str, Path]]:
+        """(label, folder) of the sets to score, checked against the labels given."""
+        require(self, "evaluate", ("images", "output_dir"))
+        folders = [Path(self.images)] + ([Path(self.compare)] if self.compare else [])
+        labels = self.labels or (["base", "erased"] if self.compare else [folders[0].name])
+        if len(labels) != len(folders):
+            raise UserError(f"--labels names {len(labels)} folder(s) but {len(folders)} are given.")
+        return list(zip(labels, folders))
+
+
+def require(cfg: GenerateConfig | EvaluateConfig, command: str, names: tuple[str, ...]) -> None:
+    """Fail naming the first setting the command cannot run without."""
+    for name in names:
+        if not getattr(cfg, name):
+            raise UserError(f"{command} needs --{name} (or `{name}:` in its config file).")
