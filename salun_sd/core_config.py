@@ -9,6 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+# Names a config may use; each denoiser says what they mean on its network (Denoiser.scopes, set_attention).
+SCOPES = ("all", "xattn", "noxattn")
+ATTENTION = ("sdpa", "eager", "xformers")
+
 
 @dataclass
 class MaskConfig:

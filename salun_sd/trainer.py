@@ -22,21 +22,14 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from salun_sd.core_config import TrainConfig
+from salun_sd.core_config import ATTENTION, SCOPES, TrainConfig
 from salun_sd.denoiser import ConceptData, Denoiser
 from salun_sd.draws import draw_batch
 from salun_sd.errors import UserError
-from salun_sd.objectives import get_method
+from salun_sd.objectives import Method, get_method
 from salun_sd.saliency import Mask
 
-TRAINABLE_SCOPES = {
-    "all": lambda name: True,
-    "xattn": lambda name: ".attn2." in name,  # cross-attention of diffusers' transformer blocks
-    # ESD-u's "noxattn": all but cross-attention, the time embedding and the output layer (ESD code: out., time_embed)
-    "noxattn": lambda name: ".attn2." not in name and not name.startswith(("time_embedding.", "conv_norm_out.", "conv_out.")),
-}
 OPTIMIZERS = ("adam", "adam_fused", "adam8bit")
-ATTENTION = ("sdpa", "eager", "xformers")
 
 
 class TrainingDiverged(UserError):
@@ -51,38 +44,28 @@ def trainable_scope(cfg: TrainConfig) -> str:
     return fixed or cfg.trainable
 
 
-def select_trainable(model: nn.Module, scope: str, mask: Mask | None) -> dict[str, nn.Parameter]:
+def check_train_config(cfg: TrainConfig) -> Method:
+    """Every check of the training settings that needs no model, so a bad value fails before loading; returns the method."""
+    method = get_method(cfg.method)
+    for key, value, allowed in (("trainable", cfg.trainable, SCOPES), ("attention", cfg.attention, ATTENTION), ("optimizer", cfg.optimizer, OPTIMIZERS)):
+        if value not in allowed:
+            raise UserError(f"train.{key} must be one of {', '.join(allowed)}, got {value!r}")
+    trainable_scope(cfg)
+    return method
+
+
+def select_trainable(den: Denoiser, scope: str, mask: Mask | None) -> dict[str, nn.Parameter]:
     """Set requires_grad on the weights that may change: in scope and (with a mask) masked in somewhere."""
-    if scope not in TRAINABLE_SCOPES:
-        raise UserError(f"trainable must be one of {sorted(TRAINABLE_SCOPES)}, got {scope!r}")
+    in_scope = den.scope(scope)
     chosen = {}
-    for name, p in model.named_parameters():
-        keep = TRAINABLE_SCOPES[scope](name) and (mask is None or (name in mask and bool(mask[name].any())))
+    for name, p in den.model.named_parameters():
+        keep = in_scope(name) and (mask is None or (name in mask and bool(mask[name].any())))
         p.requires_grad_(keep)
         if keep:
             chosen[name] = p
     if not chosen:
-        raise UserError(f"no weight of {type(model).__name__} is in scope {scope!r}{' and this mask' if mask is not None else ''}")
+        raise UserError(f"no weight of {den.family} is in scope {scope!r}{' and this mask' if mask is not None else ''}")
     return chosen
-
-
-def set_attention(model: nn.Module, kind: str) -> None:
-    """Choose the attention kernel; the math is the same, speed and memory are not."""
-    if kind not in ATTENTION:
-        raise UserError(f"attention must be one of {', '.join(ATTENTION)}, got {kind!r}")
-    if not hasattr(model, "set_attn_processor"):
-        if kind != "sdpa":
-            raise UserError(f"train.attention={kind} needs a diffusers model with attention processors, not {type(model).__name__}")
-        return
-    if kind == "xformers":
-        try:
-            model.enable_xformers_memory_efficient_attention()
-        except (ImportError, ValueError) as err:
-            raise UserError(f"train.attention=xformers is unavailable here ({err}); it needs CUDA and pip install 'salun-sd[xformers]'") from None
-        return
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
-    model.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -130,15 +113,15 @@ def unlearn(
 
     on_step(step, logged values) is called after each optimizer step (the benchmark times steps with it).
     """
-    method = get_method(cfg.method)
+    method = check_train_config(cfg)
     if method.uses_mask and mask is None:
         raise UserError(f"method {cfg.method!r} needs a saliency mask: run `salun-sd mask` first or pass mask.path")
     mask = mask if method.uses_mask else None
     model = den.model
-    params = select_trainable(model, trainable_scope(cfg), mask)
+    params = select_trainable(den, trainable_scope(cfg), mask)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    set_attention(model, cfg.attention)
+    den.set_attention(cfg.attention)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     frozen = copy.deepcopy(model).requires_grad_(False).eval().to(accelerator.device) if method.needs_frozen else None  # the original, for ESD's target

@@ -21,9 +21,10 @@ from salun_sd.objectives import Batch, esd_loss, per_example_mse
 from salun_sd.sd.adapter import TextConditionedDenoiser
 from salun_sd.sd.attention import concept_token_mask, cross_attention_layers, recording
 from salun_sd.sd.config import DataConfig, EraseConfig, ImageGroup
-from salun_sd.sd.erase import check_config
+from salun_sd.erase_flow import check_config
+from salun_sd.sd.erase import SDErase
 from salun_sd.sd.tiny import tiny_pipeline
-from salun_sd.trainer import TRAINABLE_SCOPES, unlearn
+from salun_sd.trainer import unlearn
 
 METHOD_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "methods").glob("*.yaml"))
 PROMPTS = ["", FORGET, REMAIN]
@@ -98,8 +99,8 @@ def train(pipe, tmp_path: Path, method: str, steps: int = 3, **cfg) -> tuple[Tex
 
 @pytest.mark.parametrize(("method", "scope", "extra"), [("esd_x", "xattn", {}), ("esd_u", "noxattn", {}), ("fmn", "xattn", {"trainable": "xattn"})])
 def test_each_baseline_changes_only_its_scope(pipe, tmp_path, method, scope, extra):
-    _, before, after = train(pipe, tmp_path, method, **extra)
-    inside = [n for n in before if TRAINABLE_SCOPES[scope](n)]
+    den, before, after = train(pipe, tmp_path, method, **extra)
+    inside = [n for n in before if den.scope(scope)(n)]
     assert inside and len(inside) < len(before)
     for name in before:
         if name not in inside:
@@ -130,7 +131,7 @@ def test_a_scope_that_contradicts_the_method_is_refused(pipe, tmp_path):
 @pytest.mark.parametrize("path", METHOD_CONFIGS, ids=lambda p: p.name)
 def test_each_method_config_passes_the_checks_and_names_its_method(path):
     cfg = load_yaml(EraseConfig, path)
-    assert check_config(cfg) and cfg.train.method == path.stem
+    assert check_config(SDErase(cfg)) and cfg.train.method == path.stem
 
 
 def test_method_configs_state_the_usual_defaults():
@@ -154,7 +155,7 @@ def test_method_requirements_are_checked_before_loading(tmp_path, changes, messa
     if "remain" in changes:
         cfg.data.remain = changes["remain"]
     with pytest.raises(UserError, match=message):
-        check_config(cfg)
+        check_config(SDErase(cfg))
 
 
 def test_cli_method_shorthand_runs_esd_u_without_a_remain_set_or_mask(tmp_path, data_cache):

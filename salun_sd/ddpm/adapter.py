@@ -10,6 +10,8 @@ from salun_sd.denoiser import Denoiser
 
 
 class ClassConditionedDenoiser(Denoiser):
+    family = "the class-conditional DDPM UNet"  # only scope "all" (no cross-attention) and its own attention kernel
+
     def __init__(self, unet: UNet2DModel, noise_scheduler: DDPMScheduler) -> None:
         super().__init__(unet, noise_scheduler, null_cond=unet.config.num_class_embeds - 1)
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from salun_sd.config import add_config_flags, apply_config_flags, load_yaml, to_dict
-from salun_sd.ddpm.config import DDPMConfig, claim_output
+from salun_sd.ddpm.config import DDPMConfig
 from salun_sd.errors import UserError
 from salun_sd.manifest import manifest, write_manifest
 from salun_sd.runtime import device, finish, make_accelerator
@@ -34,11 +34,12 @@ def run_train(args: argparse.Namespace, exclude_class: int = -1) -> None:
     """Base training, or with exclude_class: Retrain, the same recipe without that class's images."""
     from salun_sd.ddpm.data import load_split
     from salun_sd.ddpm.train import train_base
+    from salun_sd.erase_flow import claim_run_folder
 
     cfg = load_config(args)
     out = Path(args.output) if args.output else cfg.retrain_dir() if exclude_class >= 0 else cfg.base_dir()
     accelerator = make_accelerator(cfg.mixed_precision)
-    claim_output(out, [out / "unet"], cfg.overwrite, bool(cfg.train.resume_from_checkpoint), accelerator)
+    claim_run_folder(out, [out / "unet"], cfg.overwrite, bool(cfg.train.resume_from_checkpoint), accelerator, "train")
     data = load_split(cfg.data, "train", exclude_class)
     command = "ddpm retrain" if exclude_class >= 0 else "ddpm train"
     extra = {"exclude_class": exclude_class, "train_examples": len(data), "num_processes": accelerator.num_processes}
@@ -122,7 +123,7 @@ COMMANDS = {
     "retrain": (run_retrain, "Retrain, the gold standard: train from scratch without forget_class (writes WORK_DIR/retrain-class<k>)"),
     "classifier": (run_classifier, "train the classifier that scores UA, remaining accuracy and offline FID (writes WORK_DIR/classifier)"),
     "mask": (lambda args: run_forget(args, ("mask",)), "saliency mask of forget_class on the base model (writes WORK_DIR/<method>-class<k>/mask.safetensors)"),
-    "erase": (lambda args: run_forget(args, ("erase",)), "masked unlearning of forget_class (computes the mask if missing; writes WORK_DIR/<method>-class<k>)"),
+    "erase": (lambda args: run_forget(args, ("erase",)), "masked unlearning of forget_class under the mask of `ddpm mask` (writes WORK_DIR/<method>-class<k>)"),
     "sample": (run_sample, "draw guided samples per class (writes MODEL/samples/grid.png and samples.safetensors)"),
     "evaluate": (run_evaluate, "UA, remaining-class accuracy and FID of one or more models (writes MODEL/eval.json)"),
 }

@@ -10,16 +10,11 @@ Each model folder gets samples/ from `ddpm sample` and eval.json from `ddpm eval
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from salun_sd.core_config import MaskConfig, TrainConfig
 from salun_sd.errors import UserError
-
-if TYPE_CHECKING:
-    from accelerate import Accelerator
 
 
 @dataclass
@@ -141,23 +136,3 @@ class DDPMConfig:
 
     def classifier_dir(self) -> Path:
         return Path(self.work_dir) / "classifier"
-
-
-def claim_output(out: Path, products: list[Path], overwrite: bool, resuming: bool, accelerator: Accelerator) -> None:
-    """Refuse to clobber `products` or an earlier run's checkpoints unless overwrite; a fresh run drops old checkpoints.
-
-    Pass products=[] with resuming=True for steps that neither train nor checkpoint.
-    """
-    from salun_sd.trainer import list_checkpoints  # torch loads only when a command runs
-
-    blocking = [*products, *([] if resuming else list_checkpoints(out / "checkpoints")[:1])]
-    existing = [p for p in blocking if p.exists()]
-    if existing and not overwrite:
-        hint = "; or --train.resume_from_checkpoint latest / --unlearn.resume_from_checkpoint latest to continue" if "checkpoints" in existing[0].parts else ""
-        raise UserError(f"{existing[0]} already exists: pass --overwrite to replace it{hint}")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if overwrite and not resuming:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a fresh run must not resume from the old one
-        out.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()

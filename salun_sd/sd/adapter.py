@@ -7,14 +7,25 @@ from __future__ import annotations
 
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from torch import nn
 
 from salun_sd.denoiser import Denoiser
 from salun_sd.errors import UserError
 from salun_sd.sd.attention import concept_token_mask, recording
 
+# The time conditioning and the output layers: ESD-u leaves them out (ESD code: time_embed, out.).
+UNET_TIME_AND_OUTPUT = ("time_embedding.", "add_embedding.", "conv_norm_out.", "conv_out.")
+
 
 class TextConditionedDenoiser(Denoiser):
+    scopes = {
+        "all": lambda name: True,
+        "xattn": lambda name: ".attn2." in name,  # cross-attention of the UNet's transformer blocks
+        "noxattn": lambda name: ".attn2." not in name and not name.startswith(UNET_TIME_AND_OUTPUT),  # ESD-u
+    }
+    family = "the Stable Diffusion UNet"
+
     def __init__(self, unet: nn.Module, noise_scheduler, prompts: list[str], embeddings: torch.Tensor, concept_tokens: torch.Tensor | None = None) -> None:
         super().__init__(unet, noise_scheduler, null_cond=prompts.index(""))
         self.prompts = prompts
@@ -23,6 +34,16 @@ class TextConditionedDenoiser(Denoiser):
 
     def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return model(x_t, t, encoder_hidden_states=self.embeddings[cond]).sample
+
+    def set_attention(self, kind: str) -> None:
+        """sdpa: torch's fused kernels; eager: materialised softmax, as the official code; xformers: CUDA only."""
+        if kind == "xformers":
+            try:
+                self.model.enable_xformers_memory_efficient_attention()
+            except (ImportError, ValueError) as err:
+                raise UserError(f"train.attention=xformers is unavailable here ({err}); it needs CUDA and pip install 'salun-sd[xformers]'") from None
+            return
+        self.model.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
 
     def concept_attention(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Per example, the norm of the cross-attention probabilities on its prompt's concept tokens."""

@@ -137,7 +137,8 @@ def stats(features: np.ndarray) -> FidStats:
 def run_case(cfg: CompareConfig, case: Case, out: Path, log=print) -> list[dict]:
     """Base row plus one row per method; each erased model is evaluated on the same prompts and seeds."""
     from salun_sd.runtime import make_accelerator
-    from salun_sd.sd.erase import erase, prepare
+    from salun_sd.objectives import get_method
+    from salun_sd.sd.erase import SDErase, erase
 
     spec = WorldSpec()
     classifier = load_classifier()
@@ -145,7 +146,7 @@ def run_case(cfg: CompareConfig, case: Case, out: Path, log=print) -> list[dict]
     base_stats = stats(base["remain_features"])
     rows = [{"method": "base", "UA": base["UA"], "remaining_acc": base["remaining_acc"], "FD": 0.0, "seconds": 0.0, "images": base["images"], "texts": base["texts"]}]
     accelerator = make_accelerator("no")
-    prepare(erase_config(cfg, case, "salun", out, spec), accelerator)  # generate and cache D_f, D_r once, outside the timings
+    SDErase(erase_config(cfg, case, "salun", out, spec)).load(accelerator, get_method("salun"))  # generate and cache D_f, D_r once, outside the timings
     for method in cfg.methods:
         ecfg = erase_config(cfg, case, method, out, spec)
         start = time.time()

@@ -1,0 +1,148 @@
+"""The one erase every model family runs, top to bottom: check → claim the run folder → load → mask → unlearn → export.
+
+A family (Stable Diffusion and its successors, the class-conditional DDPM) supplies an EraseJob: its
+settings, how to load its denoiser and data, and how to write the erased model. Everything else —
+which files a run may replace, where the mask comes from, the seed of the mask's noise — is decided
+here once, so the families cannot drift apart.
+
+Run folder layout (`out`):
+    manifest.json          resolved config, versions, git revision
+    mask.safetensors       the saliency mask used (plus mask-<fraction>.safetensors for extra fractions)
+    checkpoints/           resumable training state (train.checkpointing_steps)
+    <job.product>/         the erased model
+"""
+
+from __future__ import annotations
+
+import shutil
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from torch import nn
+
+from salun_sd.config import to_dict
+from salun_sd.core_config import MaskConfig, TrainConfig
+from salun_sd.denoiser import ConceptData, Denoiser
+from salun_sd.errors import UserError
+from salun_sd.manifest import manifest, write_manifest
+from salun_sd.objectives import Method
+from salun_sd.saliency import Mask, load_mask, make_masks, mask_path
+from salun_sd.trainer import check_train_config, list_checkpoints, unlearn
+
+
+@dataclass
+class Loaded:
+    """What an erase trains on: the denoiser, D_f, D_r (None when the method has no use for it) and the c' ids."""
+
+    den: Denoiser
+    forget: ConceptData
+    remain: ConceptData | None
+    misaligned: list[int]
+
+
+class EraseJob(ABC):
+    """One family's part of an erase: its settings, its model and data, and the erased model's format."""
+
+    config: Any  # the whole config dataclass, for the manifest
+    train: TrainConfig
+    mask: MaskConfig
+    out: Path  # the run folder
+    overwrite: bool
+    model_name: str  # the base model, as the user named it
+    product: str  # the folder under `out` that the export writes
+    command: str  # the CLI prefix of the family's commands ("salun-sd", "salun-sd ddpm"), for hints
+    train_flag: str  # the config section of `train` ("train", "unlearn"), for hints
+
+    @abstractmethod
+    def check(self, method: Method) -> None:
+        """The family's own checks that need no model (data sources, class ids, ...)."""
+
+    @abstractmethod
+    def load(self, accelerator: Accelerator, method: Method) -> Loaded:
+        """The base model as a denoiser, and the data the method uses."""
+
+    @abstractmethod
+    def export(self, model: nn.Module, mask: Mask | None, num_processes: int) -> Path:
+        """Write the erased model to out/product (main process only)."""
+
+
+def check_config(job: EraseJob) -> Method:
+    """Every check that needs no model, so a bad config fails before minutes of loading; returns the method."""
+    method = check_train_config(job.train)
+    if job.mask.scope not in ("global", "per_layer"):
+        raise UserError(f"mask.scope must be 'global' or 'per_layer', got {job.mask.scope!r}")
+    job.check(method)
+    return method
+
+
+def uses_mask(method: Method, steps: tuple[str, ...]) -> bool:
+    """The mask step always makes one; an erase only uses one for a method that trains under a mask (SalUn)."""
+    return "erase" not in steps or method.uses_mask
+
+
+def claim_run_folder(out: Path, products: list[Path], overwrite: bool, resuming: bool, accelerator: Accelerator, resume_flag: str) -> Path:
+    """Refuse to clobber `products` or an earlier run's checkpoints unless overwrite, which removes them first.
+
+    A resumed run (or a step that does not train) keeps the checkpoints.
+    """
+    blocking = [*products, *([] if resuming else list_checkpoints(out / "checkpoints")[:1])]
+    existing = [p for p in blocking if p.exists()]
+    if existing and not overwrite:
+        hint = f"; or --{resume_flag}.resume_from_checkpoint latest to continue the interrupted run" if "checkpoints" in existing[0].parts else ""
+        raise UserError(f"{existing[0]} already exists: pass --overwrite to replace it{hint}")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for p in existing:
+            shutil.rmtree(p.parent if p.parent.name == "checkpoints" else p) if p.is_dir() else p.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def resolve_mask(job: EraseJob, loaded: Loaded, method: Method, steps: tuple[str, ...], accelerator: Accelerator) -> Mask | None:
+    """The mask to train under: mask.path, else made now (mask step), else the one an earlier mask step left in the run folder.
+
+    Its noise is drawn from train.seed, the run's seed, whichever family runs it.
+    """
+    if not uses_mask(method, steps):
+        return None  # the baselines train without a saliency mask
+    den = loaded.den
+    if job.mask.path:
+        return load_mask(job.mask.path, den.model)
+    here = mask_path(job.out)
+    if "mask" in steps and not here.exists():
+        info = {"model": job.model_name, "trainable": job.train.trainable}
+        return make_masks(den, loaded.forget, accelerator, job.mask, job.out, job.train.seed, den.scope(job.train.trainable), info)
+    if not here.exists():
+        raise UserError(f"method {job.train.method} trains under a saliency mask and {here} does not exist: run `{job.command} mask` first, or set mask.path")
+    return load_mask(here, den.model)
+
+
+def erase(job: EraseJob, accelerator: Accelerator, steps: tuple[str, ...] = ("mask", "erase")) -> Path:
+    """Run the requested steps ("mask", "erase" or both) of one erase; returns the run folder."""
+    method = check_config(job)
+    training = "erase" in steps
+    resuming = bool(job.train.resume_from_checkpoint)
+    products = [mask_path(job.out)] if "mask" in steps and uses_mask(method, steps) and not resuming else []
+    products += [job.out / job.product] if training else []
+    claim_run_folder(job.out, products, job.overwrite, resuming or not training, accelerator, job.train_flag)
+    if accelerator.is_main_process:
+        info = manifest(to_dict(job.config), "+".join(steps), base_model=job.model_name, num_processes=accelerator.num_processes)
+        write_manifest(job.out / "manifest.json", info)
+
+    loaded = job.load(accelerator, method)
+    remain = len(loaded.remain) if loaded.remain is not None else "not used"
+    accelerator.print(f"forget set: {len(loaded.forget)} examples, remain set: {remain}, method: {job.train.method}")
+    mask = resolve_mask(job, loaded, method, steps, accelerator)
+    if not training:
+        return job.out
+
+    model = unlearn(loaded.den, loaded.forget, loaded.remain, loaded.misaligned, job.train, accelerator, job.out, mask)
+    if accelerator.is_main_process:
+        written = job.export(model.to("cpu").eval(), mask, accelerator.num_processes)
+        accelerator.print(f"erased model written to {written}")
+    accelerator.wait_for_everyone()
+    return job.out
