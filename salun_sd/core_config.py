@@ -9,9 +9,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from salun_sd.errors import UserError
+
 # Names a config may use; each denoiser says what they mean on its network (Denoiser.scopes, set_attention).
 SCOPES = ("all", "xattn", "noxattn")
 ATTENTION = ("sdpa", "eager", "xformers")
+MASK_SCOPES = ("global", "per_layer")
+
+
+def check_fraction(fraction: float, where: str) -> None:
+    if not 0 < fraction <= 1:  # also refuses NaN
+        raise UserError(f"{where} must be in (0, 1], got {fraction}")
 
 
 @dataclass
@@ -24,6 +32,16 @@ class MaskConfig:
     scope: str = "global"  # global | per_layer
     batch_size: int = 8  # forget examples per backward pass (the mask does not depend on it)
     path: str = ""  # use this mask file instead of computing one
+
+    def check(self, section: str = "mask") -> None:
+        """The values a gradient pass would otherwise reach only after minutes; `section` names them in errors."""
+        check_fraction(self.fraction, f"{section}.fraction")
+        for fraction in self.extra_fractions:
+            check_fraction(fraction, f"{section}.extra_fractions")
+        if self.scope not in MASK_SCOPES:
+            raise UserError(f"{section}.scope must be one of {', '.join(MASK_SCOPES)}, got {self.scope!r}")
+        if self.batch_size < 1:
+            raise UserError(f"{section}.batch_size must be at least 1, got {self.batch_size}")
 
 
 @dataclass
@@ -55,6 +73,17 @@ class TrainConfig:
     checkpoints_total_limit: int = 2
     resume_from_checkpoint: str = ""  # "" | latest | path to a checkpoint folder
     seed: int = 0
+
+    def check(self, section: str = "train") -> None:
+        """The values torch or the loop would otherwise reject with a raw traceback; `section` names them in errors."""
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise UserError(f"{section}.learning_rate must be a positive number, got {self.learning_rate}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise UserError(f"{section}.{name} must be a non-negative number (0 turns it off), got {getattr(self, name)}")
+        for name in ("batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{section}.{name} must be at least 1, got {getattr(self, name)}")
 
     def total_steps(self, num_forget: int, num_processes: int) -> int:
         if self.max_steps > 0:

@@ -29,7 +29,7 @@ from salun_sd.denoiser import ConceptData, Denoiser
 from salun_sd.errors import UserError
 from salun_sd.manifest import manifest, write_manifest
 from salun_sd.objectives import Method
-from salun_sd.saliency import Mask, load_mask, make_masks, mask_path
+from salun_sd.saliency import Mask, load_mask, make_masks, mask_info, mask_path
 from salun_sd.trainer import check_train_config, list_checkpoints, unlearn
 
 
@@ -71,9 +71,10 @@ class EraseJob(ABC):
 
 def check_config(job: EraseJob) -> Method:
     """Every check that needs no model, so a bad config fails before minutes of loading; returns the method."""
-    method = check_train_config(job.train)
-    if job.mask.scope not in ("global", "per_layer"):
-        raise UserError(f"mask.scope must be 'global' or 'per_layer', got {job.mask.scope!r}")
+    method = check_train_config(job.train, job.train_flag)
+    job.mask.check()
+    if job.mask.path:
+        mask_info(job.mask.path)  # a missing or broken file fails now, not after loading
     job.check(method)
     return method
 

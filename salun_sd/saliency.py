@@ -16,12 +16,12 @@ from typing import Callable, Iterable
 
 import torch
 from accelerate import Accelerator
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from salun_sd.core_config import MaskConfig
+from salun_sd.core_config import MaskConfig, check_fraction
 from salun_sd.denoiser import ConceptData, Denoiser
 from salun_sd.draws import draw_example_noise
 from salun_sd.errors import UserError
@@ -102,8 +102,7 @@ def saliency_masks(scores: dict[str, torch.Tensor], fractions: Iterable[float], 
     masks: dict[float, Mask] = {}
     total = sum(s.numel() for s in scores.values())
     for fraction in fractions:
-        if not 0 < fraction <= 1:
-            raise UserError(f"mask fraction must be in (0, 1], got {fraction}")
+        check_fraction(fraction, "mask fraction")
         if scope == "global":
             threshold = _kth_largest(scores.values(), max(1, round(fraction * total)))
             masks[fraction] = {n: _keep(s, threshold) for n, s in scores.items()}
@@ -140,13 +139,21 @@ def save_mask(mask: Mask, path: str | Path, info: dict[str, object]) -> None:
     tmp.replace(path)
 
 
-def load_mask(path: str | Path, model: nn.Module) -> Mask:
-    """Load a mask and check it was made for this architecture, naming the first mismatch."""
+def open_mask(path: str | Path):
+    """safe_open on a mask file, with a one-line error for a missing, truncated or foreign file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"mask file {path} does not exist; create one with `salun-sd mask`")
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as err:
+        raise UserError(f"mask file {path} is not a complete safetensors file ({err}); make it again with `salun-sd mask`") from None
+
+
+def load_mask(path: str | Path, model: nn.Module) -> Mask:
+    """Load a mask and check it was made for this architecture, naming the first mismatch."""
     params = dict(model.named_parameters())
-    with safe_open(str(path), framework="pt") as f:
+    with open_mask(path) as f:
         names = list(f.keys())
         for name in names:
             if name not in params:
@@ -162,7 +169,8 @@ def load_mask(path: str | Path, model: nn.Module) -> Mask:
 
 
 def mask_info(path: str | Path) -> dict[str, object]:
-    with safe_open(str(path), framework="pt") as f:
+    """The mask's metadata (its settings and per-block summary); reading it also checks the file is whole."""
+    with open_mask(path) as f:
         meta = f.metadata() or {}
     return {"info": json.loads(meta.get("info", "{}")), "summary": json.loads(meta.get("summary", "{}"))}
 

@@ -44,12 +44,15 @@ def trainable_scope(cfg: TrainConfig) -> str:
     return fixed or cfg.trainable
 
 
-def check_train_config(cfg: TrainConfig) -> Method:
-    """Every check of the training settings that needs no model, so a bad value fails before loading; returns the method."""
+def check_train_config(cfg: TrainConfig, section: str = "train") -> Method:
+    """Every check of the training settings that needs no model, so a bad value fails before loading; returns the method.
+
+    `section` is where the settings live in the command's config (train, unlearn), for the messages."""
     method = get_method(cfg.method)
+    cfg.check(section)
     for key, value, allowed in (("trainable", cfg.trainable, SCOPES), ("attention", cfg.attention, ATTENTION), ("optimizer", cfg.optimizer, OPTIMIZERS)):
         if value not in allowed:
-            raise UserError(f"train.{key} must be one of {', '.join(allowed)}, got {value!r}")
+            raise UserError(f"{section}.{key} must be one of {', '.join(allowed)}, got {value!r}")
     trainable_scope(cfg)
     return method
 

@@ -17,7 +17,7 @@ from salun_sd.config import load_yaml
 from salun_sd.core_config import TrainConfig
 from salun_sd.denoiser import ConceptData
 from salun_sd.errors import UserError
-from salun_sd.objectives import Batch, esd_loss, per_example_mse
+from salun_sd.objectives import Batch, diffusion_loss, esd_loss, per_example_mse
 from salun_sd.sd.adapter import TextConditionedDenoiser
 from salun_sd.sd.attention import concept_token_mask, cross_attention_layers, recording
 from salun_sd.sd.config import DataConfig, EraseConfig, ImageGroup
@@ -87,13 +87,17 @@ def test_recording_keeps_the_unet_output_and_restores_its_attention(pipe):
     assert [type(layer.processor) for layer in cross_attention_layers(den.model)] == before
 
 
-def train(pipe, tmp_path: Path, method: str, steps: int = 3, **cfg) -> tuple[TextConditionedDenoiser, dict, dict]:
-    """Train a copy of the tiny UNet on a forget set alone; returns the denoiser and the weights before/after."""
+def concept_set(cond: int, seed: int) -> ConceptData:
+    return ConceptData(torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(seed)), torch.full((8,), cond))
+
+
+def train(pipe, tmp_path: Path, method: str, steps: int = 3, remain: ConceptData | None = None, **cfg) -> tuple[TextConditionedDenoiser, dict, dict]:
+    """Train a copy of the tiny UNet on a forget set (and a remain set); returns the denoiser and the weights before/after."""
     den = denoiser(pipe)
     before = {n: p.detach().clone() for n, p in den.model.named_parameters()}
-    forget = ConceptData(torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.full((8,), 1))
     AcceleratorState._reset_state(True)
-    trained = unlearn(den, forget, None, [], TrainConfig(method=method, batch_size=4, max_steps=steps, learning_rate=1e-3, **cfg), Accelerator(cpu=True), tmp_path)
+    cfg = TrainConfig(method=method, batch_size=4, max_steps=steps, learning_rate=1e-3, **cfg)
+    trained = unlearn(den, concept_set(1, seed=2), remain, [], cfg, Accelerator(cpu=True), tmp_path)
     return den, before, {n: p.detach().clone() for n, p in trained.named_parameters()}
 
 
@@ -109,6 +113,21 @@ def test_each_baseline_changes_only_its_scope(pipe, tmp_path, method, scope, ext
     assert moved > 0.9 * sum(before[n].numel() for n in inside)
     if scope == "noxattn":
         assert not any(n.startswith(("time_embedding.", "conv_out.")) for n in inside)
+
+
+@pytest.mark.parametrize(("method", "cond", "direction"), [("ga", 1, 1), ("ft", 2, -1)])
+def test_ga_raises_the_forget_loss_and_ft_lowers_the_remain_loss(pipe, tmp_path, method, cond, direction):
+    """GA ascends the diffusion loss of the forget examples, FT descends that of the remain examples; no mask, every weight trains."""
+    den, before, after = train(pipe, tmp_path, method, steps=5, remain=concept_set(2, seed=3), alpha=0.0)
+    data = concept_set(cond, seed=2 if cond == 1 else 3)
+    gen = torch.Generator().manual_seed(4)
+    batch = Batch(x0=data.x0, cond=data.cond, noise=torch.randn(data.x0.shape, generator=gen), t=torch.randint(1000, (len(data),), generator=gen))
+    original = denoiser(pipe)
+    original.model.load_state_dict(before)
+    with torch.no_grad():
+        start, end = (diffusion_loss(d, d.model.eval(), batch).mean().item() for d in (original, den))
+    assert direction * (end - start) > 0.1 * start  # ga 1.14 -> 2.25, ft 1.14 -> 0.78
+    assert sum(int((before[n] != after[n]).sum()) for n in before) > 0.9 * sum(p.numel() for p in before.values())
 
 
 def test_fmn_steers_attention_away_from_the_concept_tokens(pipe, tmp_path):

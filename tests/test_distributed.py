@@ -4,8 +4,10 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import FORGET, REMAIN, salun
@@ -13,12 +15,13 @@ from salun_sd.sd.tiny import tiny_pipeline
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory, data_cache):
+def config(tmp_path_factory):
+    """One process draws the data (two batches of 4 per prompt), then makes the mask."""
     root = tmp_path_factory.mktemp("dist")
     path = root / "cfg.yaml"
     path.write_text(
         f"model: tiny\ndata:\n  forget:\n    - prompt: {FORGET}\n      generate: 8\n  remain:\n    - prompt: {REMAIN}\n      generate: 8\n"
-        f"  generation_steps: 3\n  cache_dir: {data_cache}\nmask:\n  batch_size: 4\ntrain:\n  learning_rate: 1.0e-3\n"
+        f"  generation_steps: 3\n  generation_batch_size: 4\n  cache_dir: {root / 'cache1'}\nmask:\n  batch_size: 4\ntrain:\n  learning_rate: 1.0e-3\n"
     )
     salun("mask", str(path), "--output_dir", str(root / "mask1"))
     return root, path
@@ -45,9 +48,15 @@ def test_two_processes_match_one_process_and_accumulation_with_the_same_global_b
     assert sum(int((one[k] != original[k].detach()).sum()) for k in one) > 0
 
 
-def test_two_process_mask_equals_single_process_mask(config):
+def test_two_processes_share_the_image_generation_and_make_the_single_process_images_and_mask(config):
     root, cfg = config
-    salun("mask", str(cfg), "--output_dir", str(root / "mask2"), processes=2)
+    run = salun("mask", str(cfg), "--output_dir", str(root / "mask2"), "--data.cache_dir", str(root / "cache2"), processes=2)
+    assert "(process 0 of 2)" in run.stderr and "(process 1 of 2)" in run.stderr  # each drew its share
+    one = {p.relative_to(root / "cache1"): p for p in (root / "cache1" / "images").rglob("*.png")}
+    two = {p.relative_to(root / "cache2"): p for p in (root / "cache2" / "images").rglob("*.png")}
+    assert len(two) == 16 and set(two) == set(one)
+    for name, path in two.items():
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(one[name]))), name
     a, b = load_file(str(root / "mask1" / "mask.safetensors")), load_file(str(root / "mask2" / "mask.safetensors"))
     total = sum(v.numel() for v in a.values())
     differ = sum(int((a[k] != b[k]).sum()) for k in a)  # only float summation order differs

@@ -7,13 +7,15 @@ import sys
 import pytest
 import torch
 from accelerate import Accelerator
+from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 from conftest import FORGET, REMAIN, tiny_config
 from salun_sd.cli import main
 from salun_sd.errors import UserError
-from salun_sd.saliency import load_mask
-from salun_sd.sd.config import ImageGroup
+from salun_sd.saliency import load_mask, mask_summary
+from salun_sd.sd.config import DataConfig, ImageGroup
+from salun_sd.sd.data import concept_data
 from salun_sd.sd.erase import erase
 from salun_sd.sd.tiny import tiny_pipeline
 from salun_sd.trainer import TrainingDiverged, list_checkpoints
@@ -133,3 +135,44 @@ def test_cli_run_from_yaml_with_flag_overrides(tmp_path, data_cache, capsys):
     with pytest.raises(SystemExit):
         main(["mask", str(config)])
     assert "unknown key run.yaml.train.learning_rat" in capsys.readouterr().err
+
+
+def test_mask_then_erase_in_one_folder_with_extra_fractions_and_the_unet_alone(tmp_path, data_cache):
+    """`salun-sd mask` then `salun-sd erase` without mask.path: the erase trains under the mask the first step left."""
+    out = tmp_path / "run"
+    cfg = tiny_config(out, data_cache, max_steps=2)
+    cfg.mask.extra_fractions = [0.25]
+    cfg.export_unet_only = True
+    erase(cfg, Accelerator(cpu=True), steps=("mask",))
+    unet = tiny_pipeline().unet
+    kept = {f: mask_summary(load_mask(out / name, unet))["total"] for f, name in ((0.5, "mask.safetensors"), (0.25, "mask-0.25.safetensors"))}
+    assert kept == pytest.approx({0.5: 0.5, 0.25: 0.25}, abs=1e-6)
+    assert not (out / "pipeline").exists()
+
+    erase(cfg, Accelerator(cpu=True), steps=("erase",))
+    assert not (out / "pipeline" / "model_index.json").exists()
+    erased = UNet2DConditionModel.from_pretrained(out / "pipeline").state_dict()
+    base, mask = unet.state_dict(), load_mask(out / "mask.safetensors", unet)
+    assert all(torch.equal(erased[n][~m], base[n][~m]) for n, m in mask.items())
+    assert any(not torch.equal(erased[n][m], base[n][m]) for n, m in mask.items())
+
+
+def test_hf_dataset_group_saved_to_disk_gives_the_latents_of_the_same_images_in_a_folder(tmp_path):
+    """`hf_dataset: <folder written by save_to_disk>` works offline; the class filter keeps label 1 only."""
+    import datasets  # the `datasets` extra, part of the `test` extra
+    from PIL import Image
+    from skimage import data as photos
+
+    images = {name: Image.fromarray(getattr(photos, name)()).convert("RGB") for name in ("astronaut", "coffee", "chelsea")}
+    labels = {"astronaut": 0, "coffee": 1, "chelsea": 1}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict({"image": list(images.values()), "label": list(labels.values())}, features=features).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "folder").mkdir()
+    for name in ("coffee", "chelsea"):
+        images[name].save(tmp_path / "folder" / f"{list(labels).index(name)}_{name}.png")
+
+    pipe, data = tiny_pipeline(), DataConfig(cache_dir=str(tmp_path / "cache"))
+    from_disk = concept_data(pipe, "tiny", [ImageGroup(prompt=FORGET, hf_dataset=str(tmp_path / "saved"), hf_label=1)], {FORGET: 1}, data, 32, "forget")
+    from_folder = concept_data(pipe, "tiny", [ImageGroup(prompt=FORGET, folder=str(tmp_path / "folder"))], {FORGET: 1}, data, 32, "forget")
+    assert from_disk.x0.shape == (2, 4, 8, 8)
+    assert torch.equal(from_disk.x0, from_folder.x0)

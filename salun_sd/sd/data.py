@@ -3,7 +3,8 @@
 A set is a list of groups, each one prompt with its images, which come from exactly one source:
 - `generate: N` — N images drawn by the base pipeline from the prompt (fixed seeds, cached on disk);
 - `folder: DIR` — the images in a folder;
-- `hf_dataset: NAME` with `hf_label` — one class of a Hugging Face dataset (e.g. frgfm/imagenette).
+- `hf_dataset: NAME` with `hf_label` — one class of a Hugging Face dataset (e.g. frgfm/imagenette), from the
+  Hub or from a folder written by `Dataset.save_to_disk` (the way to use one offline).
 Latents are cached next to the images, so later runs skip the VAE as well.
 """
 
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from salun_sd.denoiser import ConceptData
 from salun_sd.errors import UserError
+from salun_sd.evaluation.imagefiles import load_rgb
 from salun_sd.sd.config import DataConfig, ImageGroup
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -37,16 +39,25 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def generated_images(pipe: StableDiffusionPipeline, model_name: str, group: ImageGroup, cfg: DataConfig, resolution: int) -> list[Path]:
-    """Draw `group.generate` images (image i with seed cfg.seed + i); files already on disk are reused."""
+def generated_images(
+    pipe: StableDiffusionPipeline, model_name: str, group: ImageGroup, cfg: DataConfig, resolution: int, rank: int = 0, processes: int = 1
+) -> list[Path]:
+    """Draw `group.generate` images (image i with seed cfg.seed + i); files already on disk are reused.
+
+    Images are drawn in fixed batches of cfg.generation_batch_size; with several processes, process r draws
+    batches r, r + processes, ... The batches are those of one process, so the files are too (bit for bit).
+    The caller waits for the other processes.
+    """
     folder = cache_root(cfg) / "images" / _key(model_name, group.prompt, cfg.generation_steps, cfg.generation_guidance, resolution, cfg.seed)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "prompt.json").write_text(json.dumps({"model": model_name, "prompt": group.prompt, "seed": cfg.seed}))
+    if rank == 0:
+        (folder / "prompt.json").write_text(json.dumps({"model": model_name, "prompt": group.prompt, "seed": cfg.seed}))
     paths = [folder / f"{i:05d}.png" for i in range(group.generate)]
-    todo = [i for i, p in enumerate(paths) if not p.is_file()]
     bs = cfg.generation_batch_size
-    for start in tqdm(range(0, len(todo), bs), desc=f"generating {group.prompt!r}", disable=not todo):
-        chunk = todo[start : start + bs]
+    mine = [range(start, min(start + bs, len(paths))) for start in range(rank * bs, len(paths), processes * bs)]
+    todo = [chunk for chunk in ([i for i in batch if not paths[i].is_file()] for batch in mine) if chunk]
+    share = f" (process {rank} of {processes})" if processes > 1 else ""
+    for chunk in tqdm(todo, desc=f"generating {group.prompt!r}{share}", disable=not todo):
         gens = [torch.Generator(pipe.device).manual_seed(cfg.seed + i) for i in chunk]
         images = pipe(
             [group.prompt] * len(chunk),
@@ -63,6 +74,13 @@ def generated_images(pipe: StableDiffusionPipeline, model_name: str, group: Imag
     return paths
 
 
+def generate_share(pipe: StableDiffusionPipeline, model_name: str, groups: list[ImageGroup], cfg: DataConfig, resolution: int, rank: int, processes: int) -> None:
+    """This process's share of every generated group's missing images (the others draw theirs meanwhile)."""
+    for group in groups:
+        if group.source() == "generate":
+            generated_images(pipe, model_name, group, cfg, resolution, rank, processes)
+
+
 def folder_images(folder: str) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
@@ -73,18 +91,32 @@ def folder_images(folder: str) -> list[Path]:
     return paths
 
 
+def check_sources(cfg: DataConfig) -> None:
+    """Each group names one source, and every image of a folder group opens: a broken file stops the run
+    here, named, before any model loads rather than in the middle of encoding."""
+    for group in cfg.forget + cfg.remain:
+        if group.source() == "folder":
+            for path in folder_images(group.folder)[: group.limit or None]:
+                load_rgb(path)
+
+
 def hf_images(group: ImageGroup) -> list[Image.Image]:
-    """One class of a Hugging Face image dataset, e.g. frgfm/imagenette config 160px."""
+    """One class of a Hugging Face image dataset, e.g. frgfm/imagenette config 160px, or of one saved with save_to_disk."""
     try:
         import datasets
     except ImportError:
         raise UserError("hf_dataset needs the `datasets` package: pip install 'salun-sd[datasets]'") from None
+    saved = Path(group.hf_dataset).expanduser()
     try:
-        ds = datasets.load_dataset(group.hf_dataset, group.hf_config or None, split=group.hf_split)
+        if (saved / "dataset_dict.json").is_file() or (saved / "state.json").is_file():  # written by save_to_disk
+            ds = datasets.load_from_disk(str(saved))
+            ds = ds[group.hf_split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(group.hf_dataset, group.hf_config or None, split=group.hf_split)
     except Exception as err:  # the hub raises many kinds of errors when offline
         raise UserError(
-            f"could not load dataset {group.hf_dataset!r} ({type(err).__name__}: {err}). Offline, export the class to a folder "
-            "and use `folder:` instead"
+            f"could not load dataset {group.hf_dataset!r} ({type(err).__name__}: {err}). Offline, save it with "
+            "Dataset.save_to_disk where there is a network and pass that folder, or export the class to a folder and use `folder:`"
         ) from None
     label_column = "label" if "label" in ds.column_names else ds.column_names[-1]
     image_column = "image" if "image" in ds.column_names else ds.column_names[0]
@@ -110,7 +142,7 @@ def encode_latents(pipe: StableDiffusionPipeline, images: list, resolution: int,
     vae = pipe.vae
     out = []
     for i in range(0, len(images), batch_size):
-        chunk = [Image.open(p) if isinstance(p, Path) else p for p in images[i : i + batch_size]]
+        chunk = [load_rgb(p) if isinstance(p, Path) else p for p in images[i : i + batch_size]]
         pixels = torch.stack([to_tensor(img, resolution) for img in chunk]).to(vae.device, vae.dtype)
         gen = torch.Generator(vae.device).manual_seed(seed + i)
         out.append((vae.encode(pixels).latent_dist.sample(gen) * vae.config.scaling_factor).float().cpu())

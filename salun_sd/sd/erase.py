@@ -19,9 +19,9 @@ from salun_sd.objectives import Method, get_method
 from salun_sd.saliency import Mask, mask_summary
 from salun_sd.sd.adapter import sd_denoiser
 from salun_sd.sd.config import EraseConfig
-from salun_sd.sd.data import concept_data
+from salun_sd.sd.data import check_sources, concept_data, generate_share
 from salun_sd.sd.export import export, model_card
-from salun_sd.sd.loading import load_pipeline
+from salun_sd.sd.loading import check_model, load_pipeline
 
 
 class SDErase(EraseJob):
@@ -36,10 +36,10 @@ class SDErase(EraseJob):
 
     def check(self, method: Method) -> None:
         data, name = self.config.data, self.train.method
+        check_model(self.config.model)
         if not data.forget:
             raise UserError("the forget set is empty: give data.forget at least one group with a prompt and images")
-        for group in data.forget + data.remain:
-            group.source()
+        check_sources(data)
         if method.uses_remain and not data.remain:
             raise UserError(f"method {name} trains on a remain set: give data.remain at least one group")
         if method.uses_misaligned and not data.misaligned():
@@ -50,7 +50,7 @@ class SDErase(EraseJob):
     def load(self, accelerator: Accelerator, method: Method) -> Loaded:
         """Load the base pipeline and build D_f, D_r and the denoiser over every prompt they use.
 
-        The main process generates and caches images first; the other processes then read the cache.
+        Every process draws its share of the images to generate; the main process then encodes and caches the latents.
         """
         cfg, data = self.config, self.config.data
         misaligned_prompts = data.misaligned() if method.uses_misaligned else []
@@ -59,10 +59,12 @@ class SDErase(EraseJob):
         resolution = data.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         remain_groups = data.remain if method.uses_remain else []
         prompts = [g.prompt for g in data.forget + remain_groups] + misaligned_prompts
-        with accelerator.main_process_first():
-            pipe.to(accelerator.device)
-            den = sd_denoiser(pipe, prompts, concept_words)
-            cond_of = {p: den.cond_id(p) for p in prompts}
+        pipe.to(accelerator.device)
+        den = sd_denoiser(pipe, prompts, concept_words)
+        cond_of = {p: den.cond_id(p) for p in prompts}
+        generate_share(pipe, cfg.model, data.forget + remain_groups, data, resolution, accelerator.process_index, accelerator.num_processes)
+        accelerator.wait_for_everyone()
+        with accelerator.main_process_first():  # the main process encodes and caches the latents; the others read them
             forget = concept_data(pipe, cfg.model, data.forget, cond_of, data, resolution, "forget")
             remain = concept_data(pipe, cfg.model, data.remain, cond_of, data, resolution, "remain") if method.uses_remain else None
         if method.uses_concept_tokens:

@@ -13,8 +13,16 @@ from salun_sd.sd.tiny import tiny_pipeline
 TINY = "tiny"  # the model name of the offline random-weight pipeline
 
 
+def check_model(model: str) -> None:
+    """A model written as a path (/..., ./..., ~/..., a/b/c) must exist: otherwise loading would ask the Hub for it."""
+    looks_local = model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model
+    if model != TINY and looks_local and not Path(model).expanduser().exists():
+        raise UserError(f"model folder {model} does not exist (a Hugging Face Hub ID has the form org/name)")
+
+
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """Load with `from_pretrained`; on failure say whether the folder is wrong or the Hub unreachable."""
+    check_model(model)
     if model == TINY:
         pipe = tiny_pipeline()
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
