@@ -1,12 +1,12 @@
-"""Stable Diffusion's UNet as a core Denoiser: condition ids index a table of cached text embeddings.
+"""Stable Diffusion's UNet (SD-1.x/2.x, SDXL) as a core Denoiser: condition ids index a table of cached text conditions.
 
-Prompts are encoded once, so the text encoder is out of the training step (and off the GPU).
+Prompts are encoded once, so the text encoders are out of the training step (and off the GPU).
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from torch import nn
 
@@ -74,12 +74,54 @@ def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], batch_size
     return torch.cat(out)
 
 
-def sd_denoiser(pipe: StableDiffusionPipeline, prompts: list[str], concept_words: list[str] = ()) -> TextConditionedDenoiser:
+def sd_denoiser(pipe: StableDiffusionPipeline, prompts: list[str], concept_words: list[str] = (), resolution: int = 512) -> TextConditionedDenoiser:
     """A denoiser over `prompts` plus the empty prompt (the unconditional branch of guidance).
 
     With `concept_words`, it also knows which tokens of each prompt name the concept (for attention re-steering).
+    SD-1/2 take no size conditions, so `resolution` is unused.
     """
     table = list(dict.fromkeys(["", *prompts]))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     tokens = concept_token_mask(pipe.tokenizer, table, list(concept_words)) if concept_words else None
     return TextConditionedDenoiser(pipe.unet, noise_scheduler, table, encode_prompts(pipe, table), tokens)
+
+
+class SDXLDenoiser(TextConditionedDenoiser):
+    """SDXL's UNet also takes the pooled text embedding and six size/crop numbers (its "added conditions")."""
+
+    family = "the SDXL UNet"
+
+    def __init__(self, unet: nn.Module, noise_scheduler, prompts: list[str], embeddings: torch.Tensor, pooled: torch.Tensor,
+                 time_ids: torch.Tensor, concept_tokens: torch.Tensor | None = None) -> None:
+        super().__init__(unet, noise_scheduler, prompts, embeddings, concept_tokens)
+        self.pooled = pooled  # [prompts, projection dim]: the second text encoder's pooled output
+        self.time_ids = time_ids  # [6]: original size, crop top-left, target size
+
+    def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        added = {"text_embeds": self.pooled[cond], "time_ids": self.time_ids.expand(len(cond), -1)}
+        return model(x_t, t, encoder_hidden_states=self.embeddings[cond], added_cond_kwargs=added).sample
+
+    def to(self, device: torch.device | str) -> "SDXLDenoiser":
+        super().to(device)
+        self.pooled, self.time_ids = self.pooled.to(device), self.time_ids.to(device)
+        return self
+
+
+@torch.no_grad()
+def sdxl_denoiser(pipe: StableDiffusionXLPipeline, prompts: list[str], concept_words: list[str] = (), resolution: int = 1024) -> SDXLDenoiser:
+    """As sd_denoiser, with both text encoders through the pipeline's own encode_prompt (penultimate states of
+    each, concatenated; pooled output of the second).
+
+    The empty prompt is all zeros where the pipeline's force_zeros_for_empty_prompt says so (SDXL base), as the
+    pipeline's unconditional branch is at inference. The time ids are what the pipeline passes for a square image
+    of `resolution` (original = target size, no crop): every training image is resized and center-cropped to that.
+    """
+    table = list(dict.fromkeys(["", *prompts]))
+    chunks = [pipe.encode_prompt(table[i : i + 64], device=pipe.unet.device, do_classifier_free_guidance=False) for i in range(0, len(table), 64)]
+    embeddings = torch.cat([c[0] for c in chunks]).float().cpu()
+    pooled = torch.cat([c[2] for c in chunks]).float().cpu()
+    if pipe.config.force_zeros_for_empty_prompt:
+        embeddings[0], pooled[0] = 0, 0
+    time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32)
+    tokens = concept_token_mask(pipe.tokenizer, table, list(concept_words)) if concept_words else None
+    return SDXLDenoiser(pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), table, embeddings, pooled, time_ids, tokens)

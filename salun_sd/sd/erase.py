@@ -1,6 +1,7 @@
 """Stable Diffusion's part of an erase (salun_sd.erase_flow runs it): data groups → denoiser, and the pipeline export.
 
-The erased model is OUTPUT_DIR/pipeline: StableDiffusionPipeline.from_pretrained("<output_dir>/pipeline").
+Every family of sd/loading.FAMILIES (SD-1.x/2.x, SDXL) runs through here. The erased model is
+OUTPUT_DIR/pipeline, loaded by the family's pipeline class or AutoPipelineForText2Image.from_pretrained.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from salun_sd.errors import UserError
 from salun_sd.manifest import manifest
 from salun_sd.objectives import Method, get_method
 from salun_sd.saliency import Mask, mask_summary
-from salun_sd.sd.adapter import sd_denoiser
 from salun_sd.sd.config import EraseConfig
 from salun_sd.sd.data import check_sources, concept_data, generate_share
 from salun_sd.sd.export import export, model_card
-from salun_sd.sd.loading import check_model, load_pipeline
+from salun_sd.sd.loading import check_model, family_of, load_pipeline
 
 
 class SDErase(EraseJob):
@@ -56,11 +56,13 @@ class SDErase(EraseJob):
         misaligned_prompts = data.misaligned() if method.uses_misaligned else []
         concept_words = data.concept() if method.uses_concept_tokens else []
         pipe = self.pipe = load_pipeline(cfg.model)
-        resolution = data.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        family = family_of(pipe)
+        network = getattr(pipe, family.network)
+        resolution = data.resolution or network.config.sample_size * pipe.vae_scale_factor
         remain_groups = data.remain if method.uses_remain else []
         prompts = [g.prompt for g in data.forget + remain_groups] + misaligned_prompts
         pipe.to(accelerator.device)
-        den = sd_denoiser(pipe, prompts, concept_words)
+        den = family.denoiser(pipe, prompts, concept_words, resolution)
         cond_of = {p: den.cond_id(p) for p in prompts}
         generate_share(pipe, cfg.model, data.forget + remain_groups, data, resolution, accelerator.process_index, accelerator.num_processes)
         accelerator.wait_for_everyone()
@@ -71,8 +73,9 @@ class SDErase(EraseJob):
             missing = [g.prompt for g in data.forget if not den.concept_tokens[cond_of[g.prompt]].any()]
             if missing:
                 raise UserError(f"forget prompt {missing[0]!r} contains none of the concept words {concept_words}: set data.concept_words")
-        pipe.text_encoder.to("cpu")  # embeddings are cached: the step needs only the UNet
-        pipe.vae.to("cpu")
+        for component in pipe.components.values():  # conditions and latents are cached: the step needs only the network
+            if isinstance(component, nn.Module) and component is not network:
+                component.to("cpu")
         return Loaded(den, forget, remain, [cond_of[p] for p in misaligned_prompts])
 
     def export(self, model: nn.Module, mask: Mask | None, num_processes: int) -> Path:
@@ -88,9 +91,11 @@ class SDErase(EraseJob):
             "num_processes": num_processes,
         }
         kept = mask_summary(mask)["total"] if mask is not None else None
-        card = model_card(cfg.model, cfg.concept or cfg.data.forget[0].prompt, settings, kept, cfg.export_unet_only)
+        network = family_of(self.pipe).network
+        loader = type(model).__name__ if cfg.export_unet_only else type(self.pipe).__name__
+        card = model_card(cfg.model, cfg.concept or cfg.data.forget[0].prompt, settings, kept, loader, network)
         info = manifest(to_dict(cfg), "erase", mask_kept_fraction=kept, num_processes=num_processes)
-        return export(self.pipe.to("cpu"), model, self.out / self.product, card, info, cfg.export_unet_only)
+        return export(self.pipe.to("cpu"), network, model, self.out / self.product, card, info, cfg.export_unet_only)
 
 
 def erase(cfg: EraseConfig, accelerator: Accelerator, steps: tuple[str, ...] = ("mask", "erase")) -> Path:

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from torch import nn
 
 from salun_sd.manifest import write_manifest
@@ -21,9 +21,9 @@ from salun_sd.objectives import METHODS
 MANIFEST_NAME = "salun_manifest.json"
 
 
-def model_card(base_model: str, concept: str, settings: dict[str, Any], mask_kept: float | None, unet_only: bool) -> str:
+def model_card(base_model: str, concept: str, settings: dict[str, Any], mask_kept: float | None, loader: str, network: str) -> str:
+    """`loader`: the class that loads the export (the pipeline's, or the network's alone); `network`: the erased component."""
     method = settings.get("method", "salun")
-    loader = "UNet2DConditionModel.from_pretrained(folder)" if unet_only else "StableDiffusionPipeline.from_pretrained(folder)"
     rows = "\n".join(f"| {k} | `{json.dumps(v)}` |" for k, v in settings.items())
     kept = f"{mask_kept:.2%} of the trained weights" if mask_kept is not None else "no mask (all trained weights)"
     return f"""---
@@ -40,7 +40,7 @@ tags:
 
 This model is `{base_model}` after erasing the concept **{concept}** with salun-sd, the toolkit of
 [SalUn](https://arxiv.org/abs/2310.12508) (saliency unlearning, Fan et al., ICLR 2024).
-Only the UNet changed; the text encoder, VAE and tokenizer are the base model's.
+Only the `{network}` changed; every other component is the base model's.
 
 - **Method:** `{method}` ({METHODS[method].doc})
 - **Weights updated:** {kept}; every other weight is bit-for-bit the base model's.
@@ -48,8 +48,8 @@ Only the UNet changed; the text encoder, VAE and tokenizer are the base model's.
 ## Load it
 
 ```python
-from diffusers import {loader.split(".")[0]}
-model = {loader}
+from diffusers import {loader}
+model = {loader}.from_pretrained(folder)
 ```
 
 ## Settings
@@ -63,16 +63,17 @@ The full resolved configuration, package versions and git revision are in `{MANI
 
 
 def export(
-    pipe: StableDiffusionPipeline, unet: nn.Module, out: Path, card: str, manifest: dict[str, Any], unet_only: bool = False
+    pipe: DiffusionPipeline, network: str, model: nn.Module, out: Path, card: str, manifest: dict[str, Any], unet_only: bool = False
 ) -> Path:
-    """Write the pipeline (or the UNet alone) in safetensors to `out`, atomically, replacing what was there."""
+    """Write the pipeline with `model` as its `network` component (or `model` alone) in safetensors to `out`,
+    atomically, replacing what was there."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     if unet_only:
-        unet.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
     else:
-        pipe.unet = unet
+        setattr(pipe, network, model)
         pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / "README.md").write_text(card)
     write_manifest(tmp / MANIFEST_NAME, manifest)

@@ -1,13 +1,22 @@
-"""Loading a base pipeline: a Hub model ID, a local folder, or the offline tiny pipeline."""
+"""Loading a base pipeline (a Hub model ID, a local folder, or the offline tiny pipeline) and knowing its family.
+
+The family comes from the folder itself (model_index.json `_class_name`), so an SDXL folder loads as SDXL
+and a family the toolkit does not erase is refused in one line before any weight is read.
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+from salun_sd.denoiser import Denoiser
 from salun_sd.errors import UserError
+from salun_sd.sd.adapter import sd_denoiser, sdxl_denoiser
 from salun_sd.sd.tiny import tiny_pipeline
 
 TINY = "tiny"  # the model name of the offline random-weight pipeline
@@ -20,23 +29,62 @@ def check_model(model: str) -> None:
         raise UserError(f"model folder {model} does not exist (a Hugging Face Hub ID has the form org/name)")
 
 
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """Load with `from_pretrained`; on failure say whether the folder is wrong or the Hub unreachable."""
-    check_model(model)
-    if model == TINY:
-        pipe = tiny_pipeline()
-        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
-    local = Path(model).expanduser()
+@dataclass(frozen=True)
+class Family:
+    """A text-to-image family the toolkit erases: its pipeline class and its network as a Denoiser."""
+
+    name: str
+    pipeline: type[DiffusionPipeline]
+    denoiser: Callable[..., Denoiser]  # (pipe, prompts, concept_words, resolution) -> Denoiser over "" + prompts
+    network: str = "unet"  # the pipeline component that is erased; every other one stays the base model's
+    load_options: dict[str, Any] = field(default_factory=dict)  # extra from_pretrained arguments
+
+
+FAMILIES = {
+    f.pipeline.__name__: f
+    for f in (
+        Family("SD-1.x/2.x", StableDiffusionPipeline, sd_denoiser, load_options={"safety_checker": None, "requires_safety_checker": False}),
+        Family("SDXL", StableDiffusionXLPipeline, sdxl_denoiser),
+    )
+}
+
+
+def family_of(pipe: DiffusionPipeline) -> Family:
+    return FAMILIES[type(pipe).__name__]
+
+
+def pipeline_class(model: str, local: Path) -> str:
+    """The `_class_name` of the model's model_index.json (read from the Hub for a model ID)."""
+    if local.exists():
+        index = local / "model_index.json"
+        if not index.is_file():
+            raise UserError(f"{local} is not a diffusers Stable Diffusion folder (it needs model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+        return json.loads(index.read_text()).get("_class_name", "")
     try:
-        dtype_arg = {} if dtype == torch.float32 else {"torch_dtype": dtype}
-        pipe = StableDiffusionPipeline.from_pretrained(str(local) if local.exists() else model, safety_checker=None, requires_safety_checker=False, **dtype_arg)
+        return DiffusionPipeline.load_config(model).get("_class_name", "")
     except Exception as err:  # diffusers/hub raise OSError, ValueError, HTTP errors, ...
-        if local.exists():
-            raise UserError(f"{local} is not a diffusers Stable Diffusion folder (it needs model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/): {err}") from None
         raise UserError(
             f"could not load {model!r} from the Hugging Face Hub ({type(err).__name__}). If this machine is offline, download the "
             "model where there is a network (`huggingface-cli download "
             f"{model} --local-dir sd-model`), copy the folder here and pass it instead: --model ./sd-model"
         ) from None
+
+
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+    """Load with the family's pipeline class; on failure say whether the folder is wrong, unsupported or the Hub unreachable."""
+    check_model(model)
+    if model == TINY:
+        pipe = tiny_pipeline()
+        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    local = Path(model).expanduser()
+    name = pipeline_class(model, local)
+    if name not in FAMILIES:
+        raise UserError(f"{model} is a {name or 'pipeline without a _class_name'}, a family salun-sd does not erase; it erases {', '.join(FAMILIES)}")
+    family = FAMILIES[name]
+    try:
+        dtype_arg = {} if dtype == torch.float32 else {"torch_dtype": dtype}
+        pipe = family.pipeline.from_pretrained(str(local) if local.exists() else model, **family.load_options, **dtype_arg)
+    except Exception as err:  # a folder with a broken or missing component
+        raise UserError(f"{model} is not a complete diffusers {family.name} folder: {err}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
