@@ -28,7 +28,7 @@ class MaskConfig:
 
     fraction: float = 0.5  # share of weights kept trainable
     extra_fractions: list[float] = field(default_factory=list)  # more masks from the same gradient pass
-    guidance: float = 7.5  # w in the guided forget loss (official DDPM: 2.0)
+    guidance: float = 7.5  # w in the guided forget loss (official DDPM: 2.0; FLUX-dev: its guidance embedding is set to 1 + w)
     scope: str = "global"  # global | per_layer
     batch_size: int = 8  # forget examples per backward pass (the mask does not depend on it)
     path: str = ""  # use this mask file instead of computing one

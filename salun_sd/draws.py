@@ -42,7 +42,7 @@ def examples(
     for p, c in zip(positions, conds):
         gen = generator(seed, stream, "example", p)
         noises.append(torch.randn(data.x0.shape[1:], generator=gen))
-        ts.append(int(torch.randint(den.num_train_timesteps, (1,), generator=gen)))
+        ts.append(den.draw_timestep(gen))
         if candidates is not None:
             allowed = candidates[candidates != c]
             if len(allowed) == 0:

@@ -42,15 +42,12 @@ def diffusion_loss(den: Denoiser, model: nn.Module, batch: Batch) -> torch.Tenso
 
 
 def guided_forget_loss(den: Denoiser, model: nn.Module, batch: Batch, guidance: float) -> torch.Tensor:
-    """Per-example diffusion loss of the classifier-free-guided prediction (1+w)·ε(x_t|c) − w·ε(x_t|∅).
+    """Per-example diffusion loss of the guided prediction, e.g. (1+w)·ε(x_t|c) − w·ε(x_t|∅) (den.guided_prediction).
 
     Its gradient at the original weights is SalUn's saliency (official SD code: w = 7.5; DDPM: 2.0).
-    The conditional and unconditional predictions share one batched forward pass.
     """
     x_t = den.add_noise(batch.x0, batch.noise, batch.t)
-    null = torch.full_like(batch.cond, den.null_cond)
-    eps_c, eps_u = den.predict(model, torch.cat([x_t, x_t]), torch.cat([batch.t, batch.t]), torch.cat([batch.cond, null])).chunk(2)
-    guided = (1 + guidance) * eps_c - guidance * eps_u
+    guided = den.guided_prediction(model, x_t, batch.t, batch.cond, guidance)
     return per_example_mse(guided, den.target(batch.x0, batch.noise, batch.t))
 
 

@@ -88,8 +88,8 @@ def tiny_unet(sample_size: int, **layout) -> UNet2DConditionModel:
     )
 
 
-def tiny_vae(sample_size: int, scaling_factor: float = 0.18215) -> AutoencoderKL:
-    """A 3-level VAE: images of sample_size px to 4-channel latents a quarter the size."""
+def tiny_vae(sample_size: int, scaling_factor: float = 0.18215, **extra) -> AutoencoderKL:
+    """A 3-level VAE: images of sample_size px to 4-channel latents a quarter the size (`extra`: e.g. SD3/FLUX's shift_factor)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -100,6 +100,7 @@ def tiny_vae(sample_size: int, scaling_factor: float = 0.18215) -> AutoencoderKL
         norm_num_groups=8,
         sample_size=sample_size,
         scaling_factor=scaling_factor,
+        **extra,
     )
 
 
