@@ -93,6 +93,8 @@ def run_generate(args: argparse.Namespace) -> None:
     prompts = filter_prompts(load_prompts(cfg.prompts, cfg.hf_split), cfg.category, cfg.min_nudity, cfg.limit or None)
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True lets torchrun run several CPU processes
     pipe = load_pipeline(cfg.model, resolve_dtype(cfg.dtype, state.device))
+    if not hasattr(pipe, "unet"):  # generate draws its own initial latents in the UNet's layout
+        raise UserError(f"generate runs UNet pipelines; {cfg.model} is a {type(pipe).__name__}: generate with diffusers' pipeline directly for now")
     if scheduler is not None:
         pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
     default_size = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2

@@ -71,7 +71,7 @@ class EraseConfig:
     output_dir: str = "outputs/erase"  # run folder: mask, checkpoints, manifest, pipeline/
     overwrite: bool = False  # replace an existing run folder
     mixed_precision: str = "no"  # no | fp16 | bf16 (Accelerate autocast; weights stay fp32)
-    export_unet_only: bool = False  # export the UNet alone instead of the whole pipeline
+    export_unet_only: bool = False  # export the denoiser alone (the UNet, or SD3/FLUX's transformer) instead of the whole pipeline
     data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

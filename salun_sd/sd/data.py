@@ -138,14 +138,15 @@ def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_latents(pipe: StableDiffusionPipeline, images: list, resolution: int, seed: int, batch_size: int = 8) -> torch.Tensor:
-    """VAE latents (a sample of the posterior, times the scaling factor), as SD's training uses them."""
+    """VAE latents as each family's training uses them: a posterior sample, minus the VAE's shift (SD3, FLUX), times its scale."""
     vae = pipe.vae
     out = []
     for i in range(0, len(images), batch_size):
         chunk = [load_rgb(p) if isinstance(p, Path) else p for p in images[i : i + batch_size]]
         pixels = torch.stack([to_tensor(img, resolution) for img in chunk]).to(vae.device, vae.dtype)
         gen = torch.Generator(vae.device).manual_seed(seed + i)
-        out.append((vae.encode(pixels).latent_dist.sample(gen) * vae.config.scaling_factor).float().cpu())
+        shift = vae.config.get("shift_factor") or 0.0  # None in SD-1/2/XL VAE configs
+        out.append(((vae.encode(pixels).latent_dist.sample(gen) - shift) * vae.config.scaling_factor).float().cpu())
     return torch.cat(out)
 
 

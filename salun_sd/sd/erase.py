@@ -58,7 +58,8 @@ class SDErase(EraseJob):
         pipe = self.pipe = load_pipeline(cfg.model)
         family = family_of(pipe)
         network = getattr(pipe, family.network)
-        resolution = data.resolution or network.config.sample_size * pipe.vae_scale_factor
+        latent_size = getattr(pipe, "default_sample_size", None) or network.config.sample_size  # FLUX's transformer has no sample_size; SD-1/2 pipelines no default
+        resolution = data.resolution or latent_size * pipe.vae_scale_factor
         remain_groups = data.remain if method.uses_remain else []
         prompts = [g.prompt for g in data.forget + remain_groups] + misaligned_prompts
         pipe.to(accelerator.device)

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from salun_sd.denoiser import Denoiser
 from salun_sd.errors import UserError
 from salun_sd.sd.adapter import sd_denoiser, sdxl_denoiser
+from salun_sd.sd.flow import flux_denoiser, sd3_denoiser
 from salun_sd.sd.tiny import tiny_pipeline
 
 TINY = "tiny"  # the model name of the offline random-weight pipeline
@@ -45,6 +46,8 @@ FAMILIES = {
     for f in (
         Family("SD-1.x/2.x", StableDiffusionPipeline, sd_denoiser, load_options={"safety_checker": None, "requires_safety_checker": False}),
         Family("SDXL", StableDiffusionXLPipeline, sdxl_denoiser),
+        Family("SD3", StableDiffusion3Pipeline, sd3_denoiser, network="transformer"),
+        Family("FLUX.1", FluxPipeline, flux_denoiser, network="transformer"),
     )
 }
 
@@ -53,15 +56,15 @@ def family_of(pipe: DiffusionPipeline) -> Family:
     return FAMILIES[type(pipe).__name__]
 
 
-def pipeline_class(model: str, local: Path) -> str:
-    """The `_class_name` of the model's model_index.json (read from the Hub for a model ID)."""
+def model_index(model: str, local: Path) -> dict[str, Any]:
+    """The model's model_index.json (read from the Hub for a model ID): `_class_name` and the components."""
     if local.exists():
         index = local / "model_index.json"
         if not index.is_file():
             raise UserError(f"{local} is not a diffusers Stable Diffusion folder (it needs model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
-        return json.loads(index.read_text()).get("_class_name", "")
+        return json.loads(index.read_text())
     try:
-        return DiffusionPipeline.load_config(model).get("_class_name", "")
+        return dict(DiffusionPipeline.load_config(model))
     except Exception as err:  # diffusers/hub raise OSError, ValueError, HTTP errors, ...
         raise UserError(
             f"could not load {model!r} from the Hugging Face Hub ({type(err).__name__}). If this machine is offline, download the "
@@ -77,13 +80,16 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32) -> DiffusionPi
         pipe = tiny_pipeline()
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     local = Path(model).expanduser()
-    name = pipeline_class(model, local)
+    index = model_index(model, local)
+    name = index.get("_class_name", "")
     if name not in FAMILIES:
         raise UserError(f"{model} is a {name or 'pipeline without a _class_name'}, a family salun-sd does not erase; it erases {', '.join(FAMILIES)}")
     family = FAMILIES[name]
+    # A required component saved as [null, null] (SD3 without T5) must be passed as None, as diffusers asks.
+    absent = {key: None for key, entry in index.items() if entry == [None, None] and key not in family.pipeline._optional_components}
     try:
         dtype_arg = {} if dtype == torch.float32 else {"torch_dtype": dtype}
-        pipe = family.pipeline.from_pretrained(str(local) if local.exists() else model, **family.load_options, **dtype_arg)
+        pipe = family.pipeline.from_pretrained(str(local) if local.exists() else model, **family.load_options, **absent, **dtype_arg)
     except Exception as err:  # a folder with a broken or missing component
         raise UserError(f"{model} is not a complete diffusers {family.name} folder: {err}") from None
     pipe.set_progress_bar_config(disable=True)
