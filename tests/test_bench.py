@@ -46,3 +46,14 @@ def test_missing_diffusers_is_said_plainly():
     assert proc.returncode == 1
     assert "'diffusers' is not installed" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_flow_family_presets_run_and_keep_frozen_weights(monkeypatch):
+    """--family builds SD3.5 / FLUX layouts (toy width here) and runs the same unlearn loop; masked-out weights stay bitwise."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import bench_erase
+
+    report = bench_erase.main(["--family", "flux-dev", "--cpu-smoke", "--no-mask", "--steps", "2", "--warmup", "0"])
+    rows = {row["name"]: row for row in report["step"]}
+    assert set(rows) == {"default", "smoke-xattn"} and report["tflop_per_sample"] > 0
+    assert all(row["samples_per_s"] > 0 and row["frozen_bitwise"] is True for row in rows.values())
