@@ -1,14 +1,21 @@
 """Issue 14 part 3: flow matching on the denoiser interface, SD3 and FLUX conditions, joint-attention scopes."""
 
+import copy
+
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
+from salun_sd.core_config import TrainConfig
 from salun_sd.denoiser import ConceptData
 from salun_sd.draws import draw_batch, generator
+from salun_sd.errors import UserError
 from salun_sd.objectives import diffusion_loss, guided_forget_loss
-from salun_sd.sd.flow import FLOW_SCOPES, flux_denoiser, sd3_denoiser
+from salun_sd.sd.flow import FLOW_SCOPES, SD3Denoiser, flux_denoiser, sd3_denoiser
 from salun_sd.sd.tiny_flow import tiny_flux_pipeline, tiny_sd3_pipeline
+from salun_sd.trainer import unlearn
 
 PROMPTS = ["a photo of a nude person", "a photo of a person wearing clothes"]
 
@@ -85,3 +92,22 @@ def test_cross_attention_scope_is_the_text_stream_of_joint_attention(sd3, flux):
     dual = [n for n, _ in sd3.model.named_parameters() if ".attn2." in n]
     assert dual and not any(FLOW_SCOPES["xattn"](n) for n in dual)  # SD3.5's attn2 is image self-attention
     assert not any(FLOW_SCOPES["xattn"](n) for n, _ in flux.model.named_parameters() if n.startswith("single_transformer_blocks."))
+
+
+@pytest.mark.parametrize(("method", "scope"), [("esd_x", "xattn"), ("esd_u", "noxattn")])
+def test_esd_trains_only_its_scope_of_the_sd3_transformer(sd3, tmp_path, method, scope):
+    den = SD3Denoiser(copy.deepcopy(sd3.model), sd3.noise_scheduler.config, sd3.prompts, sd3.table["embeddings"], sd3.table["pooled"])
+    before = {n: p.detach().clone() for n, p in den.model.named_parameters()}
+    AcceleratorState._reset_state(True)
+    cfg = TrainConfig(method=method, batch_size=2, max_steps=2, learning_rate=1e-3)
+    forget = ConceptData(torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.full((4,), den.cond_id(PROMPTS[0])))
+    after = dict(unlearn(den, forget, None, [], cfg, Accelerator(cpu=True), tmp_path).named_parameters())
+    inside = {n for n in before if FLOW_SCOPES[scope](n)}
+    assert all(torch.equal(before[n], after[n]) for n in before if n not in inside)
+    assert sum(int((before[n] != after[n]).sum()) for n in inside) > 0.5 * sum(before[n].numel() for n in inside)
+
+
+def test_attention_resteering_is_refused_in_one_line():
+    with pytest.raises(UserError, match="joint attention") as err:
+        sd3_denoiser(tiny_sd3_pipeline(), PROMPTS, ["nude"])
+    assert "\n" not in str(err.value)
