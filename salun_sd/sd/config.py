@@ -63,15 +63,25 @@ def words(prompt: str) -> list[str]:
 
 
 @dataclass
+class SingleFileConfig:
+    """A single-file --model (.safetensors / .ckpt of SD-1.x, SD-2.x or SDXL, as A1111 and ComfyUI use them) and a single-file export."""
+
+    config: str = ""  # diffusers folder or Hub ID whose component configs and tokenizers describe the file (offline: a local folder); default: diffusers' reference model of the detected family
+    ema: bool = False  # load the EMA UNet where the file holds both (the official SalUn run starts from the non-EMA UNet of sd-v1-4-full-ema.ckpt)
+    export: bool = False  # also write OUTPUT_DIR/model.safetensors: the erased model in the base file's own layout (needs a single-file --model)
+
+
+@dataclass
 class EraseConfig:
     """A whole SD erase. Defaults reproduce the official SalUn nudity run on SD v1.4."""
 
-    model: str = "CompVis/stable-diffusion-v1-4"  # Hub ID, local folder, or "tiny" (offline random weights)
+    model: str = "CompVis/stable-diffusion-v1-4"  # Hub ID, local folder, single .safetensors/.ckpt file, or "tiny" (offline random weights)
     concept: str = ""  # name of the erased concept, for the model card
     output_dir: str = "outputs/erase"  # run folder: mask, checkpoints, manifest, pipeline/
     overwrite: bool = False  # replace an existing run folder
     mixed_precision: str = "no"  # no | fp16 | bf16 (Accelerate autocast; weights stay fp32)
     export_unet_only: bool = False  # export the denoiser alone (the UNet, or SD3/FLUX's transformer) instead of the whole pipeline
+    single_file: SingleFileConfig = field(default_factory=SingleFileConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,11 +1,13 @@
 """Stable Diffusion's part of an erase (salun_sd.erase_flow runs it): data groups → denoiser, and the pipeline export.
 
 Every family of sd/loading.FAMILIES (SD-1.x/2.x, SDXL) runs through here. The erased model is
-OUTPUT_DIR/pipeline, loaded by the family's pipeline class or AutoPipelineForText2Image.from_pretrained.
+OUTPUT_DIR/pipeline, loaded by the family's pipeline class or AutoPipelineForText2Image.from_pretrained;
+with single_file.export also OUTPUT_DIR/model.safetensors, in the layout of the single file it came from.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -20,8 +22,8 @@ from salun_sd.objectives import Method, get_method
 from salun_sd.saliency import Mask, mask_summary
 from salun_sd.sd.config import EraseConfig
 from salun_sd.sd.data import check_sources, concept_data, generate_share
-from salun_sd.sd.export import export, model_card
-from salun_sd.sd.loading import check_model, family_of, load_pipeline
+from salun_sd.sd.export import export, export_single_file, model_card
+from salun_sd.sd.loading import check_model, family_of, is_single_file, load_pipeline
 
 
 class SDErase(EraseJob):
@@ -37,6 +39,8 @@ class SDErase(EraseJob):
     def check(self, method: Method) -> None:
         data, name = self.config.data, self.train.method
         check_model(self.config.model)
+        if self.config.single_file.export and not is_single_file(self.config.model):
+            raise UserError(f"single_file.export writes the layout of a single-file base model; --model {self.config.model} is not a .safetensors/.ckpt file")
         if not data.forget:
             raise UserError("the forget set is empty: give data.forget at least one group with a prompt and images")
         check_sources(data)
@@ -55,7 +59,7 @@ class SDErase(EraseJob):
         cfg, data = self.config, self.config.data
         misaligned_prompts = data.misaligned() if method.uses_misaligned else []
         concept_words = data.concept() if method.uses_concept_tokens else []
-        pipe = self.pipe = load_pipeline(cfg.model)
+        pipe = self.pipe = load_pipeline(cfg.model, single_file=cfg.single_file)
         family = family_of(pipe)
         network = getattr(pipe, family.network)
         latent_size = getattr(pipe, "default_sample_size", None) or network.config.sample_size  # FLUX's transformer has no sample_size; SD-1/2 pipelines no default
@@ -65,11 +69,12 @@ class SDErase(EraseJob):
         pipe.to(accelerator.device)
         den = family.denoiser(pipe, prompts, concept_words, resolution)
         cond_of = {p: den.cond_id(p) for p in prompts}
-        generate_share(pipe, cfg.model, data.forget + remain_groups, data, resolution, accelerator.process_index, accelerator.num_processes)
+        source = f"{cfg.model} (EMA)" if cfg.single_file.ema and is_single_file(cfg.model) else cfg.model  # names the cached images
+        generate_share(pipe, source, data.forget + remain_groups, data, resolution, accelerator.process_index, accelerator.num_processes)
         accelerator.wait_for_everyone()
         with accelerator.main_process_first():  # the main process encodes and caches the latents; the others read them
-            forget = concept_data(pipe, cfg.model, data.forget, cond_of, data, resolution, "forget")
-            remain = concept_data(pipe, cfg.model, data.remain, cond_of, data, resolution, "remain") if method.uses_remain else None
+            forget = concept_data(pipe, source, data.forget, cond_of, data, resolution, "forget")
+            remain = concept_data(pipe, source, data.remain, cond_of, data, resolution, "remain") if method.uses_remain else None
         if method.uses_concept_tokens:
             missing = [g.prompt for g in data.forget if not den.concept_tokens[cond_of[g.prompt]].any()]
             if missing:
@@ -96,7 +101,11 @@ class SDErase(EraseJob):
         loader = type(model).__name__ if cfg.export_unet_only else type(self.pipe).__name__
         card = model_card(cfg.model, cfg.concept or cfg.data.forget[0].prompt, settings, kept, loader, network)
         info = manifest(to_dict(cfg), "erase", mask_kept_fraction=kept, num_processes=num_processes)
-        return export(self.pipe.to("cpu"), network, model, self.out / self.product, card, info, cfg.export_unet_only)
+        written = export(self.pipe.to("cpu"), network, model, self.out / self.product, card, info, cfg.export_unet_only)
+        if cfg.single_file.export:
+            summary = {"base_model": cfg.model, "concept": cfg.concept or cfg.data.forget[0].prompt, "method": self.train.method, "mask_kept": str(kept)}
+            export_single_file(cfg.model, model, self.out / "model.safetensors", {"salun_sd": json.dumps(summary)})
+        return written
 
 
 def erase(cfg: EraseConfig, accelerator: Accelerator, steps: tuple[str, ...] = ("mask", "erase")) -> Path:

@@ -1,7 +1,8 @@
-"""Export the erased model as a folder diffusers loads as it is, with a model card.
+"""Export the erased model as a folder diffusers loads as it is, with a model card, and optionally as one
+single-file checkpoint in the base file's own layout (A1111, ComfyUI, from_single_file).
 
-The folder is written under a temporary name and renamed at the end, so a crash never leaves a
-half-written folder under the final name.
+Everything is written under a temporary name and renamed at the end, so a crash never leaves a
+half-written export under the final name.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import DiffusionPipeline
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, load_single_file_checkpoint
+from safetensors.torch import save_file
 from torch import nn
 
 from salun_sd.manifest import write_manifest
@@ -84,4 +88,28 @@ def export(
         shutil.rmtree(old)
     else:
         tmp.replace(out)
+    return out
+
+
+def export_single_file(base_file: str | Path, unet: nn.Module, out: Path, metadata: dict[str, str]) -> Path:
+    """The base single file with its UNet replaced by `unet`, as safetensors at `out`.
+
+    Each UNet weight goes under the key diffusers' own conversion reads it from (found by running that
+    conversion on the base file and matching the tensors it hands out by identity), so from_single_file
+    loads the written UNet bit for bit. Every other tensor (VAE, text encoders) is the base file's as it is.
+    The file's EMA copy of the UNet (`model_ema.*`) is left out: it still holds the concept.
+    """
+    checkpoint = {k: v for k, v in load_single_file_checkpoint(str(base_file)).items() if isinstance(v, torch.Tensor)}
+    key_of = {id(tensor): key for key, tensor in checkpoint.items()}
+    converted = convert_ldm_unet_checkpoint(checkpoint, dict(unet.config), extract_ema=False)
+    names = {name: key_of[id(tensor)] for name, tensor in converted.items()}
+    weights = unet.state_dict()
+    missing = sorted(set(weights) - set(names))
+    if missing:
+        raise ValueError(f"{base_file} has no weight that diffusers maps to {missing[0]}")  # a UNet that is not the file's
+    merged = {key: tensor for key, tensor in checkpoint.items() if not key.startswith("model_ema.")}
+    merged.update({names[name]: weight.detach() for name, weight in weights.items()})
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous().clone() for k, v in merged.items()}, str(tmp), metadata=metadata)  # clone: .ckpt tensors share storage
+    tmp.replace(out)
     return out

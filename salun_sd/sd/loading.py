@@ -1,7 +1,9 @@
-"""Loading a base pipeline (a Hub model ID, a local folder, or the offline tiny pipeline) and knowing its family.
+"""Loading a base pipeline (a Hub model ID, a local folder, a single-file checkpoint, or the offline tiny
+pipeline) and knowing its family.
 
-The family comes from the folder itself (model_index.json `_class_name`), so an SDXL folder loads as SDXL
-and a family the toolkit does not erase is refused in one line before any weight is read.
+The family comes from the model itself: a folder's model_index.json `_class_name`, or for a single file the
+checkpoint type diffusers infers from its keys. So an SDXL folder loads as SDXL, and a family the toolkit does
+not erase is refused in one line.
 """
 
 from __future__ import annotations
@@ -13,19 +15,22 @@ from typing import Any, Callable
 
 import torch
 from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
 
 from salun_sd.denoiser import Denoiser
 from salun_sd.errors import UserError
 from salun_sd.sd.adapter import sd_denoiser, sdxl_denoiser
+from salun_sd.sd.config import SingleFileConfig
 from salun_sd.sd.flow import flux_denoiser, sd3_denoiser
 from salun_sd.sd.tiny import tiny_pipeline
 
 TINY = "tiny"  # the model name of the offline random-weight pipeline
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
 def check_model(model: str) -> None:
-    """A model written as a path (/..., ./..., ~/..., a/b/c) must exist: otherwise loading would ask the Hub for it."""
-    looks_local = model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model
+    """A model written as a path (/..., ./..., ~/..., a/b/c, x.safetensors) must exist: otherwise loading would ask the Hub for it."""
+    looks_local = model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model or is_single_file(model)
     if model != TINY and looks_local and not Path(model).expanduser().exists():
         raise UserError(f"model folder {model} does not exist (a Hugging Face Hub ID has the form org/name)")
 
@@ -39,13 +44,15 @@ class Family:
     denoiser: Callable[..., Denoiser]  # (pipe, prompts, concept_words, resolution) -> Denoiser over "" + prompts
     network: str = "unet"  # the pipeline component that is erased; every other one stays the base model's
     load_options: dict[str, Any] = field(default_factory=dict)  # extra from_pretrained arguments
+    checkpoint_types: tuple[str, ...] = ()  # diffusers' names (infer_diffusers_model_type) of its single-file checkpoints
 
 
 FAMILIES = {
     f.pipeline.__name__: f
     for f in (
-        Family("SD-1.x/2.x", StableDiffusionPipeline, sd_denoiser, load_options={"safety_checker": None, "requires_safety_checker": False}),
-        Family("SDXL", StableDiffusionXLPipeline, sdxl_denoiser),
+        Family("SD-1.x/2.x", StableDiffusionPipeline, sd_denoiser, load_options={"safety_checker": None, "requires_safety_checker": False},
+               checkpoint_types=("v1", "v2")),
+        Family("SDXL", StableDiffusionXLPipeline, sdxl_denoiser, checkpoint_types=("xl_base",)),
         Family("SD3", StableDiffusion3Pipeline, sd3_denoiser, network="transformer"),
         Family("FLUX.1", FluxPipeline, flux_denoiser, network="transformer"),
     )
@@ -73,13 +80,37 @@ def model_index(model: str, local: Path) -> dict[str, Any]:
         ) from None
 
 
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
-    """Load with the family's pipeline class; on failure say whether the folder is wrong, unsupported or the Hub unreachable."""
+def is_single_file(model: str) -> bool:
+    return Path(model).suffix in SINGLE_FILE_SUFFIXES
+
+
+def load_single_file(path: Path, settings: SingleFileConfig, dtype_arg: dict[str, torch.dtype]) -> DiffusionPipeline:
+    """A .safetensors/.ckpt checkpoint through diffusers' from_single_file, with the family its keys say it is."""
+    kind = infer_diffusers_model_type(load_single_file_checkpoint(str(path)))
+    family = next((f for f in FAMILIES.values() if kind in f.checkpoint_types), None)
+    if family is None:
+        raise UserError(f"{path} is a {kind!r} checkpoint, a family salun-sd does not erase; it erases single files of {', '.join(f.name for f in FAMILIES.values() if f.checkpoint_types)}")
+    try:
+        return family.pipeline.from_single_file(str(path), config=settings.config or None, extract_ema=settings.ema, **family.load_options, **dtype_arg)
+    except Exception as err:  # offline without a config, a broken file, a config of another family, ...
+        raise UserError(
+            f"could not load {path} as a {family.name} single file ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "offline, set single_file.config to a local diffusers folder of the same family (its configs and tokenizers describe the file)"
+        ) from None
+
+
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, single_file: SingleFileConfig | None = None) -> DiffusionPipeline:
+    """Load with the family's pipeline class; on failure say whether the model is wrong, unsupported or the Hub unreachable."""
     check_model(model)
     if model == TINY:
         pipe = tiny_pipeline()
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     local = Path(model).expanduser()
+    dtype_arg = {} if dtype == torch.float32 else {"torch_dtype": dtype}
+    if is_single_file(model):
+        pipe = load_single_file(local, single_file or SingleFileConfig(), dtype_arg)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     index = model_index(model, local)
     name = index.get("_class_name", "")
     if name not in FAMILIES:
@@ -88,7 +119,6 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32) -> DiffusionPi
     # A required component saved as [null, null] (SD3 without T5) must be passed as None, as diffusers asks.
     absent = {key: None for key, entry in index.items() if entry == [None, None] and key not in family.pipeline._optional_components}
     try:
-        dtype_arg = {} if dtype == torch.float32 else {"torch_dtype": dtype}
         pipe = family.pipeline.from_pretrained(str(local) if local.exists() else model, **family.load_options, **absent, **dtype_arg)
     except Exception as err:  # a folder with a broken or missing component
         raise UserError(f"{model} is not a complete diffusers {family.name} folder: {err}") from None
