@@ -131,7 +131,7 @@ class FlowMatchDenoiser(Denoiser):
         self.timestep_scheme, self.logit_mean, self.logit_std, self.mode_scale = timestep_scheme, logit_mean, logit_std, mode_scale
 
     def draw_timestep(self, generator: torch.Generator) -> int:
-        from diffusers.training_utils import compute_density_for_timestep_sampling
+        from diffusers.training_utils import compute_density_for_timestep_sampling  # here: that module imports every diffusers pipeline
 
         u = compute_density_for_timestep_sampling(self.timestep_scheme, 1, self.logit_mean, self.logit_std, self.mode_scale, generator=generator)
         return min(int(u * self.num_train_timesteps), self.num_train_timesteps - 1)  # sigmoid can round to 1.0 in float32
