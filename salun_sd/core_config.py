@@ -15,6 +15,7 @@ from salun_sd.errors import UserError
 SCOPES = ("all", "xattn", "noxattn")
 ATTENTION = ("sdpa", "eager", "xformers")
 MASK_SCOPES = ("global", "per_layer")
+REPORT_TO = ("tensorboard", "wandb")
 
 
 def check_fraction(fraction: float, where: str) -> None:
@@ -73,6 +74,7 @@ class TrainConfig:
     checkpoints_total_limit: int = 2
     resume_from_checkpoint: str = ""  # "" | latest | path to a checkpoint folder
     seed: int = 0
+    report_to: str = ""  # also hand every step's losses to Accelerate's tracker: tensorboard | wandb (OUTPUT_DIR/log.jsonl is always written)
 
     def check(self, section: str = "train") -> None:
         """The values torch or the loop would otherwise reject with a raw traceback; `section` names them in errors."""
@@ -84,6 +86,8 @@ class TrainConfig:
         for name in ("batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{section}.{name} must be at least 1, got {getattr(self, name)}")
+        if self.report_to not in ("", *REPORT_TO):
+            raise UserError(f"{section}.report_to must be one of {', '.join(REPORT_TO)} (or empty), got {self.report_to!r}")
 
     def total_steps(self, num_forget: int, num_processes: int) -> int:
         if self.max_steps > 0:

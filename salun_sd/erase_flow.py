@@ -9,6 +9,7 @@ Run folder layout (`out`):
     manifest.json          resolved config, versions, git revision
     mask.safetensors       the saliency mask used (plus mask-<fraction>.safetensors for extra fractions)
     checkpoints/           resumable training state (train.checkpointing_steps)
+    log.jsonl              every optimizer step's loss terms (salun_sd.training_log)
     <job.product>/         the erased model
 """
 
@@ -63,6 +64,9 @@ class EraseJob(ABC):
     @abstractmethod
     def load(self, accelerator: Accelerator, method: Method) -> Loaded:
         """The base model as a denoiser, and the data the method uses."""
+
+    def before_training(self, accelerator: Accelerator) -> None:
+        """Anything to take from the base model before unlearning changes it in place (nothing by default)."""
 
     @abstractmethod
     def export(self, model: nn.Module, mask: Mask | None, num_processes: int) -> Path:
@@ -141,9 +145,10 @@ def erase(job: EraseJob, accelerator: Accelerator, steps: tuple[str, ...] = ("ma
     if not training:
         return job.out
 
+    job.before_training(accelerator)
     model = unlearn(loaded.den, loaded.forget, loaded.remain, loaded.misaligned, job.train, accelerator, job.out, mask)
     if accelerator.is_main_process:
-        written = job.export(model.to("cpu").eval(), mask, accelerator.num_processes)
+        written = job.export(model.eval(), mask, accelerator.num_processes)
         accelerator.print(f"erased model written to {written}")
     accelerator.wait_for_everyone()
     return job.out

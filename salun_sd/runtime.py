@@ -25,13 +25,20 @@ def device(requested: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_accelerator(mixed_precision: str = "no") -> Accelerator:
-    """Accelerate picks up `accelerate launch`; CPU-only machines need cpu=True to run several processes."""
+def make_accelerator(mixed_precision: str = "no", report_to: str = "", project_dir: str | None = None) -> Accelerator:
+    """Accelerate picks up `accelerate launch`; CPU-only machines need cpu=True to run several processes.
+
+    With report_to (tensorboard | wandb), Accelerate's tracker of that name logs into project_dir.
+    """
     from accelerate import Accelerator
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
 
     if mixed_precision not in ("no", "fp16", "bf16"):
         raise UserError(f"mixed_precision must be no, fp16 or bf16, got {mixed_precision!r} (in YAML, quote \"no\")")
-    return Accelerator(mixed_precision=mixed_precision, cpu=device() == "cpu")
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    if report_to and not available[report_to]():
+        raise UserError(f"report_to={report_to} needs the {report_to} package, which is not installed here: pip install {report_to}")
+    return Accelerator(mixed_precision=mixed_precision, cpu=device() == "cpu", log_with=report_to or None, project_dir=project_dir)
 
 
 def finish(accelerator: Accelerator) -> None:

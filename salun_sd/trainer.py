@@ -28,6 +28,7 @@ from salun_sd.draws import draw_batch
 from salun_sd.errors import UserError
 from salun_sd.objectives import Method, get_method
 from salun_sd.saliency import Mask
+from salun_sd.training_log import StepLog
 
 OPTIMIZERS = ("adam", "adam_fused", "adam8bit")
 
@@ -87,6 +88,19 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
     raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
 
 
+def masked_weight_decay(params: list[nn.Parameter], masks: list[torch.Tensor] | None, decay: float) -> Callable[..., None]:
+    """Decoupled weight decay θ ← θ·(1 − lr·λ) where the mask is 1 (a factor of exactly 1.0 elsewhere), as a
+    step pre-hook of the optimizer: it runs only when the step does, so a step that fp16 loss scaling skips
+    (its gradients overflowed) leaves the weights as they were, decay included."""
+
+    def decay_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        factors = [1 - decay * m for m in masks] if masks is not None else [1 - decay] * len(params)
+        with torch.no_grad():
+            torch._foreach_mul_(params, factors)
+
+    return decay_step
+
+
 def zero_frozen_8bit_moments(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], masks: list[torch.Tensor]) -> None:
     """Reset the 8-bit Adam moments of frozen weights to the code of exactly 0.
 
@@ -129,16 +143,19 @@ def unlearn(
         model.to(memory_format=torch.channels_last)
     frozen = copy.deepcopy(model).requires_grad_(False).eval().to(accelerator.device) if method.needs_frozen else None  # the original, for ESD's target
     model.train()
+    masks = [mask[n].to(accelerator.device, torch.bool) for n in params] if mask is not None else None  # 1 byte per weight
     optimizer = make_optimizer(list(params.values()), cfg)
+    if cfg.weight_decay > 0:
+        optimizer.register_step_pre_hook(masked_weight_decay(list(params.values()), masks, cfg.learning_rate * cfg.weight_decay))
     model, optimizer = accelerator.prepare(model, optimizer)
     net = torch.compile(model, mode=cfg.compile_mode, dynamic=False) if cfg.compile_unet else model  # static shapes: one graph per batch shape
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     den.to(device)
     forget, remain = forget.to(device), remain.to(device) if remain is not None else None
-    masks = [mask[n].to(device, torch.bool) for n in params] if mask is not None else None  # 1 byte per weight
     candidates = torch.tensor(misaligned, dtype=torch.long) if method.uses_misaligned else None
     ckpt_root = run_dir / "checkpoints"
     step = resume(accelerator, ckpt_root, cfg.resume_from_checkpoint)
+    log = StepLog(accelerator, run_dir, step, cfg)
     total, accum = cfg.total_steps(len(forget), world), cfg.gradient_accumulation_steps
     global_batch = cfg.batch_size * world
 
@@ -167,20 +184,17 @@ def unlearn(
             torch._foreach_mul_(grads, masks)
         if cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-        if cfg.weight_decay > 0:
-            decay = cfg.learning_rate * cfg.weight_decay
-            factors = [1 - decay * m for m in masks] if masks is not None else [1 - decay] * len(params)
-            with torch.no_grad():  # a factor of exactly 1.0 where the mask is 0
-                torch._foreach_mul_(list(params.values()), factors)
-        optimizer.step()
+        optimizer.step()  # weight decay included (masked_weight_decay)
         if cfg.optimizer == "adam8bit" and masks is not None:
             zero_frozen_8bit_moments(optimizer, list(params.values()), masks)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in zip(["loss", *terms], values)})
+        logged = dict(zip(["loss", *terms], values))
+        bar.set_postfix({k: f"{v:.4g}" for k, v in logged.items()})
+        log(step, logged)
         if on_step is not None:
-            on_step(step, dict(zip(["loss", *terms], values)))
+            on_step(step, logged)
         if cfg.checkpointing_steps and (step % cfg.checkpointing_steps == 0 or step == total):
             save_checkpoint(accelerator, ckpt_root, step, cfg.checkpoints_total_limit)
     bar.close()

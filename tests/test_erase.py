@@ -4,9 +4,11 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from PIL import Image
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
@@ -60,6 +62,15 @@ def test_export_loads_with_from_pretrained_in_a_fresh_process_and_generates(eras
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
+def test_validation_grid_puts_the_base_model_above_the_erased_one(erased):
+    out, cfg = erased
+    grid = np.asarray(Image.open(out / "validation.png"), dtype=np.int16)
+    assert grid.shape == (64, 64, 3)  # rows: base, erased; columns: the forget prompt, the remain prompt; 32 px each
+    base = tiny_pipeline()(FORGET, num_inference_steps=3, guidance_scale=7.5, height=32, width=32, generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.abs(grid[:32, :32] - np.asarray(base, dtype=np.int16)).max() <= 1
+    assert np.abs(grid[:32, :32] - grid[32:, :32]).max() > 10  # the erase changed what the forget prompt draws
+
+
 def test_existing_output_is_refused_unless_overwrite(erased, data_cache):
     out, _ = erased
     with pytest.raises(UserError, match="--overwrite"):
@@ -94,7 +105,6 @@ def test_empty_prompt_list_and_empty_folder_are_clear_errors(tmp_path, data_cach
 
 def test_folder_source_trains_on_real_images(tmp_path, data_cache):
     from skimage import data as photos
-    from PIL import Image
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -160,7 +170,6 @@ def test_mask_then_erase_in_one_folder_with_extra_fractions_and_the_unet_alone(t
 def test_hf_dataset_group_saved_to_disk_gives_the_latents_of_the_same_images_in_a_folder(tmp_path):
     """`hf_dataset: <folder written by save_to_disk>` works offline; the class filter keeps label 1 only."""
     import datasets  # the `datasets` extra, part of the `test` extra
-    from PIL import Image
     from skimage import data as photos
 
     images = {name: Image.fromarray(getattr(photos, name)()).convert("RGB") for name in ("astronaut", "coffee", "chelsea")}

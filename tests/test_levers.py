@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 import os
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def setup():
     return unet, embeddings, forget, remain, mask
 
 
-def run(setup, tmp_path: Path, mixed_precision: str = "no", **levers) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def run(setup, tmp_path: Path, mixed_precision: str = "no", scaler: torch.amp.GradScaler | None = None, **levers) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Losses per step, the weights before and the weights after STEPS masked SalUn steps."""
     unet, embeddings, forget, remain, mask = setup
     model = copy.deepcopy(unet)
@@ -45,6 +46,8 @@ def run(setup, tmp_path: Path, mixed_precision: str = "no", **levers) -> tuple[l
     den = TextConditionedDenoiser(model, DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), ["", "f", "r", "m"], embeddings)
     AcceleratorState._reset_state(True)
     accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
+    if scaler is not None:  # Accelerate makes its own GradScaler only on GPUs
+        accelerator.scaler = scaler
     cfg = TrainConfig(batch_size=4, max_steps=STEPS, learning_rate=1e-3, **levers)
     losses = []
     trained = unlearn(den, forget, remain, [3], cfg, accelerator, tmp_path, mask=mask, on_step=lambda step, values: losses.append(values["loss"]))
@@ -102,6 +105,14 @@ def test_fp32_lever_matches_plain(setup, plain, tmp_path, levers):
 
 def test_bf16_autocast_matches_within_bf16_tolerance(setup, plain, tmp_path):
     check_lever(setup, plain, tmp_path, loss_rtol=5e-3, update_tol=0.25, mixed_precision="bf16")
+
+
+def test_a_step_that_fp16_loss_scaling_skips_applies_no_weight_decay_either(setup, tmp_path):
+    """torch's GradScaler, as Accelerate uses it for fp16 on a GPU, here with an infinite scale: every scaled
+    gradient overflows, so the scaler skips every step, and the masked weight decay must skip it too."""
+    losses, before, after = run(setup, tmp_path, scaler=torch.amp.GradScaler("cpu", init_scale=float("inf")), weight_decay=0.1)
+    assert len(losses) == STEPS and all(math.isfinite(loss) for loss in losses)  # the loss itself is finite
+    assert all(torch.equal(after[n], before[n]) for n in before)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="adam8bit needs bitsandbytes (pip install 'salun-sd[bnb]')")

@@ -61,8 +61,9 @@ def run_forget(args: argparse.Namespace, steps: tuple[str, ...]) -> None:
     from salun_sd.ddpm.forget import erase
 
     cfg = load_config(args)
-    accelerator = make_accelerator(cfg.mixed_precision)
-    erase(cfg, accelerator, Path(args.model_dir or cfg.base_dir()), Path(args.output) if args.output else cfg.erase_dir(), steps)
+    out = Path(args.output) if args.output else cfg.erase_dir()
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.unlearn.report_to, str(out))
+    erase(cfg, accelerator, Path(args.model_dir or cfg.base_dir()), out, steps)
     finish(accelerator)
 
 

@@ -34,7 +34,7 @@ def run_steps(args: argparse.Namespace, steps: tuple[str, ...]) -> None:
     from salun_sd.sd.erase import erase  # torch and diffusers load only when a job runs
 
     cfg = load_config(args)
-    accelerator = make_accelerator(cfg.mixed_precision)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.train.report_to, cfg.output_dir)
     erase(cfg, accelerator, steps)
     finish(accelerator)
 

@@ -81,6 +81,7 @@ class EraseConfig:
     overwrite: bool = False  # replace an existing run folder
     mixed_precision: str = "no"  # no | fp16 | bf16 (Accelerate autocast; weights stay fp32)
     export_unet_only: bool = False  # export the denoiser alone (the UNet, or SD3/FLUX's transformer) instead of the whole pipeline
+    validation_grid: bool = True  # write OUTPUT_DIR/validation.png: base (top) vs erased on the forget prompts and a remain prompt, fixed seed
     single_file: SingleFileConfig = field(default_factory=SingleFileConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)

@@ -24,6 +24,7 @@ from salun_sd.sd.config import EraseConfig
 from salun_sd.sd.data import check_sources, concept_data, generate_share
 from salun_sd.sd.export import export, export_single_file, model_card
 from salun_sd.sd.loading import check_model, family_of, is_single_file, load_pipeline
+from salun_sd.sd.validation import draw_validation, write_validation_grid
 
 
 class SDErase(EraseJob):
@@ -35,6 +36,8 @@ class SDErase(EraseJob):
         self.config, self.train, self.mask = cfg, cfg.train, cfg.mask
         self.out, self.overwrite, self.model_name = Path(cfg.output_dir), cfg.overwrite, cfg.model
         self.pipe = None  # the base pipeline, once loaded: the export reuses its other components
+        self.resolution = 0  # of the training images and the validation grid, once the pipeline is loaded
+        self.base_images = []  # the validation prompts drawn by the base model
 
     def check(self, method: Method) -> None:
         data, name = self.config.data, self.train.method
@@ -63,7 +66,7 @@ class SDErase(EraseJob):
         family = family_of(pipe)
         network = getattr(pipe, family.network)
         latent_size = getattr(pipe, "default_sample_size", None) or network.config.sample_size  # FLUX's transformer has no sample_size; SD-1/2 pipelines no default
-        resolution = data.resolution or latent_size * pipe.vae_scale_factor
+        resolution = self.resolution = data.resolution or latent_size * pipe.vae_scale_factor
         remain_groups = data.remain if method.uses_remain else []
         prompts = [g.prompt for g in data.forget + remain_groups] + misaligned_prompts
         pipe.to(accelerator.device)
@@ -84,7 +87,14 @@ class SDErase(EraseJob):
                 component.to("cpu")
         return Loaded(den, forget, remain, [cond_of[p] for p in misaligned_prompts])
 
+    def before_training(self, accelerator: Accelerator) -> None:
+        if self.config.validation_grid and accelerator.is_main_process:
+            self.base_images = draw_validation(self.pipe, family_of(self.pipe).network, self.config.data, self.resolution)
+
     def export(self, model: nn.Module, mask: Mask | None, num_processes: int) -> Path:
+        if self.base_images:  # the erased row while the network is still on the device
+            setattr(self.pipe, family_of(self.pipe).network, model)
+            write_validation_grid(self.base_images, draw_validation(self.pipe, family_of(self.pipe).network, self.config.data, self.resolution), self.out)
         cfg, method = self.config, get_method(self.train.method)
         settings = {
             "method": self.train.method,
