@@ -3,6 +3,7 @@ run in the output folder survives it even with --overwrite."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -41,6 +42,14 @@ def truncated_mask(root: Path) -> str:
     return str(root / "mask.safetensors")
 
 
+def foreign_pipeline(root: Path) -> str:
+    """A pipeline folder of a family salun-sd does not erase (an audio model)."""
+    folder = root / "audioldm2"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "AudioLDM2Pipeline", "unet": ["diffusers", "AudioLDM2UNet2DConditionModel"]}))
+    return str(folder)
+
+
 def set_field(section: str, key: str, value):
     return lambda cfg, root: setattr(getattr(cfg, section), key, value)
 
@@ -60,6 +69,8 @@ CASES = [
      r"^cannot read image .*cut\.png: image file is truncated"),
     ("truncated_mask_file", lambda cfg, root: setattr(cfg.mask, "path", truncated_mask(root)),
      r"^mask file .*mask\.safetensors is not a complete safetensors file \(.*\); make it again with `salun-sd mask`$"),
+    ("unsupported_family", lambda cfg, root: setattr(cfg, "model", foreign_pipeline(root)),
+     r"^.*audioldm2 is a AudioLDM2Pipeline, a family salun-sd does not erase; it erases StableDiffusionPipeline"),
     ("missing_local_model", lambda cfg, root: setattr(cfg, "model", str(root / "models" / "sd-v1-4")),
      r"^model folder .*sd-v1-4 does not exist"),
 ]

@@ -29,10 +29,14 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
 def check_model(model: str) -> None:
-    """A model written as a path (/..., ./..., ~/..., a/b/c, x.safetensors) must exist: otherwise loading would ask the Hub for it."""
+    """Fail before anything loads: a model written as a path (/..., ./..., ~/..., a/b/c, x.safetensors) must exist
+    (else loading would ask the Hub for it), and a local pipeline folder must hold a family salun-sd erases."""
+    local = Path(model).expanduser()
     looks_local = model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model or is_single_file(model)
-    if model != TINY and looks_local and not Path(model).expanduser().exists():
+    if model != TINY and looks_local and not local.exists():
         raise UserError(f"model folder {model} does not exist (a Hugging Face Hub ID has the form org/name)")
+    if model != TINY and local.is_dir():
+        model_family(model, model_index(model, local))
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,13 @@ FAMILIES = {
 
 def family_of(pipe: DiffusionPipeline) -> Family:
     return FAMILIES[type(pipe).__name__]
+
+
+def model_family(model: str, index: dict[str, Any]) -> Family:
+    name = index.get("_class_name", "")
+    if name not in FAMILIES:
+        raise UserError(f"{model} is a {name or 'pipeline without a _class_name'}, a family salun-sd does not erase; it erases {', '.join(FAMILIES)}")
+    return FAMILIES[name]
 
 
 def model_index(model: str, local: Path) -> dict[str, Any]:
@@ -112,10 +123,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, single_file: S
         pipe.set_progress_bar_config(disable=True)
         return pipe
     index = model_index(model, local)
-    name = index.get("_class_name", "")
-    if name not in FAMILIES:
-        raise UserError(f"{model} is a {name or 'pipeline without a _class_name'}, a family salun-sd does not erase; it erases {', '.join(FAMILIES)}")
-    family = FAMILIES[name]
+    family = model_family(model, index)
     # A required component saved as [null, null] (SD3 without T5) must be passed as None, as diffusers asks.
     absent = {key: None for key, entry in index.items() if entry == [None, None] and key not in family.pipeline._optional_components}
     try:
