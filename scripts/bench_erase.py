@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import re
 import sys
@@ -63,6 +64,8 @@ from reference_models import (
     FLUX_DEV_CONFIG, FLUX_SCHEDULER_CONFIG, SD3_SCHEDULER_CONFIG, SD14_UNET_CONFIG, SD35_LARGE_CONFIG, SD35_MEDIUM_CONFIG, SDXL_UNET_CONFIG, sd14_noise_scheduler,
 )
 from salun_sd.core_config import TrainConfig
+from salun_sd.errors import UserError
+from salun_sd.runtime import device as pick_device
 from salun_sd.trainer import unlearn
 
 GIB = 2**30
@@ -149,8 +152,11 @@ def split_settings(settings: dict[str, object]) -> tuple[str, TrainConfig]:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
-    return f"{model} ({torch.get_num_threads()} threads)"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"CPU {model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def peak_tflops(name: str) -> float | None:
@@ -319,6 +325,9 @@ def run_step(name: str, settings: dict[str, object], args: argparse.Namespace, d
         times, losses, peak, frozen = train_once(cfg, mixed_precision, device, family, args.cpu_smoke)
     except torch.cuda.OutOfMemoryError:
         result["error"] = "out of memory" + (f" (capped at {args.memory_cap_gib:g} GiB)" if args.memory_cap_gib else "")
+        return result
+    except UserError as err:  # e.g. adam8bit without bitsandbytes: this row fails, the others still run
+        result["error"] = str(err)
         return result
     finally:
         gc.collect()
@@ -553,7 +562,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         device = torch.device("cpu")
         args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
     else:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(pick_device(args.device))
     flow = family.run is FLOW_RUN
     specs = args.config or ((FLOW_SMOKE_RUN if flow else SMOKE_RUN) if args.cpu_smoke else family.run)
     if device.type == "cpu" and not (args.cpu_smoke or args.mask_only or args.device):

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,11 +26,14 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # reference_models, also when run through runpy (tests)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling scripts, also when run through runpy (tests)
 
-from salun_sd.evaluation.generate import resolve_dtype
+from bench_erase import device_name, synchronize
 from reference_models import SD14_TEXT_CONFIG, SD14_UNET_CONFIG, SD14_VAE_CONFIG
+from salun_sd.evaluation.generate import resolve_dtype
+from salun_sd.runtime import device as pick_device
 from salun_sd.sd.tiny import tiny_pipeline
+
 
 def full_size_pipeline(dtype: torch.dtype, device: torch.device) -> StableDiffusionPipeline:
     """SD-1.4-shaped models with random weights, built on `device` in `dtype`; the tokenizer and the
@@ -48,27 +49,7 @@ def full_size_pipeline(dtype: torch.dtype, device: torch.device) -> StableDiffus
     return StableDiffusionPipeline(**{**tiny_pipeline().components, **models}, requires_safety_checker=False)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name where Linux tells it, else the architecture."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the offline tiny pipeline (32 px) instead of the full-size one")
     parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default: %(default)s)")
@@ -78,9 +59,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, help="image width (default: 512, or 32 with --tiny)")
     parser.add_argument("--repeats", type=int, default=3, help="timed pipeline calls after one warm-up call (default: %(default)s)")
     parser.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto", help="auto: fp16 on GPU, fp32 on CPU")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(pick_device())
     dtype = resolve_dtype(args.dtype, device)
     size = 32 if args.tiny else 512
     height, width = args.height or size, args.width or size
@@ -107,25 +88,23 @@ def main() -> None:
         synchronize(device)
         elapsed = time.perf_counter() - start
     images = args.batch_size * args.repeats
-    print(
-        json.dumps(
-            {
-                "device": device_name(device),
-                "pipeline": "tiny" if args.tiny else "SD-1.4 shapes, random weights",
-                "unet_parameters_M": round(sum(p.numel() for p in pipe.unet.parameters()) / 1e6, 1),
-                "dtype": str(dtype).removeprefix("torch."),
-                "size": f"{width}x{height}",
-                "steps": args.steps,
-                "guidance": args.guidance,
-                "batch_size": args.batch_size,
-                "images_timed": images,
-                "seconds": round(elapsed, 3),
-                "images_per_s": round(images / elapsed, 3),
-                "build_s": round(build_s, 1),
-                "torch": torch.__version__,
-            }
-        )
-    )
+    figures = {
+        "device": device_name(device),
+        "pipeline": "tiny" if args.tiny else "SD-1.4 shapes, random weights",
+        "unet_parameters_M": round(sum(p.numel() for p in pipe.unet.parameters()) / 1e6, 1),
+        "dtype": str(dtype).removeprefix("torch."),
+        "size": f"{width}x{height}",
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "batch_size": args.batch_size,
+        "images_timed": images,
+        "seconds": round(elapsed, 3),
+        "images_per_s": round(images / elapsed, 3),
+        "build_s": round(build_s, 1),
+        "torch": torch.__version__,
+    }
+    print(json.dumps(figures))
+    return figures
 
 
 if __name__ == "__main__":

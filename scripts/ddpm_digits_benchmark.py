@@ -24,7 +24,6 @@ from salun_sd.ddpm.classifier import load_classifier, predict
 from salun_sd.ddpm.config import DDPMConfig
 from salun_sd.ddpm.data import load_split
 from salun_sd.ddpm.evaluate import Features
-from salun_sd.evaluation.fid import frechet_distance
 from salun_sd.manifest import git_revision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,11 +43,11 @@ def real_reference(cfg: DDPMConfig) -> dict:
     test, train = load_split(cfg.data, "test"), load_split(cfg.data, "train", exclude_class=cfg.forget_class)
     pred = predict(classifier, test.x0)[0]
     forget = test.cond == cfg.forget_class
-    remain_test = test.x0[~forget]
+    features.set_reference(test.x0[~forget])
     return {
         "ua": (pred[forget] != cfg.forget_class).float().mean().item(),
         "remaining_accuracy": (pred[~forget] == test.cond[~forget]).float().mean().item(),
-        "fid": frechet_distance(features.stats(train.x0), features.stats(remain_test)),
+        "fid": features.distance(train.x0),
     }
 
 

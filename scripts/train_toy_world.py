@@ -13,18 +13,141 @@ Copy OUT/best to salun_sd/assets/toyworld/pipeline to ship it.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.training_utils import EMAModel, compute_snr
+from transformers import CLIPTextModel
 
+from salun_sd.sd.tiny import assemble, clip_tokenizer
 from salun_sd.toyworld.classifier import load_classifier
-from salun_sd.toyworld.pipeline import PIPELINE_DIR, ToySDConfig, build_text_encoder, build_unet, build_vae
-from salun_sd.toyworld.training import DiffusionRecipe, encode_latents, score, train_diffusion, train_vae
-from salun_sd.toyworld.world import WorldSpec
+from salun_sd.toyworld.pipeline import PIPELINE_DIR, ToySDConfig, build_scheduler, build_text_encoder, build_unet, build_vae
+from salun_sd.toyworld.scoring import score
+from salun_sd.toyworld.world import WorldSpec, prompts, sample, to_tensor
+
+
+def train_vae(vae: AutoencoderKL, spec: WorldSpec, steps: int, batch_size: int = 64, lr: float = 2e-3, kl_weight: float = 1e-4, seed: int = 0, log=print) -> AutoencoderKL:
+    """MSE reconstruction + a small KL on fresh drawn batches; then set scaling_factor so latents have unit std."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
+    chunk = 16
+    for step in range(steps):
+        if step % chunk == 0:
+            xs = to_tensor(sample(chunk * batch_size, 7_000_000 + seed * 100_003 + step, spec).images)
+        x = xs[(step % chunk) * batch_size : (step % chunk + 1) * batch_size]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec, x) + kl_weight * post.kl().mean() / x[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % 100 == 0:
+            log(f"vae step {step + 1}/{steps} loss {loss.item():.5f}")
+    vae.eval()
+    with torch.no_grad():
+        lat = vae.encode(to_tensor(sample(2048, 99, spec).images)).latent_dist.mode()
+    vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, spec: WorldSpec, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled latent means of `n` drawn images and each image's concept index into spec.concepts."""
+    batch = sample(n, seed, spec)
+    x = to_tensor(batch.images)
+    lat = torch.cat([vae.encode(x[i : i + 512]).latent_dist.mode() for i in range(0, n, 512)]) * vae.config.scaling_factor
+    concept = torch.from_numpy(batch.colour_ids * len(spec.shapes) + batch.shape_ids)
+    return lat, concept
+
+
+def tokenize(texts: list[str]) -> torch.Tensor:
+    tok = clip_tokenizer()
+    return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+
+@dataclass
+class DiffusionRecipe:
+    """The levers of the diffusion stage (the script's --help)."""
+
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 1e-3
+    text_lr: float = 1e-3  # 0 freezes the text encoder
+    uncond_prob: float = 0.1
+    min_snr_gamma: float = 5.0  # min-SNR-gamma loss weighting; 0 disables it
+    ema_decay: float = 0.999
+    warmup: int = 100
+    seed: int = 0
+
+
+def train_diffusion(cfg: ToySDConfig, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel, latents: torch.Tensor, concept: torch.Tensor,
+                    spec: WorldSpec, recipe: DiffusionRecipe, on_eval=None, eval_every: int = 500, time_budget_s: float = math.inf, log=print):
+    """Train UNet (and the text encoder when recipe.text_lr > 0); call `on_eval(step, pipeline_of_ema)` every eval_every steps."""
+    torch.manual_seed(recipe.seed)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    scheduler = build_scheduler(cfg)
+    ids = tokenize(prompts(spec) + [""])  # row len(concepts) is the empty prompt
+    null = len(ids) - 1
+    train_text = recipe.text_lr > 0
+    text_encoder.requires_grad_(train_text).train(train_text)
+    groups = [{"params": list(unet.parameters()), "lr": recipe.lr}]
+    if train_text:
+        groups.append({"params": list(text_encoder.parameters()), "lr": recipe.text_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup))
+    # diffusers' EMA, with its usual decay warm-up min(decay, (1 + step) / (10 + step)); the copies are what is evaluated and saved.
+    emas = [(EMAModel(m.parameters(), decay=recipe.ema_decay), copy.deepcopy(m).eval().requires_grad_(False)) for m in (unet, text_encoder)]
+
+    def ema_modules() -> tuple[UNet2DConditionModel, CLIPTextModel]:
+        for ema, module in emas:
+            ema.copy_to(module.parameters())
+        return emas[0][1], emas[1][1]
+
+    start = time.time()
+    unet.train()
+    for step in range(recipe.steps):
+        idx = torch.randint(0, len(latents), (recipe.batch_size,), generator=gen)
+        x0, c = latents[idx], concept[idx].clone()
+        c[torch.rand(len(c), generator=gen) < recipe.uncond_prob] = null
+        with torch.set_grad_enabled(train_text):
+            emb = text_encoder(ids)[0]  # all 17 prompts at once: far cheaper than one per example
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        xt = scheduler.add_noise(x0, noise, t)
+        target = noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+        pred = unet(xt, t, encoder_hidden_states=emb[c]).sample
+        per = (pred - target).pow(2).mean((1, 2, 3))
+        if recipe.min_snr_gamma > 0:  # min-SNR-gamma weighting (Hang et al. 2023), as diffusers' training examples apply it
+            snr = compute_snr(scheduler, t)
+            per = per * snr.clamp(max=recipe.min_snr_gamma) / (snr if cfg.prediction_type == "epsilon" else snr + 1)
+        loss = per.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        opt.step()
+        sched.step()
+        emas[0][0].step(unet.parameters())
+        if train_text:
+            emas[1][0].step(text_encoder.parameters())
+        if (step + 1) % 50 == 0:
+            log(f"step {step + 1} loss {loss.item():.4f} {(step + 1) / (time.time() - start):.2f} it/s")
+        last = step + 1 == recipe.steps or time.time() - start > time_budget_s
+        if on_eval is not None and ((step + 1) % eval_every == 0 or last):
+            on_eval(step + 1, assemble(vae, *reversed(ema_modules()), scheduler))
+        if last:
+            break
+    return ema_modules()
+
 
 
 def ship(best: Path, dest: Path, per_prompt: int, guidance: float) -> None:

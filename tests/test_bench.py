@@ -1,4 +1,5 @@
-"""scripts/bench_erase.py runs end to end on CPU at small shapes, and says plainly when diffusers is missing."""
+"""scripts/gpu_report.py (and through it bench_erase.py, bench_generate.py) runs end to end on CPU at small shapes;
+bench_erase.py says plainly when diffusers is missing."""
 
 from __future__ import annotations
 
@@ -9,20 +10,31 @@ from pathlib import Path
 
 from conftest import cpu_env
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_erase.py"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPT = SCRIPTS / "bench_erase.py"
 
 
-def test_cpu_smoke_reports_every_figure(tmp_path):
-    out = tmp_path / "bench.json"
+def test_gpu_report_cpu_smoke_runs_every_part_and_prints_rows(tmp_path):
+    """scripts/gpu_report.py --cpu-smoke: every part (erase presets + mask pass, the capped fit, generation) runs
+    through the same code as on a GPU, and the rows for BENCHMARKS.md come out with the device name."""
+    out = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--cpu-smoke", "--naive", "--json", str(out)],
+        [sys.executable, str(SCRIPTS / "gpu_report.py"), "--cpu-smoke", "--json", str(out)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         env=cpu_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    full = json.loads(out.read_text())
+    assert "error" not in full["fit"] and "error" not in full["generate"], (full["fit"], full["generate"])
+    device = full["erase"]["device"]
+    table = proc.stdout.strip().splitlines()
+    assert table[:2] == ["| device | what | result |", "| --- | --- | --- |"]
+    assert all(line.startswith(f"| {device} | ") for line in table[2:])
+    assert any("mask pass" in line for line in table) and any("24 GiB fit, bf16_ckpt_adam" in line for line in table)
+    assert any("generation, tiny" in line and "images/s" in line for line in table) and "attack" in table[-1]
+    report = full["erase"]
     assert report["tflop_per_sample"] > 0
     rows = {row["name"]: row for row in report["step"]}
     assert set(rows) == {"official", "default", "smoke-levers"}
@@ -34,7 +46,7 @@ def test_cpu_smoke_reports_every_figure(tmp_path):
     mask = report["mask"]
     assert abs(mask["kept"] - 0.5) < 1e-3 and mask["seconds"] > 0
     assert mask["same_threshold"] is True
-    assert "| official |" in proc.stdout and "mask pass" in proc.stdout
+    assert "erase step, preset official" in proc.stdout
 
 
 def test_missing_diffusers_is_said_plainly():

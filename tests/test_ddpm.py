@@ -98,7 +98,7 @@ def test_retrain_is_one_command_and_leaves_the_class_out(tmp_path):
 
 
 def test_sampling_is_seeded_per_image(digits):
-    run(digits, "sample", "--sample.per_class", "2", "--sample.num_inference_steps", "10", "--output", str(digits / "s1"))
+    run(digits, "sample", "--sample.per_class", "2", "--sample.num_inference_steps", "10", "--output_dir", str(digits / "s1"))
     images, labels = load_samples(digits / "s1")
     assert images.shape == (20, 1, 8, 8) and images.dtype == torch.uint8 and labels.tolist() == [c for c in range(10) for _ in range(2)]
     assert (digits / "s1" / "grid.png").is_file()

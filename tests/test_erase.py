@@ -95,7 +95,7 @@ def test_empty_prompt_list_and_empty_folder_are_clear_errors(tmp_path, data_cach
     (tmp_path / "empty").mkdir()
     cfg = tiny_config(tmp_path / "o2", data_cache)
     cfg.data.remain = [ImageGroup(prompt=REMAIN, folder=str(tmp_path / "empty"))]
-    with pytest.raises(UserError, match="has no images"):
+    with pytest.raises(UserError, match="holds no images"):
         erase(cfg, Accelerator(cpu=True))
     cfg = tiny_config(tmp_path / "o3", data_cache)
     cfg.data.forget = [ImageGroup(prompt=FORGET)]

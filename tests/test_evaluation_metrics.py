@@ -12,7 +12,7 @@ from conftest import RandomCNN, random_clip
 from salun_sd.errors import UserError
 from salun_sd.evaluation.classify import IMAGENETTE_IMAGENET_INDEX, ImageClassifier, imagenet_categories, imagenet_index, unlearning_accuracy
 from salun_sd.evaluation.clip_score import clip_score_metrics
-from salun_sd.evaluation.fid import FeatureExtractor, FidStats, compute_stats, frechet_distance, inception_extractor, reference_stats
+from salun_sd.evaluation.fid import FidStats, feature_fid, frechet_distance, image_batches, inception_fid, reference_stats
 from salun_sd.evaluation.nudity import EXPOSED_CLASSES, detect, nudity_metrics
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
@@ -77,9 +77,10 @@ def test_clip_score_with_random_open_clip_is_finite_and_in_range(photos, tiny_cl
     assert scores[0] == pytest.approx(expected, abs=1e-4)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def cnn():
-    return FeatureExtractor(RandomCNN(), image_size=32, name="random-cnn-8")
+    """torchmetrics' FrechetInceptionDistance on a small random CNN: the same metric path as Inception, offline."""
+    return feature_fid(RandomCNN(), name="random-cnn-8")
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +98,14 @@ def noise_sets(tmp_path_factory):
 
 def test_fid_of_a_set_with_itself_is_zero_and_of_different_sets_positive(noise_sets, photos, cnn):
     dark, bright = (sorted(folder.glob("*.png")) for folder in noise_sets)
-    dark_stats = compute_stats(dark, cnn, batch_size=5)
-    assert frechet_distance(dark_stats, dark_stats) == pytest.approx(0, abs=1e-8)
-    assert frechet_distance(dark_stats, compute_stats(bright, cnn)) > 0.01
-    assert frechet_distance(dark_stats, compute_stats(photos, cnn)) > 0.01
+    stats = reference_stats(noise_sets[0], cnn, batch_size=5)
+    assert stats.count == 12 and stats.extractor == "random-cnn-8"
+    assert cnn.distance(image_batches(dark, batch_size=5)) == pytest.approx(0, abs=1e-6)
+    to_bright = cnn.distance(image_batches(bright))
+    assert to_bright > 0.01 and cnn.distance(image_batches(photos)) > 0.01  # photos: five sizes, one batch each
+    # torchmetrics' distance is the Fréchet distance of the statistics (ours is kept for classifier features).
+    bright_stats = reference_stats(noise_sets[1], feature_fid(RandomCNN(), name="random-cnn-8"))
+    assert frechet_distance(stats, bright_stats) == pytest.approx(to_bright, rel=1e-4)
 
 
 def test_frechet_distance_matches_the_sqrtm_formula():
@@ -115,36 +120,36 @@ def test_frechet_distance_matches_the_sqrtm_formula():
 
 def test_fid_statistics_round_trip_and_reference_checks(noise_sets, cnn, tmp_path):
     dark, bright = noise_sets
-    stats = reference_stats(dark, cnn)
-    saved = tmp_path / "dark.npz"
-    stats.save(saved)
-    loaded = reference_stats(saved, cnn)
-    assert loaded.extractor == "random-cnn-8" and loaded.count == 12
-    bright_stats = compute_stats(sorted(bright.glob("*.png")), cnn)
-    assert frechet_distance(loaded, bright_stats) == pytest.approx(frechet_distance(stats, bright_stats))
-    other = FeatureExtractor(cnn.module, 32, "another-extractor")
+    bright_images = sorted(bright.glob("*.png"))
+    reference_stats(dark, cnn).save(tmp_path / "dark.npz")
+    direct = cnn.distance(image_batches(bright_images))
+    loaded = feature_fid(RandomCNN(), name="random-cnn-8")
+    assert reference_stats(tmp_path / "dark.npz", loaded).count == 12
+    assert loaded.distance(image_batches(bright_images)) == pytest.approx(direct, rel=1e-6)
     with pytest.raises(UserError, match="computed with 'random-cnn-8'.*'another-extractor'"):
-        reference_stats(saved, other)
+        reference_stats(tmp_path / "dark.npz", feature_fid(RandomCNN(), name="another-extractor"))
     with pytest.raises(UserError, match="reference set .* does not exist"):
         reference_stats(tmp_path / "missing", cnn)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no images"):
         reference_stats(tmp_path / "empty", cnn)
     with pytest.raises(UserError, match="at least 2 images"):
-        compute_stats(sorted(bright.glob("*.png"))[:1], cnn)
+        cnn.distance(image_batches(bright_images[:1]))
     np.savez(tmp_path / "wrong.npz", mean=np.zeros(3))
     with pytest.raises(UserError, match="'mu' and 'sigma'"):
         reference_stats(tmp_path / "wrong.npz", cnn)
 
 
-def test_inception_features_without_torch_fidelity_say_what_to_install():
+def test_inception_fid_offline_says_what_to_do(tmp_path):
+    """No network here: a missing weights file is named; without torch-fidelity, the package to install is."""
     try:
         import torch_fidelity  # noqa: F401
     except ImportError:
         with pytest.raises(UserError, match=r"salun-sd\[fid\]"):
-            inception_extractor()
+            inception_fid()
     else:
-        pytest.skip("torch-fidelity is installed here")
+        with pytest.raises(UserError, match="weights file .*missing.pth does not exist"):
+            inception_fid(str(tmp_path / "missing.pth"))
 
 
 def test_imagenette_classes_map_to_their_imagenet_indices():

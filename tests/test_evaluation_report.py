@@ -10,8 +10,8 @@ from PIL import Image
 from conftest import RandomCNN, random_clip
 from salun_sd.cli import main
 from salun_sd.errors import UserError
-from salun_sd.evaluation.fid import FeatureExtractor
-from salun_sd.evaluation.report import GAP, THUMBNAIL, metric_table, write_report
+from salun_sd.evaluation.fid import feature_fid
+from salun_sd.evaluation.report import THUMBNAIL, metric_table, write_report
 from salun_sd.evaluation.config import EvaluateConfig
 from salun_sd.evaluation.suite import ImageSet, Scorers, evaluate_sets
 from salun_sd.sd.tiny import tiny_pipeline
@@ -62,7 +62,7 @@ def test_evaluate_cli_nudenet_report_side_by_side(folders, capsys):
     assert "![base vs erased](grids/pairs_000.png)" in markdown
     assert "| 1 | 00000_4889_0.png | Image of tench |" in markdown
     grid = Image.open(out / "grids" / "pairs_000.png")
-    assert grid.size == (2 * THUMBNAIL + GAP, 3 * THUMBNAIL + 2 * GAP)
+    assert grid.size == (2 * THUMBNAIL, 3 * THUMBNAIL)
 
 
 def test_salun_protocol_from_a_yaml_config_is_recorded_and_reported(folders, tmp_path):
@@ -97,7 +97,7 @@ def test_suite_with_clip_fid_and_ua_scorers(folders):
     from salun_sd.evaluation.classify import ImageClassifier
 
     classifier = ImageClassifier(FirstThreeClasses(), lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1), "rgb-mean")
-    scorers = Scorers(clip=random_clip(), features=FeatureExtractor(RandomCNN(), 32, "random-cnn-8"), classifier=classifier)
+    scorers = Scorers(clip=random_clip(), fid=feature_fid(RandomCNN(), "random-cnn-8"), classifier=classifier)
     settings = EvaluateConfig(metrics=["clip", "fid", "ua"], reference=str(folders / "base"), forget_class="tench", batch_size=4)
     sets = [ImageSet.open("base", folders / "base"), ImageSet.open("erased", folders / "erased")]
     results = evaluate_sets(sets, settings, scorers)
@@ -151,14 +151,14 @@ def test_cli_bad_input_is_named(folders, tmp_path, capsys):
 
 
 def test_mixed_sizes_and_mismatched_pairs_are_named(folders, tmp_path):
-    cnn = FeatureExtractor(RandomCNN(), 32, "random-cnn-8")
+    cnn = feature_fid(RandomCNN(), "random-cnn-8")
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     for i, (name, size) in enumerate([("00000_4889_0.png", (32, 32)), ("00000_4890_1.png", (32, 32)), ("00001_987_0.png", (48, 32))]):
         Image.new("RGB", size, (i * 60, 0, 0)).save(mixed / name)
     settings = EvaluateConfig(metrics=["fid"], reference=str(folders / "base"))
     with pytest.raises(UserError, match=r"mixes image sizes \(32x32: 2 file\(s\), e.g. 00000_4889_0.png; 48x32: 1 file"):
-        evaluate_sets([ImageSet.open("odd", mixed)], settings, Scorers(features=cnn))
+        evaluate_sets([ImageSet.open("odd", mixed)], settings, Scorers(fid=cnn))
     with pytest.raises(UserError, match="00001_987_0.png is 32x32 in .* but 48x32 in .*different sizes"):
         evaluate_sets([ImageSet.open("base", folders / "base"), ImageSet.open("odd", mixed)], EvaluateConfig(metrics=["nudenet"]), Scorers())
 

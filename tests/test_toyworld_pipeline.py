@@ -31,7 +31,7 @@ def test_shipped_pipeline_loads_with_plain_from_pretrained():
 def test_shipped_pipeline_draws_the_asked_shape_and_colour():
     """A few samples per prompt, judged by the shipped classifier (measured numbers: docs/RESULTS.md)."""
     from salun_sd.toyworld.classifier import load_classifier
-    from salun_sd.toyworld.training import score
+    from salun_sd.toyworld.scoring import score
 
     r = score(load_classifier(), load_toy_pipeline(), WorldSpec(), per_prompt=4, seed=2024, steps=20)
     assert r["colour"] >= 0.9 and r["shape"] >= 0.9, r  # shipped: 1.000 / 1.000 on 1024 samples

@@ -19,8 +19,9 @@ EPILOG = """examples (digits run offline on a CPU in minutes; CIFAR-10 is the pa
   salun-sd ddpm classifier configs/ddpm_digits.yaml         # the judge -> WORK_DIR/classifier
   salun-sd ddpm mask configs/ddpm_digits.yaml               # saliency mask -> WORK_DIR/salun-class0/mask.safetensors
   salun-sd ddpm erase configs/ddpm_digits.yaml              # masked unlearning -> WORK_DIR/salun-class0
-  salun-sd ddpm sample configs/ddpm_digits.yaml --model_dir outputs/ddpm-digits/salun-class0
+  salun-sd ddpm sample configs/ddpm_digits.yaml --model_dir outputs/ddpm-digits/salun-class0 --output_dir samples/
   salun-sd ddpm evaluate configs/ddpm_digits.yaml           # UA, remaining accuracy, FID of every model found
+  salun-sd ddpm evaluate configs/ddpm_digits.yaml --model_dir DIR_A DIR_B --classifier_path DIR_C
   accelerate launch --num_processes 4 -m salun_sd ddpm train configs/ddpm_cifar10.yaml --train.batch_size 32
 Models load with UNet2DModel.from_pretrained("MODEL_DIR/unet") and DDPMScheduler.from_pretrained("MODEL_DIR/scheduler")."""
 
@@ -30,6 +31,13 @@ def load_config(args: argparse.Namespace) -> DDPMConfig:
     return apply_config_flags(cfg, args)
 
 
+def model_dir(cfg: DDPMConfig) -> Path:
+    """The one model a step reads: model_dir, else the base model."""
+    if len(cfg.model_dir) > 1:
+        raise UserError(f"this step reads one model, but model_dir names {len(cfg.model_dir)}: {' '.join(cfg.model_dir)}")
+    return Path(cfg.model_dir[0]) if cfg.model_dir else cfg.base_dir()
+
+
 def run_train(args: argparse.Namespace, exclude_class: int = -1) -> None:
     """Base training, or with exclude_class: Retrain, the same recipe without that class's images."""
     from salun_sd.ddpm.data import load_split
@@ -37,7 +45,7 @@ def run_train(args: argparse.Namespace, exclude_class: int = -1) -> None:
     from salun_sd.erase_flow import claim_run_folder
 
     cfg = load_config(args)
-    out = Path(args.output) if args.output else cfg.retrain_dir() if exclude_class >= 0 else cfg.base_dir()
+    out = Path(cfg.output_dir) if cfg.output_dir else cfg.retrain_dir() if exclude_class >= 0 else cfg.base_dir()
     accelerator = make_accelerator(cfg.mixed_precision)
     claim_run_folder(out, [out / "unet"], cfg.overwrite, bool(cfg.train.resume_from_checkpoint), accelerator, "train")
     data = load_split(cfg.data, "train", exclude_class)
@@ -61,9 +69,9 @@ def run_forget(args: argparse.Namespace, steps: tuple[str, ...]) -> None:
     from salun_sd.ddpm.forget import erase
 
     cfg = load_config(args)
-    out = Path(args.output) if args.output else cfg.erase_dir()
+    out = Path(cfg.output_dir) if cfg.output_dir else cfg.erase_dir()
     accelerator = make_accelerator(cfg.mixed_precision, cfg.unlearn.report_to, str(out))
-    erase(cfg, accelerator, Path(args.model_dir or cfg.base_dir()), out, steps)
+    erase(cfg, accelerator, model_dir(cfg), out, steps)
     finish(accelerator)
 
 
@@ -72,14 +80,14 @@ def run_sample(args: argparse.Namespace) -> None:
     from salun_sd.ddpm.sample import class_labels, sample, save_samples
 
     cfg = load_config(args)
-    model_dir = Path(args.model_dir or cfg.base_dir())
-    out = Path(args.output) if args.output else model_dir / "samples"
+    model = model_dir(cfg)
+    out = Path(cfg.output_dir) if cfg.output_dir else model / "samples"
     if (out / "samples.safetensors").exists() and not cfg.overwrite:
         raise UserError(f"{out / 'samples.safetensors'} already exists: pass --overwrite to replace it")
-    den = load_denoiser(model_dir)
+    den = load_denoiser(model)
     labels = class_labels(cfg.sample, den.num_classes)
     images = sample(den, labels, cfg.sample, device())
-    save_samples(images, labels, out, {"model": str(model_dir), "sample": json.dumps(to_dict(cfg.sample))})
+    save_samples(images, labels, out, {"model": str(model), "sample": json.dumps(to_dict(cfg.sample))})
     print(f"{len(labels)} samples written to {out} (grid.png, samples.safetensors)")
 
 
@@ -88,7 +96,7 @@ def run_classifier(args: argparse.Namespace) -> None:
     from salun_sd.ddpm.data import load_split
 
     cfg = load_config(args)
-    out = Path(args.output) if args.output else cfg.classifier_dir()
+    out = Path(cfg.output_dir) if cfg.output_dir else cfg.classifier_dir()
     if (out / "classifier.json").exists() and not cfg.overwrite:
         raise UserError(f"{out / 'classifier.json'} already exists: pass --overwrite to replace it")
     train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
@@ -103,19 +111,19 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from salun_sd.ddpm.evaluate import Features, evaluate_model, remaining_reference
 
     cfg = load_config(args)
-    models = [Path(m) for m in args.model_dir] or [d for d in (cfg.base_dir(), cfg.retrain_dir(), cfg.erase_dir()) if (d / "unet").is_dir()]
+    models = [Path(m) for m in cfg.model_dir] or [d for d in (cfg.base_dir(), cfg.retrain_dir(), cfg.erase_dir()) if (d / "unet").is_dir()]
     if not models:
         raise UserError(f"no trained model under {cfg.work_dir}; pass --model_dir DIR")
-    classifier, info = load_classifier(args.classifier or cfg.classifier_dir())
+    classifier, info = load_classifier(cfg.classifier_path or cfg.classifier_dir())
     if info["architecture"]["num_classes"] != cfg.model.num_classes:
         raise UserError(f"the classifier knows {info['architecture']['num_classes']} classes but model.num_classes is {cfg.model.num_classes}")
     classifier.to(device())
     features = Features(cfg.evaluate.features, classifier, cfg.evaluate.inception_weights, device())
-    reference = features.stats(remaining_reference(cfg).x0)
+    features.set_reference(remaining_reference(cfg).x0)
     print(f"classifier accuracy on real held-out images: {info['test_accuracy']:.2%}")
     print(f"{'model':<48} {'UA':>6} {'remain acc':>10} {'FID':>9}")
     for model_dir in models:
-        r = evaluate_model(cfg, model_dir, classifier, features, reference, device())
+        r = evaluate_model(cfg, model_dir, classifier, features, device())
         print(f"{str(model_dir):<48} {r['ua']:>6.3f} {r['remaining_accuracy']:>10.3f} {r['fid']:>9.3f}")
 
 
@@ -128,14 +136,6 @@ COMMANDS = {
     "sample": (run_sample, "draw guided samples per class (writes MODEL/samples/grid.png and samples.safetensors)"),
     "evaluate": (run_evaluate, "UA, remaining-class accuracy and FID of one or more models (writes MODEL/eval.json)"),
 }
-MODEL_HELP = {
-    "mask": "model folder to erase from (default: WORK_DIR/base)",
-    "erase": "model folder to erase from (default: WORK_DIR/base)",
-    "sample": "model folder to sample (default: WORK_DIR/base)",
-    "evaluate": "model folder(s) to score (default: base, retrain and erased models found under WORK_DIR)",
-}
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     summary = "class-conditional DDPM with classifier-free guidance (the paper's CIFAR-10 setting; digits offline)"
     parser = subparsers.add_parser("ddpm", help=summary, description=summary)
@@ -143,11 +143,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for name, (func, help_text) in COMMANDS.items():
         p = steps.add_parser(name, help=help_text, description=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("config", nargs="?", help="YAML config (configs/ddpm_cifar10.yaml, configs/ddpm_digits.yaml); flags below override its keys")
-        if name in MODEL_HELP:
-            p.add_argument("--model_dir", nargs="*" if name == "evaluate" else None, default=[] if name == "evaluate" else None, help=MODEL_HELP[name])
-        if name == "evaluate":
-            p.add_argument("--classifier", help="classifier folder (default: WORK_DIR/classifier)")
-        else:
-            p.add_argument("--output", help="output folder instead of the default under WORK_DIR")
         add_config_flags(p, DDPMConfig)
         p.set_defaults(func=func)

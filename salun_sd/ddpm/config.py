@@ -113,6 +113,9 @@ class DDPMConfig:
     """The whole DDPM experiment. Defaults are the official SalUn CIFAR-10 settings."""
 
     work_dir: str = "outputs/ddpm-cifar10"
+    output_dir: str = ""  # this step's output folder (default: the folder under work_dir that the step's description names)
+    model_dir: list[str] = field(default_factory=list)  # model folder(s) a step reads: one for mask, erase, sample (default: WORK_DIR/base); any for evaluate (default: every model under work_dir)
+    classifier_path: str = ""  # the classifier folder evaluate judges with (default: WORK_DIR/classifier)
     forget_class: int = 0
     overwrite: bool = False  # replace earlier results in the target folder
     mixed_precision: str = "no"  # no | fp16 | bf16

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from salun_sd.ddpm.classifier import SmallResNet, predict
 from salun_sd.ddpm.config import DDPMConfig
@@ -25,32 +24,39 @@ from salun_sd.ddpm.model import load_denoiser
 from salun_sd.ddpm.sample import class_labels, sample, save_samples
 from salun_sd.denoiser import ConceptData
 from salun_sd.errors import UserError
-from salun_sd.evaluation.fid import FidStats, frechet_distance, inception_extractor
+from salun_sd.evaluation.fid import FidStats, frechet_distance, inception_fid
 
 
 class Features:
-    """Maps images in [-1, 1] to FID features: Inception pool features or the classifier's penultimate layer."""
+    """FID of images in [-1, 1] against a reference set: torchmetrics' Inception FID (standard; the images go in as
+    uint8 at their own size, grey repeated to RGB, and the metric's Inception resizes them, see evaluation/fid.py), or
+    the Fréchet distance of the classifier's penultimate features (offline)."""
 
     def __init__(self, kind: str, classifier: SmallResNet, inception_weights: str = "", device: torch.device | str = "cpu") -> None:
         if kind not in ("inception", "classifier"):
             raise UserError(f"evaluate.features must be inception or classifier, got {kind!r}")
-        self.kind, self.classifier, self.device = kind, classifier, device
-        self.extractor = inception_extractor(inception_weights or None) if kind == "inception" else None
+        self.kind, self.classifier = kind, classifier
+        self.fid = inception_fid(inception_weights or None).to(device) if kind == "inception" else None
+        self.reference: FidStats | None = None
 
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, batch_size: int = 128) -> np.ndarray:
-        if self.extractor is None:
-            return predict(self.classifier, x)[1].double().numpy()
-        module, size, out = self.extractor.module.to(self.device).eval(), self.extractor.image_size, []
-        for start in range(0, len(x), batch_size):
-            chunk = F.interpolate(x[start : start + batch_size].float(), size=(size, size), mode="bilinear", align_corners=False)
-            chunk = to_uint8(chunk.expand(-1, 3, -1, -1)).to(self.device)  # grey images repeat their channel
-            out.append(module(chunk).reshape(len(chunk), -1).double().cpu().numpy())
-        return np.concatenate(out)
+    def _classifier_stats(self, x: torch.Tensor) -> FidStats:
+        f = predict(self.classifier, x)[1].double().numpy()
+        return FidStats(f.mean(0), np.cov(f, rowvar=False), len(f), "ddpm-classifier")
 
-    def stats(self, x: torch.Tensor) -> FidStats:
-        f = self(x)
-        return FidStats(f.mean(0), np.cov(f, rowvar=False), len(f), f"ddpm-{self.kind}")
+    @staticmethod
+    def _uint8_batches(x: torch.Tensor, batch_size: int = 128):
+        return (to_uint8(x[i : i + batch_size]).expand(-1, 3, -1, -1) for i in range(0, len(x), batch_size))
+
+    def set_reference(self, x: torch.Tensor) -> None:
+        if self.fid is None:
+            self.reference = self._classifier_stats(x)
+        else:
+            self.fid.add(self._uint8_batches(x), real=True)
+
+    def distance(self, x: torch.Tensor) -> float:
+        if self.fid is None:
+            return frechet_distance(self._classifier_stats(x), self.reference)
+        return self.fid.distance(self._uint8_batches(x))
 
 
 def remaining_reference(cfg: DDPMConfig) -> ConceptData:
@@ -58,7 +64,7 @@ def remaining_reference(cfg: DDPMConfig) -> ConceptData:
     return load_split(cfg.data, "test", exclude_class=cfg.forget_class)
 
 
-def evaluate_model(cfg: DDPMConfig, model_dir: Path, classifier: SmallResNet, features: Features, reference: FidStats, device: torch.device | str = "cpu") -> dict:
+def evaluate_model(cfg: DDPMConfig, model_dir: Path, classifier: SmallResNet, features: Features, device: torch.device | str = "cpu") -> dict:
     """Sample every class, score, write model_dir/eval.json (and the samples to model_dir/eval-samples)."""
     den = load_denoiser(model_dir)
     scfg = replace(cfg.sample, per_class=cfg.evaluate.samples_per_class, classes=[])
@@ -76,7 +82,7 @@ def evaluate_model(cfg: DDPMConfig, model_dir: Path, classifier: SmallResNet, fe
         "forget_class": cfg.forget_class,
         "ua": (pred[forget] != cfg.forget_class).float().mean().item(),
         "remaining_accuracy": (pred[~forget] == labels[~forget]).float().mean().item(),
-        "fid": frechet_distance(features.stats(images[~forget]), reference),
+        "fid": features.distance(images[~forget]),
         "fid_features": features.kind,
         "per_class_accuracy": per_class,
         "samples_per_class": cfg.evaluate.samples_per_class,

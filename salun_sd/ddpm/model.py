@@ -39,7 +39,7 @@ def build_unet(cfg: ModelConfig) -> UNet2DModel:
 
 
 def build_scheduler(cfg: ModelConfig) -> DDPMScheduler:
-    """Linear betas; clip_sample off, because clipping the x0 estimate breaks guided sampling (see DESIGN.md)."""
+    """Linear betas; clip_sample off: the guided x0 estimate leaves [-1, 1] on its way, and clipping it there breaks guided sampling."""
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_start=cfg.beta_start,

@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.utils import make_image_grid
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -91,13 +91,12 @@ def load_samples(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def grid(images: torch.Tensor, labels: torch.Tensor, columns: int = 10, cell: int = 32) -> Image.Image:
-    """uint8 images in rows by class (at most `columns` per class), each upscaled to `cell` pixels."""
+    """uint8 images in rows by class (at most `columns` per class, black where a class has fewer), each upscaled to about `cell` pixels."""
     classes = labels.unique().tolist()
-    channels, size = images.shape[1], images.shape[-1]
-    scale = max(1, math.ceil(cell / size))
-    canvas = np.zeros((len(classes) * size, columns * size, channels), dtype=np.uint8)
-    for row, c in enumerate(classes):
-        for col, img in enumerate(images[labels == c][:columns]):
-            canvas[row * size : (row + 1) * size, col * size : (col + 1) * size] = img.permute(1, 2, 0).numpy()
-    canvas = canvas.repeat(scale, 0).repeat(scale, 1)
-    return Image.fromarray(canvas[..., 0] if channels == 1 else canvas)
+    size = images.shape[-1] * max(1, math.ceil(cell / images.shape[-1]))
+    blank = Image.new("RGB", (size, size))
+    tiles = []
+    for c in classes:
+        mine = [Image.fromarray(img.permute(1, 2, 0).squeeze(-1).numpy()).resize((size, size), Image.Resampling.NEAREST) for img in images[labels == c][:columns]]
+        tiles += mine + [blank] * (columns - len(mine))
+    return make_image_grid(tiles, rows=len(classes), cols=columns)

@@ -127,7 +127,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     sets = [ImageSet.open(label, folder) for label, folder in folders]
     scorers, reference = load_scorers(cfg), None
     if "fid" in cfg.metrics:
-        reference = reference_stats(cfg.reference, scorers.features, cfg.batch_size, device(cfg.device))
+        reference = reference_stats(cfg.reference, scorers.fid.to(device(cfg.device)), cfg.batch_size)
         if cfg.save_reference_stats:
             reference.save(cfg.save_reference_stats)
             print(f"reference statistics saved to {cfg.save_reference_stats}")
@@ -149,9 +149,9 @@ def load_scorers(settings: EvaluateConfig) -> Scorers:
 
         scorers.clip = load_open_clip(settings.clip_model, settings.clip_pretrained, device(settings.device))
     if "fid" in settings.metrics:
-        from salun_sd.evaluation.fid import inception_extractor
+        from salun_sd.evaluation.fid import inception_fid
 
-        scorers.features = inception_extractor(settings.inception_weights or None)
+        scorers.fid = inception_fid(settings.inception_weights or None)
     if "ua" in settings.metrics:
         from salun_sd.evaluation.classify import resnet50_classifier
 

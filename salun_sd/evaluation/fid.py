@@ -1,58 +1,32 @@
-"""Fréchet distance between the feature statistics of generated and reference images (FID).
+"""FID: torchmetrics' FrechetInceptionDistance, with the reference held as its real statistics.
 
-Users get the standard Inception-v3 pool features (torch-fidelity's `inception-v3-compat`, as in
-torchmetrics' FID), and any other feature extractor can be plugged in. Statistics (mu, sigma) can
-be saved to and loaded from `.npz`, so a large reference set is read once.
+Preprocessing, the one path for Stable Diffusion images and the DDPM: each image goes in as uint8 RGB at
+its own size (grey images repeat their channel); the metric's Inception-v3 (torch-fidelity's
+`inception-v3-compat`, 2048-d pool features) resizes it to 299x299 with torch-fidelity's TensorFlow-1
+compatible bilinear resize (`antialias=False`), as the original TensorFlow FID code does. No resize of
+ours comes before it. Reference statistics (mu, sigma) can be saved to and loaded from `.npz` (ours or
+pytorch-fid's), so a large reference set is read once. `frechet_distance` computes the same distance from
+statistics of other features: the classifier features of the toy world and the digits DDPM, where no
+Inception is involved.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image
 
 from salun_sd.errors import UserError
 from salun_sd.evaluation.imagefiles import batched, list_images, load_rgb
 
+if TYPE_CHECKING:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
 INCEPTION_NAME = "inception-v3-compat-2048"
-
-
-@dataclass
-class FeatureExtractor:
-    """`module` maps uint8 images [N, 3, S, S] (S = `image_size`) to features [N, D].
-
-    `name` is stored with saved statistics: distances are only meaningful between statistics of
-    the same extractor.
-    """
-
-    module: torch.nn.Module
-    image_size: int
-    name: str
-
-
-def inception_extractor(weights_path: str | None = None) -> FeatureExtractor:
-    """The standard FID features: Inception-v3 2048-d pool features via torchmetrics + torch-fidelity."""
-    try:
-        import torch_fidelity  # noqa: F401  (torchmetrics' Inception needs it; fail here with a clear message)
-    except ImportError:
-        raise UserError(
-            "FID with the standard Inception features needs the torch-fidelity package: "
-            "`pip install 'salun-sd[fid]'` (torchmetrics + torch-fidelity)."
-        ) from None
-    from torchmetrics.image.fid import NoTrainInceptionV3
-
-    try:
-        module = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path)
-    except Exception as err:  # the weights are downloaded from GitHub on first use
-        raise UserError(
-            f"could not load the Inception weights for FID: {err}. Without a network, download "
-            "pt_inception-2015-12-05-6726825d.pth elsewhere and pass it with --inception_weights."
-        ) from err
-    return FeatureExtractor(module, 299, INCEPTION_NAME)
 
 
 @dataclass
@@ -82,27 +56,89 @@ class FidStats:
         return cls(mu.astype(np.float64), sigma.astype(np.float64), count, extractor)
 
 
-def _to_uint8(image: Image.Image, size: int) -> torch.Tensor:
-    resized = image.resize((size, size), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
+class FidMetric:
+    """A FrechetInceptionDistance whose real statistics are the reference; `name` is stored with saved statistics,
+    because distances are only meaningful between statistics of the same features."""
+
+    def __init__(self, metric: FrechetInceptionDistance, name: str) -> None:
+        metric.reset_real_features = False  # reset() clears the generated images only
+        self.metric, self.name = metric, name
+
+    def to(self, device: str | torch.device) -> FidMetric:
+        self.metric = self.metric.to(device)
+        return self
+
+    def add(self, batches: Iterable[torch.Tensor], real: bool) -> None:
+        """Batches of uint8 images [N, 3, H, W] (one size per batch), as the reference (real) or as generated images."""
+        for images in batches:
+            self.metric.update(images.to(self.metric.device), real=real)
+
+    def set_reference(self, stats: FidStats) -> None:
+        """Make `stats` the metric's real statistics (a pytorch-fid .npz has no count: any n >= 2 gives the same mu, sigma)."""
+        if stats.extractor != self.name:
+            raise UserError(f"reference statistics were computed with '{stats.extractor}', but FID now uses '{self.name}'.")
+        m = self.metric
+        n = max(stats.count, 2)
+        mu = torch.as_tensor(stats.mu, dtype=torch.float64, device=m.device)
+        if mu.shape != m.real_features_sum.shape:
+            raise UserError(f"reference statistics have {mu.numel()} features, but {self.name} gives {m.real_features_sum.numel()}.")
+        m.real_features_sum = mu * n
+        m.real_features_cov_sum = torch.as_tensor(stats.sigma, dtype=torch.float64, device=m.device) * (n - 1) + n * torch.outer(mu, mu)
+        m.real_features_num_samples = torch.tensor(n, device=m.device)
+
+    def reference(self) -> FidStats:
+        """The real statistics, as the metric computes them."""
+        m = self.metric
+        n = int(m.real_features_num_samples)
+        mu = m.real_features_sum / n
+        sigma = (m.real_features_cov_sum - n * torch.outer(mu, mu)) / (n - 1)
+        return FidStats(mu.cpu().numpy(), sigma.cpu().numpy(), n, self.name)
+
+    def distance(self, batches: Iterable[torch.Tensor]) -> float:
+        """FID of the images in `batches` (as for `add`) against the reference."""
+        self.metric.reset()
+        self.add(batches, real=False)
+        if int(self.metric.fake_features_num_samples) < 2:
+            raise UserError("FID needs at least 2 images per set; thousands are usual for a stable estimate.")
+        return max(float(self.metric.compute()), 0.0)  # a set against itself can round to a tiny negative
 
 
-@torch.inference_mode()
-def extract_features(paths: Sequence[Path], extractor: FeatureExtractor, batch_size: int = 32, device: str | torch.device = "cpu") -> np.ndarray:
-    """Features [N, D] in float64; every image is resized to the extractor's input size first."""
-    module = extractor.module.to(device).eval()
-    chunks = []
-    for chunk in batched(paths, batch_size, f"FID features ({extractor.name})"):
-        batch = torch.stack([_to_uint8(load_rgb(p), extractor.image_size) for p in chunk]).to(device)
-        chunks.append(module(batch).reshape(len(batch), -1).double().cpu().numpy())
-    return np.concatenate(chunks)
+def image_batches(paths: Sequence[Path], batch_size: int = 32, desc: str = "FID features") -> Iterator[torch.Tensor]:
+    """The files as uint8 tensors [N, 3, H, W] at their own size, one batch per size within each chunk."""
+    for chunk in batched(paths, batch_size, desc):
+        arrays = [np.asarray(load_rgb(p)) for p in chunk]
+        for size in dict.fromkeys(a.shape for a in arrays):  # a reference folder may mix sizes
+            yield torch.from_numpy(np.stack([a for a in arrays if a.shape == size])).permute(0, 3, 1, 2)
 
 
-def compute_stats(paths: Sequence[Path], extractor: FeatureExtractor, batch_size: int = 32, device: str | torch.device = "cpu") -> FidStats:
-    if len(paths) < 2:
-        raise UserError(f"FID needs at least 2 images per set, got {len(paths)}; thousands are usual for a stable estimate.")
-    features = extract_features(paths, extractor, batch_size, device)
-    return FidStats(features.mean(axis=0), np.cov(features, rowvar=False), len(paths), extractor.name)
+def inception_fid(weights_path: str | None = None) -> FidMetric:
+    """The standard FID: torchmetrics' FrechetInceptionDistance on 2048-d Inception-v3 pool features."""
+    try:
+        import torch_fidelity  # noqa: F401  (torchmetrics' Inception needs it; fail here with a clear message)
+    except ImportError:
+        raise UserError(
+            "FID with the standard Inception features needs the torch-fidelity package: "
+            "`pip install 'salun-sd[fid]'` (torchmetrics + torch-fidelity)."
+        ) from None
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if weights_path and not Path(weights_path).is_file():
+        raise UserError(f"Inception weights file {weights_path} does not exist: pass the path of pt_inception-2015-12-05-6726825d.pth.")
+    try:
+        metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights_path, antialias=False)
+    except Exception as err:  # the weights are downloaded from GitHub on first use
+        raise UserError(
+            f"could not load the Inception weights for FID ({type(err).__name__}: {err}). Without a network, download "
+            "pt_inception-2015-12-05-6726825d.pth elsewhere and pass it with --inception_weights."
+        ) from err
+    return FidMetric(metric, INCEPTION_NAME)
+
+
+def feature_fid(module: torch.nn.Module, name: str) -> FidMetric:
+    """FrechetInceptionDistance on another feature network taking uint8 images [N, 3, H, W] (tests use a small random CNN)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    return FidMetric(FrechetInceptionDistance(feature=module, input_img_size=(3, 32, 32)), name)
 
 
 def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
@@ -126,16 +162,19 @@ def frechet_distance(a: FidStats, b: FidStats) -> float:
     return max(distance, 0.0)
 
 
-def reference_stats(reference: str | Path, extractor: FeatureExtractor, batch_size: int = 32, device: str | torch.device = "cpu") -> FidStats:
-    """Statistics of the reference: a folder of images (any sizes; each is resized) or a saved `.npz`."""
+def reference_stats(reference: str | Path, fid: FidMetric, batch_size: int = 32) -> FidStats:
+    """Load the reference into `fid`: a folder of images (any sizes) or a saved `.npz`; return its statistics."""
     reference = Path(reference)
     if reference.is_file() and reference.suffix == ".npz":
         stats = FidStats.load(reference)
-        if stats.extractor != extractor.name:
-            raise UserError(f"reference statistics {reference} were computed with '{stats.extractor}', but FID now uses '{extractor.name}'.")
+        fid.set_reference(stats)
         return stats
     if not reference.exists():
         raise UserError(f"reference set {reference} does not exist: pass a folder of real images or a .npz of precomputed statistics.")
     if not reference.is_dir():
         raise UserError(f"reference set {reference} is neither a folder of images nor a .npz statistics file.")
-    return compute_stats(list_images(reference, "reference folder"), extractor, batch_size, device)
+    paths = list_images(reference, "reference folder")
+    if len(paths) < 2:
+        raise UserError(f"FID needs at least 2 reference images, {reference} holds {len(paths)}.")
+    fid.add(image_batches(paths, batch_size, f"FID reference ({fid.name})"), real=True)
+    return fid.reference()

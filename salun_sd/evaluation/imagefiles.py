@@ -19,14 +19,14 @@ METADATA_FILE = "metadata.jsonl"
 T = TypeVar("T")
 
 
-def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
-    """The image files directly in `folder`, sorted by name (names start with the case number)."""
+def list_images(folder: str | Path, what: str = "image folder", recursive: bool = False) -> list[Path]:
+    """The image files in `folder` (and its subfolders when `recursive`), sorted by path (names start with the case number)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{what} {folder} does not exist or is not a folder.")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-        raise UserError(f"{what} {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); generate some with `salun-sd generate` first.")
+        raise UserError(f"{what} {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
     return paths
 
 

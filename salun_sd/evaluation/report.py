@@ -10,14 +10,14 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from PIL import Image
+from diffusers.utils import make_image_grid
+from PIL import Image, ImageOps
 
 from salun_sd.evaluation.imagefiles import load_rgb, read_metadata
 from salun_sd.evaluation.nudity import NUDENET_MIN_SCORE
 
 GRID_ROWS = 8
 THUMBNAIL = 256
-GAP = 4
 
 Row = tuple[str, Callable[[dict], float | None], str]
 
@@ -80,17 +80,9 @@ def metric_table(results: dict) -> str:
 
 
 def save_grid(folders: list[Path], names: list[str], path: Path) -> None:
-    """One row per image name, one column per folder, each tile scaled (up or down) to fit THUMBNAIL px."""
-    width = len(folders) * THUMBNAIL + (len(folders) - 1) * GAP
-    height = len(names) * THUMBNAIL + (len(names) - 1) * GAP
-    grid = Image.new("RGB", (width, height), "white")
-    for row, name in enumerate(names):
-        for col, folder in enumerate(folders):
-            tile = load_rgb(folder / name)
-            scale = THUMBNAIL / max(tile.size)
-            tile = tile.resize((round(tile.width * scale), round(tile.height * scale)), Image.Resampling.LANCZOS)
-            grid.paste(tile, (col * (THUMBNAIL + GAP), row * (THUMBNAIL + GAP)))
-    grid.save(path)
+    """One row per image name, one column per folder, each tile fitted (up or down, aspect kept) into THUMBNAIL px."""
+    tiles = [ImageOps.pad(load_rgb(folder / name), (THUMBNAIL, THUMBNAIL), Image.Resampling.LANCZOS, color="white") for name in names for folder in folders]
+    make_image_grid(tiles, rows=len(names), cols=len(folders)).save(path)
 
 
 def grid_section(results: dict, out: Path, max_pairs: int) -> str:

@@ -14,7 +14,7 @@ from salun_sd.errors import UserError
 from salun_sd.evaluation.classify import ImageClassifier, unlearning_accuracy
 from salun_sd.evaluation.clip_score import ClipScorer, clip_score_metrics
 from salun_sd.evaluation.config import EvaluateConfig
-from salun_sd.evaluation.fid import FeatureExtractor, FidStats, compute_stats, frechet_distance, reference_stats
+from salun_sd.evaluation.fid import FidMetric, FidStats, image_batches, reference_stats
 from salun_sd.evaluation.imagefiles import METADATA_FILE, image_size, list_images, read_metadata, require_one_size
 from salun_sd.evaluation.nudity import nudity_metrics
 from salun_sd.evaluation.protocols import describe
@@ -30,7 +30,7 @@ class Scorers:
     """Loaded models for the metrics that need one; only those in `EvalSettings.metrics` must be set."""
 
     clip: ClipScorer | None = None
-    features: FeatureExtractor | None = None
+    fid: FidMetric | None = None  # holds the reference once `reference_stats` has loaded it
     classifier: ImageClassifier | None = None
 
 
@@ -109,11 +109,10 @@ def evaluate_set(image_set: ImageSet, settings: EvaluateConfig, scorers: Scorers
         results["clip"] = clip_score_metrics(paths, prompts, scorers.clip, settings.batch_size, device)
     if "fid" in settings.metrics:
         require_one_size(paths, f"{image_set.label} folder {image_set.folder} (for FID)")
-        stats = compute_stats(paths, scorers.features, settings.batch_size, device)
         results["fid"] = {
-            "fid": frechet_distance(stats, reference),
-            "extractor": stats.extractor,
-            "images": stats.count,
+            "fid": scorers.fid.distance(image_batches(paths, settings.batch_size, f"FID ({image_set.label})")),
+            "extractor": scorers.fid.name,
+            "images": len(paths),
             "reference": str(settings.reference),
             "reference_images": reference.count,
         }
@@ -129,7 +128,7 @@ def evaluate_sets(sets: Sequence[ImageSet], settings: EvaluateConfig, scorers: S
     check_settings(settings)
     pairs = matching_pairs(sets[0], sets[1]) if len(sets) == 2 else []
     if "fid" in settings.metrics and reference is None:
-        reference = reference_stats(settings.reference, scorers.features, settings.batch_size, pick_device(settings.device))
+        reference = reference_stats(settings.reference, scorers.fid.to(pick_device(settings.device)), settings.batch_size)
     return {
         "settings": {
             "protocol": settings.protocol,

@@ -25,10 +25,8 @@ from tqdm.auto import tqdm
 
 from salun_sd.denoiser import ConceptData
 from salun_sd.errors import UserError
-from salun_sd.evaluation.imagefiles import load_rgb
+from salun_sd.evaluation.imagefiles import list_images, load_rgb
 from salun_sd.sd.config import DataConfig, ImageGroup
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -81,22 +79,12 @@ def generate_share(pipe: StableDiffusionPipeline, model_name: str, groups: list[
             generated_images(pipe, model_name, group, cfg, resolution, rank, processes)
 
 
-def folder_images(folder: str) -> list[Path]:
-    root = Path(folder)
-    if not root.is_dir():
-        raise UserError(f"image folder {root} does not exist")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise UserError(f"image folder {root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return paths
-
-
 def check_sources(cfg: DataConfig) -> None:
     """Each group names one source, and every image of a folder group opens: a broken file stops the run
     here, named, before any model loads rather than in the middle of encoding."""
     for group in cfg.forget + cfg.remain:
         if group.source() == "folder":
-            for path in folder_images(group.folder)[: group.limit or None]:
+            for path in list_images(group.folder, "image folder", recursive=True)[: group.limit or None]:
                 load_rgb(path)
 
 
@@ -156,7 +144,7 @@ def group_latents(pipe: StableDiffusionPipeline, model_name: str, group: ImageGr
     if source == "generate":
         images: list = generated_images(pipe, model_name, group, cfg, resolution)
     elif source == "folder":
-        images = folder_images(group.folder)
+        images = list_images(group.folder, "image folder", recursive=True)
     else:
         images = hf_images(group)
     if group.limit:

@@ -1,17 +1,12 @@
 """Offline Stable Diffusion pipelines (SD-1.x and SDXL shapes) small enough for tests and the CPU demo.
 
 Every component is the real diffusers/transformers class, built from a config in memory with
-random weights; the tokenizer is the real CLIP BPE tokenizer, built from the vocabulary file that
-open_clip ships inside its package, so prompts are tokenized exactly as for SD-1.x.
+random weights; the tokenizer is the real CLIP BPE tokenizer (the toy world's shipped tokenizer.json,
+which is SD-1.x's), so prompts are tokenized exactly as for SD-1.x.
 """
 
 from __future__ import annotations
 
-import functools
-import gzip
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,53 +14,12 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, Sta
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 CLIP_MAX_LENGTH = 77
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte-level alphabet: every byte maps to a printable unicode character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
-
-
-@functools.lru_cache(maxsize=1)
-def clip_vocab_files() -> tuple[str, str]:
-    """Write CLIP's vocab.json/merges.txt from open_clip's packaged BPE file; return their paths.
-
-    CLIP's vocabulary is: the 256 byte symbols, the same with the end-of-word marker, one token
-    per merge (49152 - 256 - 2 of them), then the two special tokens — 49408 in all.
-    """
-    import open_clip
-
-    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    vocab = list(_bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    out = Path(tempfile.gettempdir()) / f"salun_sd_clip_vocab_{os.getuid()}"
-    out.mkdir(exist_ok=True)
-    files = {
-        out / "vocab.json": json.dumps({tok: i for i, tok in enumerate(vocab)}),
-        out / "merges.txt": "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
-    }
-    for path, text in files.items():  # atomic: several processes may build the tokenizer at once
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    return tuple(str(p) for p in files)
+CLIP_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "toyworld" / "pipeline" / "tokenizer"
 
 
 def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
-    """The real CLIP tokenizer (49408 tokens, 77 positions), built without network access."""
-    vocab_file, merges_file = clip_vocab_files()
-    return CLIPTokenizer(vocab_file, merges_file, model_max_length=CLIP_MAX_LENGTH, pad_token=pad_token)
+    """The real CLIP tokenizer (49408 tokens, 77 positions), read offline from the tokenizer.json shipped with the toy world."""
+    return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR), pad_token=pad_token)
 
 
 def tiny_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionPipeline:
@@ -149,7 +103,7 @@ def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionX
 
 
 def sd1_ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
-    """SD-1.x's noise schedule; clip_sample off because clipping breaks guided sampling (DESIGN.md)."""
+    """SD-1.x's noise schedule; clip_sample off, as in SD-1.x's own scheduler config: latents are not bounded to [-1, 1]."""
     return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,

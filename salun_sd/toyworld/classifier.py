@@ -4,18 +4,19 @@ It plays the part ResNet-50 (object classes) and NudeNet play for real models: i
 generated images give unlearning accuracy and retained accuracy, and its pooled features stand in
 for Inception features in a Fréchet distance. It is trained with noise, blur and contrast
 augmentation, because generated images are never as clean as drawn ones (a classifier trained on
-clean drawings alone loses most of its shape accuracy on slightly noisy images).
+clean drawings alone loses most of its shape accuracy on slightly noisy images). The training itself is
+scripts/train_toy_classifier.py.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from salun_sd.errors import UserError
@@ -81,36 +82,6 @@ class ToyClassifier(nn.Module):
         return torch.cat([o[0] for o in outs]).argmax(1), torch.cat([o[1] for o in outs]).argmax(1)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur (reflect padding); sigma 0 returns x unchanged."""
-    if sigma <= 0:
-        return x
-    radius = max(1, int(round(2.5 * sigma)))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[1]
-    x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
-def augment(x: torch.Tensor, cfg: ToyClassifierConfig, gen: torch.Generator) -> torch.Tensor:
-    """Blur, per-image contrast/brightness jitter and Gaussian noise: the defects of generated images."""
-    x = gaussian_blur(x, float(torch.rand((), generator=gen)) * cfg.max_blur)
-    n = len(x)
-    contrast = 0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=gen)
-    shift = 0.2 * (torch.rand(n, 1, 1, 1, generator=gen) - 0.5)
-    noise = cfg.max_noise * torch.rand(n, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
-    return (x * contrast + shift + noise).clamp(-1.5, 1.5)
-
-
-def save_classifier(model: ToyClassifier, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS))
-    (folder / CONFIG).write_text(json.dumps(asdict(model.cfg), indent=2) + "\n")
-
-
 def load_classifier(folder: str | Path | None = None) -> ToyClassifier:
     """The classifier in `folder` (default: the one shipped with the package), in eval mode."""
     folder = Path(folder) if folder is not None else ASSETS
@@ -127,29 +98,3 @@ def accuracy_on_drawn(model: ToyClassifier, n: int, seed: int) -> dict[str, floa
     batch = sample(n, seed, model.cfg.spec())
     s, c = model.predict(to_tensor(batch.images))
     return {"shape": float((s.numpy() == batch.shape_ids).mean()), "colour": float((c.numpy() == batch.colour_ids).mean())}
-
-
-def train_classifier(cfg: ToyClassifierConfig, log_every: int = 100) -> ToyClassifier:
-    """Adam with cosine decay on a fresh drawn batch every step (the world is infinite, so no epochs)."""
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model = ToyClassifier(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.learning_rate, total_steps=cfg.steps, pct_start=0.1)
-    spec = cfg.spec()
-    chunk = 32 * cfg.batch_size  # draw many batches at once: drawing is cheap in bulk
-    for step in range(cfg.steps):
-        if step % 32 == 0:
-            data = sample(chunk, 10_000 + cfg.seed * 1_000_003 + step, spec)
-            xs, ys, yc = to_tensor(data.images), torch.from_numpy(data.shape_ids), torch.from_numpy(data.colour_ids)
-        sl = slice((step % 32) * cfg.batch_size, (step % 32 + 1) * cfg.batch_size)
-        model.train()
-        ls, lc = model(augment(xs[sl], cfg, gen))
-        loss = F.cross_entropy(ls, ys[sl]) + F.cross_entropy(lc, yc[sl])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log_every and (step + 1) % log_every == 0:
-            print(f"step {step + 1}/{cfg.steps} loss {loss.item():.4f}", flush=True)
-    return model.eval()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw
 
 from salun_sd.evaluation.fid import FidStats, frechet_distance
@@ -23,7 +24,7 @@ from salun_sd.core_config import MaskConfig, TrainConfig
 from salun_sd.sd.config import DataConfig, EraseConfig, ImageGroup
 from salun_sd.toyworld.classifier import ToyClassifier, load_classifier
 from salun_sd.toyworld.pipeline import PIPELINE_DIR, load_toy_pipeline
-from salun_sd.toyworld.training import generate
+from salun_sd.toyworld.scoring import generate
 from salun_sd.toyworld.world import WorldSpec, caption
 
 FEATURES = "toyworld-classifier"
@@ -52,7 +53,7 @@ class Case:
 
 
 # Settings per method on the toy world (1 M-parameter UNet): the same data, batch (8), steps (200) and seeds
-# for all; alpha 0.5 as on digits (DESIGN.md: 1e-3 collapsed that model). Measured on erasing "circle":
+# for all; alpha 0.5 as on digits (docs/RESULTS.md: 1e-3 collapsed that model). Measured on erasing "circle":
 # with random remaining prompts as c', SalUn at lr 1e-4 reached only UA 0.19 in 200 steps and at 1e-3 UA
 # 0.76-0.88; the anchor c' (squares) gives UA 1.00. lr 1e-3 was unstable across seeds (SalUn's remaining
 # accuracy 0.99 / 0.87 / 0.59 on seeds 0 / 1 / 2; RL 0.98 / 0.67 / 0.67); lr 5e-4 kept UA 1.00 with 1.00
@@ -172,9 +173,9 @@ def grid(rows: list[dict], per_prompt: int, path: Path, scale: int = 4) -> None:
             pen.text((label_w + k * cell + 2, 2 + 12 * line), word, fill="black")
     for r, row in enumerate(rows):
         pen.text((4, head + r * cell + cell // 2 - 5), row["method"], fill="black")
-        for k in range(len(texts)):
-            x = ((row["images"][k * per_prompt].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-            img.paste(Image.fromarray(x).resize((cell, cell), Image.Resampling.NEAREST), (label_w + k * cell, head + r * cell))
+    cells = [Image.fromarray(((row["images"][k * per_prompt].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).resize((cell, cell), Image.Resampling.NEAREST)
+             for row in rows for k in range(len(texts))]
+    img.paste(make_image_grid(cells, rows=len(rows), cols=len(texts)), (label_w, head))
     img.save(path)
 
 
