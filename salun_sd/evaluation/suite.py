@@ -27,7 +27,7 @@ GENERATION_KEYS = ("model", "protocol", "scheduler", "steps", "guidance", "heigh
 
 @dataclass
 class Scorers:
-    """Loaded models for the metrics that need one; only those in `EvalSettings.metrics` must be set."""
+    """Loaded models for the metrics that need one; only those in `EvaluateConfig.metrics` must be set."""
 
     clip: ClipScorer | None = None
     fid: FidMetric | None = None  # holds the reference once `reference_stats` has loaded it
