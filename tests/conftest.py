@@ -2,8 +2,13 @@
 
 One thread for the whole suite and every process it starts: the models here are tiny, and on a busy
 2-core machine spinning threads cost more than they give (the toy demo took 645 s under load, 86 s
-on one thread). Subprocesses also see no GPU, so tests that compare processes run the same code
-on a machine with CUDA as without.
+on one thread).
+
+On a machine with CUDA GPUs: subprocesses see no GPU, and every Accelerator runs on the CPU
+(ACCELERATE_USE_CPU). Accelerate's state is one per process and the first Accelerator fixes its
+device, so otherwise the test order would decide whether a CLI run trains on the GPU, and runs that
+are compared with CPU subprocesses (one process vs two) would differ by the device. Generation and
+evaluation, which do not go through Accelerate, still use the GPU.
 """
 
 import os
@@ -13,6 +18,7 @@ import sys
 
 os.environ["OMP_NUM_THREADS"] = "1"  # before torch loads, and inherited by every subprocess
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["ACCELERATE_USE_CPU"] = "true"
 
 import open_clip  # noqa: E402
 import pytest  # noqa: E402
@@ -28,8 +34,10 @@ FORGET, REMAIN = "a photo of a nude person", "a photo of a person wearing clothe
 
 
 def cpu_env(**extra: str) -> dict[str, str]:
-    """The environment of a test's subprocess: this one's, on the CPU, offline, one thread."""
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
+    """The environment of a test's subprocess: this one's, on the CPU (no GPU to see; the launcher picks the
+    CPU itself, ACCELERATE_USE_CPU is for this process), offline, one thread."""
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    return {**env, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
 
 
 def free_port() -> int:
