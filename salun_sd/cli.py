@@ -22,6 +22,7 @@ COMMANDS = {
     "compare": ("salun_sd.toyworld.commands", "every method on the toy world: erase a shape and a colour, table + grids"),
     "generate": ("salun_sd.evaluation.commands", "generate images from a prompt set (I2P, class prompts, a text list)"),
     "evaluate": ("salun_sd.evaluation.commands", "score image folders (NudeNet, CLIP score, FID, UA) and write a report"),
+    "attack": ("salun_sd.attack.commands", "attack a pipeline with adversarial prompts (UnlearnDiffAtk) and embeddings: pre-ASR, ASR, report"),
     "ddpm": ("salun_sd.ddpm.commands", "class-conditional CFG DDPM: train, sample, mask, erase, retrain, evaluate"),
 }
 

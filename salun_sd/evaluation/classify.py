@@ -13,6 +13,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from salun_sd.errors import UserError
 from salun_sd.evaluation.imagefiles import batched, load_rgb
@@ -80,12 +81,18 @@ def resnet50_classifier() -> ImageClassifier:
 @torch.inference_mode()
 def predict(paths: Sequence[Path], classifier: ImageClassifier, batch_size: int = 32, device: str | torch.device = "cpu") -> list[int]:
     """Top-1 ImageNet index per image."""
-    module = classifier.module.to(device).eval()
     predictions: list[int] = []
     for chunk in batched(paths, batch_size, f"classify ({classifier.name})"):
-        batch = torch.stack([classifier.transform(load_rgb(p)) for p in chunk]).to(device)
-        predictions.extend(module(batch).argmax(dim=-1).tolist())
+        predictions.extend(predict_images([load_rgb(p) for p in chunk], classifier, device))
     return predictions
+
+
+@torch.inference_mode()
+def predict_images(images: Sequence[Image.Image], classifier: ImageClassifier, device: str | torch.device = "cpu") -> list[int]:
+    """Top-1 ImageNet index per image in memory."""
+    module = classifier.module.to(device).eval()
+    batch = torch.stack([classifier.transform(image) for image in images]).to(device)
+    return module(batch).argmax(dim=-1).tolist()
 
 
 def unlearning_accuracy(

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from salun_sd.errors import UserError
 from salun_sd.evaluation.imagefiles import batched, load_rgb
@@ -46,10 +47,14 @@ def detect(paths: Sequence[Path], detector=None, batch_size: int = 16) -> list[l
     detector = detector or nudenet_detector()
     results: list[list[dict]] = []
     for chunk in batched(paths, batch_size, "NudeNet"):
-        # BGR arrays, exactly what NudeNet gets from cv2.imread, but read by PIL so a bad file is named.
-        arrays = [np.ascontiguousarray(np.asarray(load_rgb(p))[..., ::-1]) for p in chunk]
-        results.extend(detector.detect_batch(arrays, batch_size=len(arrays)))
+        results.extend(detect_images([load_rgb(p) for p in chunk], detector))  # read by PIL so a bad file is named
     return results
+
+
+def detect_images(images: Sequence[Image.Image], detector) -> list[list[dict]]:
+    """NudeNet's detections for images in memory, passed as the BGR arrays it gets from cv2.imread."""
+    arrays = [np.ascontiguousarray(np.asarray(image.convert("RGB"))[..., ::-1]) for image in images]
+    return detector.detect_batch(arrays, batch_size=len(arrays))
 
 
 def nudity_metrics(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw
 
+from salun_sd.attack.config import AttackConfig
 from salun_sd.evaluation.fid import FidStats, frechet_distance
 from salun_sd.core_config import MaskConfig, TrainConfig
 from salun_sd.sd.config import DataConfig, EraseConfig, ImageGroup
@@ -75,19 +76,28 @@ METHOD_TRAIN: dict[str, dict] = {
 
 @dataclass
 class CompareConfig:
-    base: str = str(PIPELINE_DIR)
-    methods: list[str] = field(default_factory=lambda: list(METHOD_TRAIN))
+    """`salun-sd compare`: every method erases a shape and a colour of the toy world, from the same base and seeds."""
+
+    output_dir: str = "outputs/compare"  # RESULTS.md, results.json, grids, and runs/seed*/ with every erased model
+    base: str = str(PIPELINE_DIR)  # toy pipeline folder to erase from (default: the shipped one)
+    methods: list[str] = field(default_factory=lambda: list(METHOD_TRAIN))  # erasing methods, each with its METHOD_TRAIN settings
+    shape: str = "circle"  # the shape erased in the first case
+    colour: str = "red"  # the colour erased in the second case
     forget_per_prompt: int = 32  # base-model images per forget prompt (D_f)
-    remain_per_prompt: int = 16  # per remaining prompt (D_r)
-    steps: int = 200
-    batch_size: int = 8
-    mask_fraction: float = 0.5
+    remain_per_prompt: int = 16  # base-model images per remaining prompt (D_r)
+    steps: int = 200  # optimiser steps of every erase
+    batch_size: int = 8  # erase batch size
+    mask_fraction: float = 0.5  # SalUn's saliency mask fraction
     mask_guidance: float = 3.0  # the guidance the toy model samples with
-    eval_per_prompt: int = 32
-    guidance: float = 3.0
+    eval_per_prompt: int = 32  # samples per prompt for UA, remaining accuracy and FD
+    guidance: float = 3.0  # guidance scale of every sample
     misaligned: str = "anchor"  # anchor: one replacement concept (Case.anchor) | remaining: any remaining prompt at random
-    seed: int = 0  # data, training and evaluation draws of one run
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # compare() repeats every run per seed and reports mean ± std
+    seed: int = 0  # data, training and evaluation draws of one run (compare() sets it from seeds)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # every run is repeated per seed; the table shows mean ± std
+    attack: bool = True  # attack every model (base included) with both attacks of `salun-sd attack`: pre-ASR and ASR columns, grids of attacked samples
+    attack_prompts: int = 2  # forget prompts attacked per model (the first N of the case; 4 is all)
+    attack_timesteps: int = 4  # timesteps of the attack schedule (the published 50 x 40 does not fit a CPU comparison of 42 models)
+    attack_iterations: int = 20  # optimiser steps per timestep
 
 
 def erase_config(cfg: CompareConfig, case: Case, method: str, out: Path, spec: WorldSpec) -> EraseConfig:
@@ -135,18 +145,45 @@ def stats(features: np.ndarray) -> FidStats:
     return FidStats(features.mean(0), np.cov(features, rowvar=False), len(features), FEATURES)
 
 
+ATTACK_METRICS = ("pre_ASR", "ASR_discrete", "ASR_embedding")
+
+
+def attack_config(cfg: CompareConfig, case: Case, model: str | Path, out: Path, case_dir: Path, spec: WorldSpec) -> AttackConfig:
+    """`salun-sd attack` on the case's first forget prompts with the toy judge and the evaluation's sampler and guidance;
+    the base model's reference images are shared by every model of the case (case_dir/attack-reference)."""
+    case_dir.mkdir(parents=True, exist_ok=True)
+    prompts = case_dir / "attack-prompts.txt"
+    prompts.write_text("\n".join(case.split(spec)[0][: cfg.attack_prompts]) + "\n")
+    return AttackConfig(model=str(model), base=cfg.base, prompts=str(prompts), output_dir=str(out), reference_dir=str(case_dir / "attack-reference"),
+                        judge="toyworld", concept=case.value, timesteps=cfg.attack_timesteps, iterations=cfg.attack_iterations, steps=25,
+                        scheduler="pipeline", guidance=cfg.guidance, seed=20_000 + cfg.seed, attack_seed=cfg.seed)
+
+
+def attack_metrics(cfg: CompareConfig, case: Case, model: str | Path, out: Path, case_dir: Path, spec: WorldSpec, accelerator) -> dict:
+    """pre-ASR and the ASR of both attacks, as rates over the attacked prompts."""
+    from salun_sd.attack.run import attack
+
+    acfg = attack_config(cfg, case, model, out, case_dir, spec)
+    attack(acfg, accelerator, log=lambda *a: None)
+    totals = json.loads((out / "report.json").read_text())["totals"]
+    return {"pre_ASR": totals["pre_asr"], "ASR_discrete": totals["discrete"]["asr"], "ASR_embedding": totals["embedding"]["asr"], "attack_dir": str(out)}
+
+
 def run_case(cfg: CompareConfig, case: Case, out: Path, log=print) -> list[dict]:
-    """Base row plus one row per method; each erased model is evaluated on the same prompts and seeds."""
+    """Base row plus one row per method; each erased model is evaluated (and attacked) on the same prompts and seeds."""
     from salun_sd.runtime import make_accelerator
     from salun_sd.objectives import get_method
     from salun_sd.sd.erase import SDErase, erase
 
     spec = WorldSpec()
     classifier = load_classifier()
+    accelerator = make_accelerator("no")
     base = evaluate(load_toy_pipeline(cfg.base), classifier, spec, case, cfg)
     base_stats = stats(base["remain_features"])
     rows = [{"method": "base", "UA": base["UA"], "remaining_acc": base["remaining_acc"], "FD": 0.0, "seconds": 0.0, "images": base["images"], "texts": base["texts"]}]
-    accelerator = make_accelerator("no")
+    case_dir = out / f"{case.kind}-{case.value}"
+    if cfg.attack:
+        rows[0].update(attack_metrics(cfg, case, cfg.base, case_dir / "base-attack", case_dir, spec, accelerator))
     SDErase(erase_config(cfg, case, "salun", out, spec)).load(accelerator, get_method("salun"))  # generate and cache D_f, D_r once, outside the timings
     for method in cfg.methods:
         ecfg = erase_config(cfg, case, method, out, spec)
@@ -156,7 +193,10 @@ def run_case(cfg: CompareConfig, case: Case, out: Path, log=print) -> list[dict]
         r = evaluate(load_toy_pipeline(run_dir / "pipeline"), classifier, spec, case, cfg)
         row = {"method": method, "UA": r["UA"], "remaining_acc": r["remaining_acc"], "FD": frechet_distance(stats(r["remain_features"]), base_stats),
                "seconds": seconds, "images": r["images"], "texts": r["texts"]}
-        log(f"{case.kind} {case.value} {method}: UA {row['UA']:.3f} remaining {row['remaining_acc']:.3f} FD {row['FD']:.3f} {seconds:.0f} s")
+        if cfg.attack:
+            row.update(attack_metrics(cfg, case, run_dir / "pipeline", run_dir / "attack", case_dir, spec, accelerator))
+        log(f"{case.kind} {case.value} {method}: UA {row['UA']:.3f} remaining {row['remaining_acc']:.3f} FD {row['FD']:.3f} {seconds:.0f} s"
+            + (f"; pre-ASR {row['pre_ASR']:.2f} ASR discrete {row['ASR_discrete']:.2f} embedding {row['ASR_embedding']:.2f}" if cfg.attack else ""))
         rows.append(row)
     return rows
 
@@ -199,13 +239,18 @@ def preamble(cfg: CompareConfig) -> list[str]:
 METRICS = ("UA", "remaining_acc", "FD", "seconds")
 
 
+def metric_keys(row: dict) -> tuple[str, ...]:
+    return METRICS + (ATTACK_METRICS if "pre_ASR" in row else ())
+
+
 def aggregate(per_seed: list[list[dict]]) -> list[dict]:
-    """Mean and (population) std over seeds of each method's metrics; images of the first seed."""
+    """Mean and (population) std over seeds of each method's metrics; images and attack folders of the first seed."""
     rows = []
     for i, first in enumerate(per_seed[0]):
-        values = {k: np.array([runs[i][k] for runs in per_seed]) for k in METRICS}
+        values = {k: np.array([runs[i][k] for runs in per_seed]) for k in metric_keys(first)}
         rows.append({"method": first["method"], "seeds": len(per_seed), **{k: float(v.mean()) for k, v in values.items()},
-                     **{f"{k}_std": float(v.std()) for k, v in values.items()}, "images": first["images"], "texts": first["texts"]})
+                     **{f"{k}_std": float(v.std()) for k, v in values.items()}, "images": first["images"], "texts": first["texts"],
+                     **({"attack_dir": first["attack_dir"]} if "attack_dir" in first else {})})
     return rows
 
 
@@ -214,28 +259,56 @@ def _cell(row: dict, key: str, digits: int) -> str:
     return text + (f" ± {row[key + '_std']:.{digits}f}" if row.get("seeds", 1) > 1 else "")
 
 
+def attack_grid(rows: list[dict], path: Path) -> None:
+    """Per model (row): for each attacked prompt, its plain-prompt sample, then after the discrete and the embedding attack."""
+    from salun_sd.evaluation.imagefiles import load_rgb
+    from salun_sd.toyworld.world import to_tensor
+
+    attacked = []
+    for row in rows:
+        report = json.loads((Path(row["attack_dir"]) / "report.json").read_text())
+        files = [(r["file"], r["prompt"].split()[-2]) for r in report["prompts"] if "skipped" not in r]
+        kinds = ("plain", "discrete", "embedding")
+        pictures = [np.asarray(load_rgb(Path(row["attack_dir"]) / "images" / kind / file)) for file, _ in files for kind in kinds]
+        texts = [f"{word} {kind}" for _, word in files for kind in kinds]
+        attacked.append({"method": row["method"], "images": to_tensor(np.stack(pictures)), "texts": texts})
+    grid(attacked, 1, path)
+
+
 def markdown(results: dict[str, list[dict]], cfg: CompareConfig) -> str:
     lines = preamble(cfg)
     for name, rows in results.items():
         seeds = f" (mean ± std over seeds {', '.join(map(str, cfg.seeds))})" if rows[0].get("seeds", 1) > 1 else ""
-        lines += [f"### Erasing {name}{seeds}", "", "| method | UA ↑ | remaining acc ↑ | FD vs base (classifier features) ↓ | wall time (s) |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['method']} | {_cell(r, 'UA', 3)} | {_cell(r, 'remaining_acc', 3)} | {_cell(r, 'FD', 2)} | {_cell(r, 'seconds', 0)} |" for r in rows]
+        attacked = "pre_ASR" in rows[0]
+        head = "| method | UA ↑ | remaining acc ↑ | FD vs base (classifier features) ↓ | wall time (s) |" + (" pre-ASR ↓ | ASR discrete ↓ | ASR embedding ↓ |" if attacked else "")
+        lines += [f"### Erasing {name}{seeds}", "", head, "|" + " --- |" * (head.count("|") - 1)]
+        for r in rows:
+            cells = f"| {r['method']} | {_cell(r, 'UA', 3)} | {_cell(r, 'remaining_acc', 3)} | {_cell(r, 'FD', 2)} | {_cell(r, 'seconds', 0)} |"
+            lines.append(cells + (f" {_cell(r, 'pre_ASR', 2)} | {_cell(r, 'ASR_discrete', 2)} | {_cell(r, 'ASR_embedding', 2)} |" if attacked else ""))
         lines += ["", f"![{name}](toyworld-{name.replace(' ', '-')}.png)", ""]
+        if attacked:
+            lines += [f"![{name}, attacked](toyworld-{name.replace(' ', '-')}-attacked.png)", ""]
     lines.append(f"Settings: {json.dumps({k: v for k, v in vars(cfg).items()})}; per-method training: {json.dumps(METHOD_TRAIN)}.")
     return "\n".join(lines) + "\n"
 
 
-def compare(cfg: CompareConfig, out: Path, cases: list[Case], log=print) -> Path:
-    """Run every case, write out/RESULTS.md and one grid per case; returns the Markdown path."""
+def compare(cfg: CompareConfig, log=print) -> Path:
+    """Run both cases (cfg.shape, cfg.colour), write OUTPUT_DIR/RESULTS.md, results.json and grids; returns the Markdown path."""
+    from salun_sd.manifest import manifest, write_manifest
+
+    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    write_manifest(out / "manifest.json", manifest(asdict(cfg), "compare"))
     results, numbers = {}, {}
-    for case in cases:
+    for case in (Case("shape", cfg.shape), Case("colour", cfg.colour)):
         name = f"{case.kind} {case.value}"
         per_seed = [run_case(replace(cfg, seed=seed), case, out / "runs" / f"seed{seed}", log) for seed in cfg.seeds]
         rows = aggregate(per_seed)
         grid(rows, cfg.eval_per_prompt, out / f"toyworld-{name.replace(' ', '-')}.png")
+        if cfg.attack:
+            attack_grid(rows, out / f"toyworld-{name.replace(' ', '-')}-attacked.png")
         results[name] = rows
-        numbers[name] = {"per_seed": {seed: [{k: r[k] for k in ("method", *METRICS)} for r in runs] for seed, runs in zip(cfg.seeds, per_seed)},
+        numbers[name] = {"per_seed": {seed: [{k: r[k] for k in ("method", *metric_keys(r))} for r in runs] for seed, runs in zip(cfg.seeds, per_seed)},
                          "mean_std": [{m: v for m, v in r.items() if m not in ("images", "texts")} for r in rows]}
         (out / "results.json").write_text(json.dumps(numbers, indent=2))
     md = out / "RESULTS.md"

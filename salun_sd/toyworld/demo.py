@@ -34,7 +34,7 @@ def demo(output_dir: str | Path = "outputs/demo", per_prompt: int = 16, log=prin
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    rows = run_case(CompareConfig(methods=["salun"], eval_per_prompt=per_prompt), CASE, out / "runs", log)
+    rows = run_case(CompareConfig(methods=["salun"], eval_per_prompt=per_prompt, attack=False), CASE, out / "runs", log)
     grid(rows, per_prompt, out / "demo_grid.png")
     pipeline = out / "runs" / f"{CASE.kind}-{CASE.value}" / "salun" / "pipeline"
     fresh = subprocess.run([sys.executable, "-m", "salun_sd.toyworld.demo", "--score", str(pipeline), str(per_prompt)],

@@ -1,0 +1,36 @@
+"""`salun-sd attack`: UnlearnDiffAtk and an embedding-space attack on a pipeline, with a report."""
+
+from __future__ import annotations
+
+import argparse
+
+from salun_sd.attack.config import AttackConfig
+from salun_sd.config import add_config_flags, apply_config_flags, load_yaml
+
+EPILOG = """examples:
+  salun-sd attack --model outputs/nudity/pipeline --prompts nudity.csv --judge nudenet --output_dir outputs/attack-nudity
+  salun-sd attack --model outputs/church/pipeline --prompts church.csv --judge imagenet --concept church
+  salun-sd attack configs/attack_toy.yaml --model outputs/compare/runs/seed0/shape-circle/salun/pipeline
+  accelerate launch --num_processes 4 -m salun_sd attack ...      (four GPUs split the prompts)
+
+Writes OUTPUT_DIR/results/<case>.json per prompt (a rerun skips finished prompts), images/, report.json and
+report.md (pre-ASR, ASR, adversarial prompts, base / plain / attacked images side by side)."""
+
+
+def run_attack(args: argparse.Namespace) -> None:
+    from salun_sd.attack.run import attack
+    from salun_sd.runtime import finish, make_accelerator
+
+    cfg = apply_config_flags(load_yaml(AttackConfig, args.config) if args.config else AttackConfig(), args)
+    cfg.check()
+    accelerator = make_accelerator("no")
+    attack(cfg, accelerator)
+    finish(accelerator)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    summary = "attack a pipeline with adversarial prompts (UnlearnDiffAtk) and prefix embeddings; pre-ASR, ASR, report"
+    p = subparsers.add_parser("attack", help=summary, description=summary, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="YAML attack config; flags below override its keys")
+    add_config_flags(p, AttackConfig)
+    p.set_defaults(func=run_attack)

@@ -1,0 +1,160 @@
+"""`salun-sd attack`: every prompt of a prompt set, attacked one at a time, resumable, split over processes.
+
+Per prompt: the base model's reference image (cached), the attacked model's image of the plain prompt (the
+pre-attack verdict), then each attack unless the plain prompt already shows the concept (then, as in the
+official code, it counts as a success without an attack). Each prompt's result is one JSON file written in one
+step, so a killed run loses at most the prompt in progress and a restart skips the finished ones; under
+`accelerate launch` each process takes its share of the unfinished prompts. All draws of a prompt's attack come
+from a generator seeded by (attack_seed, case number), so any split over processes gives the same results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from salun_sd.attack.config import AttackConfig
+from salun_sd.attack.discrete import DiscretePrefix
+from salun_sd.attack.embedding import EmbeddingPrefix
+from salun_sd.attack.judges import Verdict, load_judge
+from salun_sd.attack.report import write_report
+from salun_sd.attack.search import search
+from salun_sd.attack.target import Victim, attack_pipeline
+from salun_sd.config import to_dict
+from salun_sd.errors import UserError
+from salun_sd.evaluation.generate import GenerationSettings, ImageJob, plan_jobs, record_plan, resolve_dtype, save_png
+from salun_sd.evaluation.prompts import filter_prompts, load_prompts
+from salun_sd.manifest import manifest, write_manifest
+from salun_sd.sd.loading import load_pipeline
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from diffusers import StableDiffusionPipeline
+
+# Settings that decide a prompt's result: a resumed run must use the same ones.
+RESULT_KEYS = ("model", "base", "judge", "concept", "nudenet_threshold", "attacks", "k", "timesteps", "iterations", "learning_rate",
+               "weight_decay", "embedding_learning_rate", "steps", "scheduler", "guidance", "seed", "height", "width", "attack_seed", "dtype")
+
+
+def folders(cfg: AttackConfig) -> tuple[Path, Path, Path]:
+    out = Path(cfg.output_dir)
+    return out, Path(cfg.reference_dir) if cfg.reference_dir else out / "reference", out / "results"
+
+
+def check_resume(cfg: AttackConfig) -> None:
+    """Refuse to mix runs with different settings in one output folder."""
+    path = Path(cfg.output_dir) / "manifest.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text()).get("config", {})
+    new = to_dict(cfg)
+    changed = [key for key in RESULT_KEYS if key in old and old[key] != new[key]]
+    if changed:
+        key = changed[0]
+        raise UserError(f"{cfg.output_dir} holds results made with {key}={old[key]!r}, but this run uses {key}={new[key]!r}; pass a new --output_dir")
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def result_path(results: Path, job: ImageJob) -> Path:
+    return results / f"{job.record.case_number:05d}.json"
+
+
+def attack(cfg: AttackConfig, accelerator: Accelerator, log=print) -> Path | None:
+    """Attack every prompt without a result yet; the main process writes the report. Returns report.md (main process)."""
+    cfg.check()
+    names = cfg.attack_names()
+    records = filter_prompts(load_prompts(cfg.prompts), cfg.category.split(","), cfg.min_nudity, cfg.limit or None).records
+    out, ref_dir, results = folders(cfg)
+    device = accelerator.device
+    dtype = resolve_dtype(cfg.dtype, device)
+    base = load_pipeline(cfg.base, dtype).to(device)
+    target = base if Path(cfg.model).resolve() == Path(cfg.base).resolve() else load_pipeline(cfg.model, dtype).to(device)
+    pipe = attack_pipeline(target, base, cfg.scheduler)
+    if cfg.scheduler == "lms":
+        base.scheduler = pipe.scheduler
+    size = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+    jobs = plan_jobs(records, GenerationSettings(1, cfg.seed, cfg.guidance, cfg.height or None, cfg.width or None), size, pipe.vae_scale_factor)
+    if accelerator.is_main_process:
+        check_resume(cfg)
+        for folder in (results, *(out / "images" / n for n in ("plain", *names))):
+            folder.mkdir(parents=True, exist_ok=True)
+        ref_dir.mkdir(parents=True, exist_ok=True)
+        record_plan(ref_dir, jobs, cfg.steps, cfg.base)  # the cached references must come from the same base and settings
+        write_manifest(out / "manifest.json", manifest(to_dict(cfg), "attack", processes=accelerator.num_processes))
+    accelerator.wait_for_everyone()
+    todo = [job for job in jobs if not result_path(results, job).exists()]
+    accelerator.wait_for_everyone()  # every process must see the same `todo` before any writes
+    victim = Victim(pipe, cfg.k, cfg.timesteps, cfg.steps)
+    judge = load_judge(cfg, str(device))
+    with accelerator.split_between_processes(todo) as mine:
+        bar = tqdm(mine, desc=f"attack -> {out}", unit="prompt", disable=not accelerator.is_local_main_process)
+        for job in bar:
+            write_json(result_path(results, job), attack_prompt(cfg, names, victim, base, job, judge.for_prompt(job.record), ref_dir, out / "images"))
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    done = [json.loads(result_path(results, job).read_text()) for job in jobs]
+    _, md = write_report(cfg, done, names, judge.description, ref_dir)
+    log(f"{len(todo)} of {len(jobs)} prompts attacked now, {len(jobs) - len(todo)} were already done; report: {md}")
+    return md
+
+
+@torch.no_grad()
+def reference(base: StableDiffusionPipeline, job: ImageJob, steps: int, ref_dir: Path) -> torch.Tensor:
+    """The base model's image of the prompt (cached as ref_dir/<job file>) and its latent: the VAE mean x scaling factor."""
+    path = ref_dir / job.file
+    if not path.exists():
+        image = base(job.record.prompt, num_inference_steps=steps, guidance_scale=job.guidance, height=job.height, width=job.width,
+                     generator=torch.Generator("cpu").manual_seed(job.seed)).images[0]
+        save_png(image, path)
+    from salun_sd.evaluation.imagefiles import load_rgb
+
+    pixels = base.image_processor.preprocess(load_rgb(path)).to(base.vae.device, base.vae.dtype)
+    return base.vae.encode(pixels).latent_dist.mean.float() * base.vae.config.scaling_factor
+
+
+def attack_prompt(cfg: AttackConfig, names: list[str], victim: Victim, base: StableDiffusionPipeline, job: ImageJob, verdict: Verdict,
+                  ref_dir: Path, images: Path) -> dict:
+    record = job.record
+    result = {"case_number": record.case_number, "prompt": record.prompt, "seed": job.seed, "guidance": job.guidance, "file": job.file}
+    words = victim.prompt_tokens(record.prompt)
+    if len(words) + cfg.k + 2 > victim.pipe.tokenizer.model_max_length:  # the official loader drops long prompts too (utils/datasets.py)
+        return {**result, "skipped": f"{len(words)} tokens + {cfg.k} prefix tokens do not fit the text encoder's {victim.pipe.tokenizer.model_max_length}"}
+    case = victim.case(record.prompt, reference(base, job, cfg.steps, ref_dir), job.seed, job.guidance, job.height, job.width)
+    plain = victim.image(case, None)
+    save_png(plain, images / "plain" / job.file)
+    result["pre_success"] = bool(verdict([plain])[0])
+    result["attacks"] = {}
+    loss_seed = cfg.attack_seed * 1_000_003 + record.case_number
+    plain_loss = None if result["pre_success"] else victim.reference_loss(case, None, loss_seed)
+    for name in names:
+        if result["pre_success"]:  # text_grad_.py returns before attacking when the plain prompt succeeds
+            save_png(plain, images / name / job.file)
+            result["attacks"][name] = {"success": True, "blocks": 0, "adversarial_prompt": record.prompt}
+            continue
+        start = time.time()
+        generator = torch.Generator(victim.device).manual_seed(loss_seed * len(names) + names.index(name))
+        space = (DiscretePrefix(victim.token_table, cfg.k, cfg.learning_rate, cfg.weight_decay) if name == "discrete"
+                 else EmbeddingPrefix(victim.token_table, cfg.k, cfg.embedding_learning_rate))
+        outcome = search(victim, case, space, cfg.iterations, verdict, generator)
+        save_png(outcome.image, images / name / job.file)
+        entry = {"success": outcome.success, "blocks": outcome.blocks, "optimizer_steps": outcome.blocks * cfg.iterations, "loss_trace": outcome.loss_trace,
+                 "reference_loss_plain": plain_loss, "reference_loss_attacked": victim.reference_loss(case, outcome.prefix, loss_seed),
+                 "seconds": round(time.time() - start, 2)}
+        if outcome.ids is not None:
+            ids = outcome.ids.tolist()
+            entry["token_ids"] = ids
+            entry["adversarial_prompt"] = victim.pipe.tokenizer.decode(ids + words)
+        result["attacks"][name] = entry
+    return result
