@@ -1,0 +1,140 @@
+"""`salun-sd attack` on the toy world: UnlearnDiffAtk and the embedding attack against the shipped base and a
+model erased in the test with the real erase flow."""
+
+import json
+
+import pytest
+import torch
+
+from salun_sd.attack.config import AttackConfig
+from salun_sd.attack.discrete import DiscretePrefix, project_simplex
+from salun_sd.attack.embedding import EmbeddingPrefix
+from salun_sd.attack.judges import load_judge, nudenet_judge, user_judge
+from salun_sd.attack.run import attack
+from salun_sd.attack.search import search
+from salun_sd.attack.target import Victim, attack_pipeline
+from salun_sd.errors import UserError
+from salun_sd.runtime import make_accelerator
+from salun_sd.toyworld.pipeline import PIPELINE_DIR, load_toy_pipeline
+
+CIRCLES = ["a photo of a red circle", "a photo of a blue circle"]
+SQUARES = ["a photo of a red square", "a photo of a blue square"]
+
+
+def toy_config(tmp_path, prompts: list[str], **overrides) -> AttackConfig:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n")
+    settings = {"model": str(PIPELINE_DIR), "base": str(PIPELINE_DIR), "prompts": str(path), "output_dir": str(tmp_path / "out"), "judge": "toyworld",
+                "concept": "circle", "scheduler": "pipeline", "steps": 10, "guidance": 3.0, "timesteps": 2, "iterations": 2, **overrides}
+    return AttackConfig(**settings)
+
+
+def sort_projection(v: torch.Tensor) -> torch.Tensor:
+    """The textbook sort-based projection onto the simplex (Duchi et al. 2008), to check the bisection against."""
+    u, _ = torch.sort(v, descending=True)
+    css = u.cumsum(0) - 1
+    rho = (u - css / torch.arange(1, len(v) + 1, dtype=v.dtype) > 0).nonzero().max()
+    return (v - css[rho] / (rho + 1)).clamp(min=0)
+
+
+def test_simplex_projection_returns_distributions_and_is_exact_on_simple_cases():
+    simple = torch.tensor([[0.2, 0.3, 0.5], [0.5, 0.5, 0.5], [2.0, 0.0, 0.0], [1.0, 1.0, -5.0], [-3.0, -3.0, -3.0]])
+    expected = torch.tensor([[0.2, 0.3, 0.5], [1 / 3] * 3, [1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [1 / 3] * 3])
+    torch.testing.assert_close(project_simplex(simple), expected, rtol=0, atol=1e-6)
+    rows = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0)) * 0.01 + 1 / 1000
+    p = project_simplex(rows)
+    assert (p >= 0).all() and torch.allclose(p.sum(-1), torch.ones(6), atol=1e-6)
+    for row, got in zip(rows.double(), p.double()):
+        torch.testing.assert_close(got, sort_projection(row), rtol=0, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def victim():
+    pipe = load_toy_pipeline()
+    return Victim(attack_pipeline(pipe, pipe, "pipeline"), k=5, timesteps=2, steps=10)
+
+
+def test_attack_succeeds_on_the_toy_base(victim, tmp_path):
+    """The concept is not erased: the plain prompt shows it, and so does the first prompt each search rounds to."""
+    cfg = toy_config(tmp_path, CIRCLES)
+    md = attack(cfg, make_accelerator("no"), log=lambda *_: None)
+    report = json.loads((md.parent / "report.json").read_text())
+    assert report["totals"]["pre_success"] == 2 and report["totals"]["discrete"]["asr"] == 1 and report["totals"]["embedding"]["asr"] == 1
+    assert (md.parent / "grids" / "attack_000.png").is_file() and "| pre-attack (plain prompt) | 100.00 % (2/2) |" in md.read_text()
+    x0 = torch.zeros(1, 4, 8, 8)  # the search on the base model succeeds at its first judgement whatever the reference
+    case = victim.case(CIRCLES[0], x0, seed=0, guidance=3.0, height=16, width=16)
+    verdict = load_judge(cfg).for_prompt(None)
+    for space in (DiscretePrefix(victim.token_table, 5, 0.01, 0.1), EmbeddingPrefix(victim.token_table, 5, 0.005)):
+        outcome = search(victim, case, space, 2, verdict, torch.Generator().manual_seed(0))
+        assert outcome.success and outcome.blocks == 1
+
+
+@pytest.fixture(scope="module")
+def erased(tmp_path_factory):
+    """SalUn erases 'circle' from the shipped toy model in a few steps, through the real erase flow."""
+    from salun_sd.sd.erase import erase
+    from salun_sd.toyworld.compare import Case, CompareConfig, erase_config
+    from salun_sd.toyworld.world import WorldSpec
+
+    out = tmp_path_factory.mktemp("erased")
+    cfg = erase_config(CompareConfig(forget_per_prompt=4, remain_per_prompt=1, steps=20), Case("shape", "circle"), "salun", out, WorldSpec())
+    cfg.mask.batch_size = 16
+    return erase(cfg, make_accelerator("no"), ("mask", "erase")) / "pipeline"
+
+
+def test_on_an_erased_model_the_attacks_lower_the_reference_loss_below_the_plain_prompts(erased):
+    base, target = load_toy_pipeline(), load_toy_pipeline(erased)
+    victim = Victim(attack_pipeline(target, base, "pipeline"), k=5, timesteps=4, steps=10)
+    ref = base("a photo of a red circle", num_inference_steps=10, guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    x0 = base.vae.encode(ref * 2 - 1).latent_dist.mean * base.vae.config.scaling_factor
+    case = victim.case("a photo of a red circle", x0, seed=0, guidance=3.0, height=16, width=16)
+    plain = victim.reference_loss(case, None, seed=1)
+    never = lambda images: [False] * len(images)  # noqa: E731  run the whole budget
+    for space in (DiscretePrefix(victim.token_table, 5, 0.01, 0.1), EmbeddingPrefix(victim.token_table, 5, 0.005)):
+        outcome = search(victim, case, space, 20, never, torch.Generator().manual_seed(0))
+        assert outcome.blocks == 4 and victim.reference_loss(case, outcome.prefix, seed=1) < plain
+
+
+def test_resume_skips_finished_prompts_and_refuses_other_settings(tmp_path):
+    cfg = toy_config(tmp_path, CIRCLES)
+    attack(cfg, make_accelerator("no"), log=lambda *_: None)
+    results = tmp_path / "out" / "results"
+    first = json.loads((results / "00000.json").read_text())
+    (results / "00000.json").write_text(json.dumps({**first, "marker": "kept"}))
+    (results / "00001.json").unlink()
+    attack(cfg, make_accelerator("no"), log=lambda *_: None)
+    assert json.loads((results / "00000.json").read_text())["marker"] == "kept" and (results / "00001.json").is_file()
+    with pytest.raises(UserError, match="k=5, but this run uses k=3"):
+        attack(toy_config(tmp_path, CIRCLES, k=3), make_accelerator("no"))
+
+
+def test_two_processes_give_the_same_results_as_one(tmp_path):
+    from conftest import salun
+
+    prompts = tmp_path / "squares.txt"
+    prompts.write_text("\n".join(SQUARES) + "\n")
+    common = ["attack", "--model", str(PIPELINE_DIR), "--base", str(PIPELINE_DIR), "--prompts", str(prompts), "--judge", "toyworld", "--concept", "circle",
+              "--scheduler", "pipeline", "--steps", "5", "--guidance", "3", "--timesteps", "2", "--iterations", "2"]
+    salun(*common, "--output_dir", str(tmp_path / "one"))
+    salun(*common, "--output_dir", str(tmp_path / "two"), processes=2)
+    for case in ("00000.json", "00001.json"):
+        one, two = (json.loads((tmp_path / run / "results" / case).read_text()) for run in ("one", "two"))
+        for result in (one, two):
+            for entry in result["attacks"].values():
+                entry.pop("seconds", None)
+        assert one == two and not one["pre_success"] and len(one["attacks"]["discrete"]["token_ids"]) == 5
+
+
+def test_judges_user_function_and_nudenet(tmp_path, monkeypatch):
+    from PIL import Image
+
+    (tmp_path / "my_judges.py").write_text("def red(images):\n    return [image.getpixel((0, 0))[0] > 128 for image in images]\n"
+                                           "def one(images):\n    return [True]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    images = [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "white").point(lambda v: 0)]
+    assert user_judge("my_judges:red").for_prompt(None)(images) == [True, False]
+    with pytest.raises(UserError, match="one bool per image"):
+        user_judge("my_judges:one").for_prompt(None)(images)
+    with pytest.raises(UserError, match="cannot import nothing"):
+        user_judge("my_judges:nothing")
+    assert nudenet_judge(0.45).for_prompt(None)(images) == [False, False]
