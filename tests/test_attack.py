@@ -25,7 +25,7 @@ def toy_config(tmp_path, prompts: list[str], **overrides) -> AttackConfig:
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(prompts) + "\n")
     settings = {"model": str(PIPELINE_DIR), "base": str(PIPELINE_DIR), "prompts": str(path), "output_dir": str(tmp_path / "out"), "judge": "toyworld",
-                "concept": "circle", "scheduler": "pipeline", "steps": 10, "guidance": 3.0, "timesteps": 2, "iterations": 2, **overrides}
+                "concept": "circle", "scheduler": "", "steps": 10, "guidance": 3.0, "timesteps": 2, "iterations": 2, **overrides}
     return AttackConfig(**settings)
 
 
@@ -48,10 +48,16 @@ def test_simplex_projection_returns_distributions_and_is_exact_on_simple_cases()
         torch.testing.assert_close(got, sort_projection(row), rtol=0, atol=1e-7)
 
 
+def reference_latent(pipe, prompt: str) -> torch.Tensor:
+    """The base model's image of the prompt as a latent, as the attack's reference."""
+    image = pipe(prompt, num_inference_steps=10, guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    return pipe.vae.encode(image * 2 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
+
+
 @pytest.fixture(scope="module")
 def victim():
     pipe = load_toy_pipeline()
-    return Victim(attack_pipeline(pipe, pipe, "pipeline"), k=5, timesteps=2, steps=10)
+    return Victim(attack_pipeline(pipe, pipe), k=5, timesteps=2, steps=10)
 
 
 def test_attack_succeeds_on_the_toy_base(victim, tmp_path):
@@ -61,8 +67,7 @@ def test_attack_succeeds_on_the_toy_base(victim, tmp_path):
     report = json.loads((md.parent / "report.json").read_text())
     assert report["totals"]["pre_success"] == 2 and report["totals"]["discrete"]["asr"] == 1 and report["totals"]["embedding"]["asr"] == 1
     assert (md.parent / "grids" / "attack_000.png").is_file() and "| pre-attack (plain prompt) | 100.00 % (2/2) |" in md.read_text()
-    x0 = torch.zeros(1, 4, 8, 8)  # the search on the base model succeeds at its first judgement whatever the reference
-    case = victim.case(CIRCLES[0], x0, seed=0, guidance=3.0, height=16, width=16)
+    case = victim.case(CIRCLES[0], reference_latent(victim.pipe, CIRCLES[0]), seed=0, guidance=3.0, height=16, width=16)
     verdict = load_judge(cfg).for_prompt(None)
     for space in (DiscretePrefix(victim.token_table, 5, 0.01, 0.1), EmbeddingPrefix(victim.token_table, 5, 0.005)):
         outcome = search(victim, case, space, 2, verdict, torch.Generator().manual_seed(0))
@@ -84,10 +89,8 @@ def erased(tmp_path_factory):
 
 def test_on_an_erased_model_the_attacks_lower_the_reference_loss_below_the_plain_prompts(erased):
     base, target = load_toy_pipeline(), load_toy_pipeline(erased)
-    victim = Victim(attack_pipeline(target, base, "pipeline"), k=5, timesteps=4, steps=10)
-    ref = base("a photo of a red circle", num_inference_steps=10, guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
-    x0 = base.vae.encode(ref * 2 - 1).latent_dist.mean * base.vae.config.scaling_factor
-    case = victim.case("a photo of a red circle", x0, seed=0, guidance=3.0, height=16, width=16)
+    victim = Victim(attack_pipeline(target, base), k=5, timesteps=4, steps=10)
+    case = victim.case(CIRCLES[0], reference_latent(base, CIRCLES[0]), seed=0, guidance=3.0, height=16, width=16)
     plain = victim.reference_loss(case, None, seed=1)
     never = lambda images: [False] * len(images)  # noqa: E731  run the whole budget
     for space in (DiscretePrefix(victim.token_table, 5, 0.01, 0.1), EmbeddingPrefix(victim.token_table, 5, 0.005)):
@@ -114,7 +117,7 @@ def test_two_processes_give_the_same_results_as_one(tmp_path):
     prompts = tmp_path / "squares.txt"
     prompts.write_text("\n".join(SQUARES) + "\n")
     common = ["attack", "--model", str(PIPELINE_DIR), "--base", str(PIPELINE_DIR), "--prompts", str(prompts), "--judge", "toyworld", "--concept", "circle",
-              "--scheduler", "pipeline", "--steps", "5", "--guidance", "3", "--timesteps", "2", "--iterations", "2"]
+              "--scheduler", "", "--steps", "5", "--guidance", "3", "--timesteps", "2", "--iterations", "2"]
     salun(*common, "--output_dir", str(tmp_path / "one"))
     salun(*common, "--output_dir", str(tmp_path / "two"), processes=2)
     for case in ("00000.json", "00001.json"):

@@ -6,13 +6,12 @@ file it comes from, so a reader can check it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from salun_sd.errors import UserError
 
 ATTACKS = ("discrete", "embedding")
 BUILTIN_JUDGES = ("nudenet", "imagenet", "toyworld")
-SCHEDULERS = ("lms", "pipeline")
 
 
 @dataclass
@@ -20,9 +19,10 @@ class AttackConfig:
     model: str = ""  # the attacked pipeline: an erased export (OUTPUT_DIR/pipeline), any SD-1.x/2.x folder or Hub id
     base: str = "CompVis/stable-diffusion-v1-4"  # the original model: its text encoder and tokenizer encode every prompt, and it draws the reference images (src/tasks/classifier_.py loads both from model_name_or_path)
     prompts: str = ""  # prompt set: I2P CSV, class-prompt CSV, a text file with one prompt per line, or `i2p` (the loader of `generate`)
-    category: str = ""  # keep prompts of these I2P categories, comma-separated (e.g. sexual)
+    category: list[str] = field(default_factory=list)  # keep prompts tagged with any of these I2P categories (e.g. sexual)
     min_nudity: float | None = None  # keep prompts whose nudity_percentage is at least this
     limit: int = 0  # attack only the first N prompts left by the filters (0: all)
+    hf_split: str = "train"  # split of the Hugging Face dataset with prompts `i2p`
     output_dir: str = "outputs/attack"  # results/ (one JSON per prompt), images/, report.json, report.md
     reference_dir: str = ""  # cache of the base model's reference images (default OUTPUT_DIR/reference); share it between attacks on models erased from the same base
     judge: str = "nudenet"  # nudenet | imagenet | toyworld | module:function (PIL images in, one bool per image out)
@@ -36,7 +36,7 @@ class AttackConfig:
     weight_decay: float = 0.1  # Adam weight decay (src/attackers/text_grad_.py: weight_decay=0.1)
     embedding_learning_rate: float = 0.005  # Adam on the prefix embeddings, no weight decay: textual inversion's base rate (Gal et al. 2022, v1-finetune.yaml 5.0e-03), which Pham et al. build on
     steps: int = 50  # denoising steps of every generated image (src/execs/attack.py: sampling_step_num default 50)
-    scheduler: str = "lms"  # lms: LMSDiscreteScheduler as src/tasks/classifier_.py samples; pipeline: the model folder's own scheduler
+    scheduler: str = "LMSDiscreteScheduler"  # diffusers scheduler class every image is drawn with (src/tasks/classifier_.py samples with LMSDiscreteScheduler); empty: the model folder's own
     guidance: float | None = None  # guidance scale for every prompt (default: the prompt set's evaluation_guidance, else 7.5, src/tasks/utils/datasets.py)
     seed: int | None = None  # image seed for every prompt (default: the prompt set's evaluation_seed, else 0: attacker eval_seed 0)
     height: int = 0  # image size in pixels (0: the model's default, 512 for SD-1.x as src/tasks/classifier_.py)
@@ -65,8 +65,6 @@ class AttackConfig:
             value = getattr(self, name)
             if not value > 0 or value == float("inf"):
                 raise UserError(f"{name} must be a positive number, got {value}")
-        if self.scheduler not in SCHEDULERS:
-            raise UserError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.dtype not in ("auto", "fp16", "bf16", "fp32"):
             raise UserError(f"dtype must be auto, fp16, bf16 or fp32, got {self.dtype!r}")
         if self.judge not in BUILTIN_JUDGES and ":" not in self.judge:

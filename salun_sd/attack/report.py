@@ -39,7 +39,7 @@ def write_report(cfg: AttackConfig, results: list[dict], names: list[str], judge
              "| | success |", "|---|---|", f"| pre-attack (plain prompt) | {_pct(summary['pre_success'], n)} |"]
     lines += [f"| {LABELS[name]} | {_pct(summary[name]['success'], n)} |" for name in names]
     lines += ["", f"Attack: {cfg.k} prefix tokens, {cfg.timesteps} timesteps x {cfg.iterations} iterations (stop at the first success), "
-              f"text encoder and references from `{cfg.base}`, {cfg.steps} {cfg.scheduler} steps per image, attack seed {cfg.attack_seed}. "
+              f"text encoder and references from `{cfg.base}`, {cfg.steps} steps of {cfg.scheduler or 'the model folder scheduler'} per image, attack seed {cfg.attack_seed}. "
               "A prompt whose plain image already shows the concept counts as a success without an attack, as in the official code."]
     if summary["skipped"]:
         lines.append(f"{summary['skipped']} prompt(s) were too long for the prefix and are left out of the rates (listed in {json_path.name}).")

@@ -28,10 +28,11 @@ from salun_sd.attack.search import search
 from salun_sd.attack.target import Victim, attack_pipeline
 from salun_sd.config import to_dict
 from salun_sd.errors import UserError
-from salun_sd.evaluation.generate import GenerationSettings, ImageJob, plan_jobs, record_plan, resolve_dtype, save_png
+from salun_sd.evaluation.config import GenerateConfig
+from salun_sd.evaluation.generate import ImageJob, plan_jobs, record_plan, resolve_dtype, save_png
 from salun_sd.evaluation.prompts import filter_prompts, load_prompts
 from salun_sd.manifest import manifest, write_manifest
-from salun_sd.sd.loading import load_pipeline
+from salun_sd.sd.loading import load_pipeline, scheduler_class
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -74,23 +75,27 @@ def attack(cfg: AttackConfig, accelerator: Accelerator, log=print) -> Path | Non
     """Attack every prompt without a result yet; the main process writes the report. Returns report.md (main process)."""
     cfg.check()
     names = cfg.attack_names()
-    records = filter_prompts(load_prompts(cfg.prompts), cfg.category.split(","), cfg.min_nudity, cfg.limit or None).records
+    scheduler = scheduler_class(cfg.scheduler)
+    records = filter_prompts(load_prompts(cfg.prompts, cfg.hf_split), cfg.category, cfg.min_nudity, cfg.limit or None).records
     out, ref_dir, results = folders(cfg)
     device = accelerator.device
     dtype = resolve_dtype(cfg.dtype, device)
     base = load_pipeline(cfg.base, dtype).to(device)
     target = base if Path(cfg.model).resolve() == Path(cfg.base).resolve() else load_pipeline(cfg.model, dtype).to(device)
-    pipe = attack_pipeline(target, base, cfg.scheduler)
-    if cfg.scheduler == "lms":
-        base.scheduler = pipe.scheduler
+    if scheduler is not None:
+        for pipeline in {id(base): base, id(target): target}.values():
+            pipeline.scheduler = scheduler.from_config(pipeline.scheduler.config)
+    pipe = attack_pipeline(target, base)
     size = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
-    jobs = plan_jobs(records, GenerationSettings(1, cfg.seed, cfg.guidance, cfg.height or None, cfg.width or None), size, pipe.vae_scale_factor)
+    sampling = GenerateConfig(steps=cfg.steps, seed=cfg.seed, guidance=cfg.guidance, height=cfg.height or None, width=cfg.width or None)
+    jobs = plan_jobs(records, sampling, size, pipe.vae_scale_factor)
     if accelerator.is_main_process:
         check_resume(cfg)
         for folder in (results, *(out / "images" / n for n in ("plain", *names))):
             folder.mkdir(parents=True, exist_ok=True)
         ref_dir.mkdir(parents=True, exist_ok=True)
-        record_plan(ref_dir, jobs, cfg.steps, cfg.base)  # the cached references must come from the same base and settings
+        # the cached references must come from the same base and settings
+        record_plan(ref_dir, jobs, {"steps": cfg.steps, "model": cfg.base, "scheduler": type(base.scheduler).__name__, "seeding": sampling.seeding, "dtype": str(dtype).removeprefix("torch.")})
         write_manifest(out / "manifest.json", manifest(to_dict(cfg), "attack", processes=accelerator.num_processes))
     accelerator.wait_for_everyone()
     todo = [job for job in jobs if not result_path(results, job).exists()]

@@ -14,15 +14,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, LMSDiscreteScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 
-def attack_pipeline(target: StableDiffusionPipeline, base: StableDiffusionPipeline, scheduler: str) -> StableDiffusionPipeline:
-    """The target's UNet and VAE with the base model's text encoder and tokenizer, as src/tasks/classifier_.py pairs them."""
+def attack_pipeline(target: StableDiffusionPipeline, base: StableDiffusionPipeline) -> StableDiffusionPipeline:
+    """The target's UNet, VAE and scheduler with the base model's text encoder and tokenizer, as src/tasks/classifier_.py pairs them."""
     pipe = StableDiffusionPipeline(**{**target.components, "text_encoder": base.text_encoder, "tokenizer": base.tokenizer}, requires_safety_checker=False)
-    if scheduler == "lms":
-        pipe.scheduler = LMSDiscreteScheduler.from_config(target.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False).eval()
@@ -90,7 +88,7 @@ class Victim:
         slots = [tok.bos_token_id, *[0] * self.k, *words, tok.eos_token_id]
         plain = [tok.bos_token_id, *words, tok.eos_token_id]
         as_ids = lambda ids: torch.tensor([ids + [pad] * (n - len(ids))])  # noqa: E731
-        return Case(prompt, as_ids(slots), as_ids(plain), x0, seed, guidance, height, width)
+        return Case(prompt, as_ids(slots), as_ids(plain), x0.detach(), seed, guidance, height, width)
 
     def encode(self, ids: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
         with prefix_embeddings(self.pipe.text_encoder, prefix):

@@ -75,21 +75,18 @@ def load_config(args: argparse.Namespace):
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    import diffusers
     import torch
     from accelerate import PartialState
 
     from salun_sd.evaluation.generate import generate_images, plan_jobs, resolve_dtype
     from salun_sd.evaluation.prompts import filter_prompts, load_prompts
     from salun_sd.manifest import manifest, write_manifest
-    from salun_sd.sd.loading import load_pipeline
+    from salun_sd.sd.loading import load_pipeline, scheduler_class
 
     cfg: GenerateConfig = load_config(args)
     require(cfg, "generate", ("model", "prompts", "output_dir"))
     cfg.resolve()
-    scheduler = getattr(diffusers, cfg.scheduler, None) if cfg.scheduler else None
-    if cfg.scheduler and not (isinstance(scheduler, type) and issubclass(scheduler, diffusers.SchedulerMixin)):
-        raise UserError(f"--scheduler {cfg.scheduler!r} is not a diffusers scheduler class (e.g. LMSDiscreteScheduler, DDIMScheduler, EulerDiscreteScheduler).")
+    scheduler = scheduler_class(cfg.scheduler)
     prompts = filter_prompts(load_prompts(cfg.prompts, cfg.hf_split), cfg.category, cfg.min_nudity, cfg.limit or None)
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True lets torchrun run several CPU processes
     pipe = load_pipeline(cfg.model, resolve_dtype(cfg.dtype, state.device))

@@ -132,3 +132,16 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, single_file: S
         raise UserError(f"{model} is not a complete diffusers {family.name} folder: {err}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+
+def scheduler_class(name: str) -> type | None:
+    """The diffusers scheduler class called `name` (e.g. LMSDiscreteScheduler); None for "" (keep the pipeline's own)."""
+    if not name:
+        return None
+    import diffusers
+
+    scheduler = getattr(diffusers, name, None)
+    if not (isinstance(scheduler, type) and issubclass(scheduler, diffusers.SchedulerMixin)):
+        raise UserError(f"--scheduler {name!r} is not a diffusers scheduler class (e.g. LMSDiscreteScheduler, DDIMScheduler, EulerDiscreteScheduler).")
+    return scheduler

@@ -156,7 +156,7 @@ def attack_config(cfg: CompareConfig, case: Case, model: str | Path, out: Path, 
     prompts.write_text("\n".join(case.split(spec)[0][: cfg.attack_prompts]) + "\n")
     return AttackConfig(model=str(model), base=cfg.base, prompts=str(prompts), output_dir=str(out), reference_dir=str(case_dir / "attack-reference"),
                         judge="toyworld", concept=case.value, timesteps=cfg.attack_timesteps, iterations=cfg.attack_iterations, steps=25,
-                        scheduler="pipeline", guidance=cfg.guidance, seed=20_000 + cfg.seed, attack_seed=cfg.seed)
+                        scheduler="", guidance=cfg.guidance, seed=20_000 + cfg.seed, attack_seed=cfg.seed)
 
 
 def attack_metrics(cfg: CompareConfig, case: Case, model: str | Path, out: Path, case_dir: Path, spec: WorldSpec, accelerator) -> dict:
