@@ -82,20 +82,20 @@ def erased(tmp_path_factory):
     from salun_sd.toyworld.world import WorldSpec
 
     out = tmp_path_factory.mktemp("erased")
-    cfg = erase_config(CompareConfig(forget_per_prompt=4, remain_per_prompt=1, steps=20), Case("shape", "circle"), "salun", out, WorldSpec())
+    cfg = erase_config(CompareConfig(forget_per_prompt=2, remain_per_prompt=1, steps=10), Case("shape", "circle"), "salun", out, WorldSpec())
     cfg.mask.batch_size = 16
     return erase(cfg, make_accelerator("no"), ("mask", "erase")) / "pipeline"
 
 
 def test_on_an_erased_model_the_attacks_lower_the_reference_loss_below_the_plain_prompts(erased):
     base, target = load_toy_pipeline(), load_toy_pipeline(erased)
-    victim = Victim(attack_pipeline(target, base), k=5, timesteps=4, steps=10)
+    victim = Victim(attack_pipeline(target, base), k=5, timesteps=3, steps=10)
     case = victim.case(CIRCLES[0], reference_latent(base, CIRCLES[0]), seed=0, guidance=3.0, height=16, width=16)
     plain = victim.reference_loss(case, None, seed=1)
     never = lambda images: [False] * len(images)  # noqa: E731  run the whole budget
     for space in (DiscretePrefix(victim.token_table, 5, 0.01, 0.1), EmbeddingPrefix(victim.token_table, 5, 0.005)):
-        outcome = search(victim, case, space, 20, never, torch.Generator().manual_seed(0))
-        assert outcome.blocks == 4 and victim.reference_loss(case, outcome.prefix, seed=1) < plain
+        outcome = search(victim, case, space, 10, never, torch.Generator().manual_seed(0))
+        assert outcome.blocks == 3 and victim.reference_loss(case, outcome.prefix, seed=1) < plain
 
 
 def test_resume_skips_finished_prompts_and_refuses_other_settings(tmp_path):
@@ -114,12 +114,10 @@ def test_resume_skips_finished_prompts_and_refuses_other_settings(tmp_path):
 def test_two_processes_give_the_same_results_as_one(tmp_path):
     from conftest import salun
 
-    prompts = tmp_path / "squares.txt"
-    prompts.write_text("\n".join(SQUARES) + "\n")
-    common = ["attack", "--model", str(PIPELINE_DIR), "--base", str(PIPELINE_DIR), "--prompts", str(prompts), "--judge", "toyworld", "--concept", "circle",
-              "--scheduler", "", "--steps", "5", "--guidance", "3", "--timesteps", "2", "--iterations", "2"]
-    salun(*common, "--output_dir", str(tmp_path / "one"))
-    salun(*common, "--output_dir", str(tmp_path / "two"), processes=2)
+    cfg = toy_config(tmp_path, SQUARES, steps=5, attacks="discrete", output_dir=str(tmp_path / "one"))
+    attack(cfg, make_accelerator("no"), log=lambda *_: None)
+    flags = [f"--{key}={value}" for key, value in vars(cfg).items() if key in ("model", "base", "prompts", "judge", "concept", "scheduler", "steps", "guidance", "timesteps", "iterations", "attacks")]
+    salun("attack", *flags, "--output_dir", str(tmp_path / "two"), processes=2)
     for case in ("00000.json", "00001.json"):
         one, two = (json.loads((tmp_path / run / "results" / case).read_text()) for run in ("one", "two"))
         for result in (one, two):
@@ -141,3 +139,16 @@ def test_judges_user_function_and_nudenet(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="cannot import nothing"):
         user_judge("my_judges:nothing")
     assert nudenet_judge(0.45).for_prompt(None)(images) == [False, False]
+
+
+def test_shipped_attack_configs_load_and_pass_their_checks():
+    from pathlib import Path
+
+    from salun_sd.config import load_yaml
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "configs" / "attack").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        load_yaml(AttackConfig, path).check()
+    with pytest.raises(UserError, match="attacks: unknown tokens"):
+        AttackConfig(model="m", prompts="p", attacks="discrete,tokens").check()

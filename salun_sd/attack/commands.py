@@ -10,7 +10,7 @@ from salun_sd.config import add_config_flags, apply_config_flags, load_yaml
 EPILOG = """examples:
   salun-sd attack --model outputs/nudity/pipeline --prompts nudity.csv --judge nudenet --output_dir outputs/attack-nudity
   salun-sd attack --model outputs/church/pipeline --prompts church.csv --judge imagenet --concept church
-  salun-sd attack configs/attack_toy.yaml --model outputs/compare/runs/seed0/shape-circle/salun/pipeline
+  salun-sd attack configs/attack/toyworld.yaml           (the toy world, offline, after `salun-sd demo`)
   accelerate launch --num_processes 4 -m salun_sd attack ...      (four GPUs split the prompts)
 
 Writes OUTPUT_DIR/results/<case>.json per prompt (a rerun skips finished prompts), images/, report.json and

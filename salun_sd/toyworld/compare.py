@@ -170,7 +170,23 @@ def attack_metrics(cfg: CompareConfig, case: Case, model: str | Path, out: Path,
 
 
 def run_case(cfg: CompareConfig, case: Case, out: Path, log=print) -> list[dict]:
-    """Base row plus one row per method; each erased model is evaluated (and attacked) on the same prompts and seeds."""
+    """Base row plus one row per method; each erased model is evaluated (and attacked) on the same prompts and seeds.
+
+    The rows are kept in OUT/<case>/rows.pt with the settings that made them, so a rerun with the same settings
+    (after a kill, or to aggregate seeds that ran as separate processes) reuses them instead of redoing the case."""
+    cache = out / f"{case.kind}-{case.value}" / "rows.pt"
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("seeds", "output_dir")}  # what one seed's rows depend on
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        if saved["config"] == settings:
+            log(f"{case.kind} {case.value}, seed {cfg.seed}: reusing {cache}")
+            return saved["rows"]
+    rows = _run_case(cfg, case, out, log)
+    torch.save({"config": settings, "rows": rows}, cache)
+    return rows
+
+
+def _run_case(cfg: CompareConfig, case: Case, out: Path, log) -> list[dict]:
     from salun_sd.runtime import make_accelerator
     from salun_sd.objectives import get_method
     from salun_sd.sd.erase import SDErase, erase
