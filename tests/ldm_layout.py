@@ -1,4 +1,4 @@
-"""Test helper: a diffusers SD-1.x pipeline written in the original (LDM / CompVis) single-file layout.
+"""Test helper: a diffusers SD-1.x or SDXL pipeline written in the original (LDM / CompVis / SGM) single-file layout.
 
 The package reads and writes single files through diffusers' own conversion; the tests need a tiny file
 in the original layout to start from, and no such file can be downloaded here. Only the names the tiny
@@ -10,10 +10,14 @@ from __future__ import annotations
 import re
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
+from torch import nn
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2", "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+              "add_embedding.linear_2": "label_emb.0.2", "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+OPEN_CLIP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight", "text_model.embeddings.position_embedding.weight": "positional_embedding",
+             "text_model.final_layer_norm.weight": "ln_final.weight", "text_model.final_layer_norm.bias": "ln_final.bias"}
 
 
 def _resnet(rest: str) -> str:
@@ -58,15 +62,33 @@ def vae_key(name: str, levels: int) -> str:
     return name
 
 
-def ldm_checkpoint(pipe: StableDiffusionPipeline) -> dict[str, torch.Tensor]:
-    """UNet, VAE and CLIP text encoder under the keys of an original SD-1.x checkpoint (e.g. sd-v1-4.ckpt)."""
+def open_clip_weights(text_encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection under OpenCLIP's names (SDXL's second encoder): q, k, v in one in_proj, projection transposed."""
+    state = text_encoder.state_dict()
+    out = {old: state[new].clone() for new, old in OPEN_CLIP.items()}
+    out["text_projection"] = state["text_projection.weight"].T.contiguous()
+    for i in range(text_encoder.config.num_hidden_layers):
+        layer, block = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{block}attn.in_proj_{kind}"] = torch.cat([state[f"{layer}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+            for new, old in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                out[f"{block}{old}.{kind}"] = state[f"{layer}{new}.{kind}"].clone()
+    return out
+
+
+def ldm_checkpoint(pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
+    """UNet, VAE and text encoder(s) under the keys of an original checkpoint (sd-v1-4.ckpt, sd_xl_base_1.0.safetensors)."""
     unet, levels = pipe.unet, len(pipe.vae.config.block_out_channels)
     up_with_attention = {i for i, kind in enumerate(unet.config.up_block_types) if "CrossAttn" in kind}
     out = {f"model.diffusion_model.{unet_key(n, unet.config.layers_per_block, up_with_attention)}": p.clone() for n, p in unet.state_dict().items()}
     for n, p in pipe.vae.state_dict().items():
         is_attention = ".attentions.0.to_" in n and n.endswith("weight")
         out[f"first_stage_model.{vae_key(n, levels)}"] = p[:, :, None, None].clone() if is_attention else p.clone()  # LDM: 1x1 convolutions
-    out.update({f"cond_stage_model.transformer.text_model.{n.removeprefix('text_model.')}": p.clone() for n, p in pipe.text_encoder.state_dict().items()})
+    sdxl = hasattr(pipe, "text_encoder_2")
+    clip = "conditioner.embedders.0.transformer.text_model." if sdxl else "cond_stage_model.transformer.text_model."
+    out.update({f"{clip}{n.removeprefix('text_model.')}": p.clone() for n, p in pipe.text_encoder.state_dict().items()})
+    if sdxl:
+        out.update({f"conditioner.embedders.1.model.{k}": v for k, v in open_clip_weights(pipe.text_encoder_2).items()})
     return out
 
 

@@ -53,7 +53,7 @@ def erased(base, tmp_path_factory, data_cache) -> Path:
 def test_an_sdxl_folder_loads_as_sdxl_and_caches_pooled_and_time_conditions(pipe):
     assert isinstance(pipe, StableDiffusionXLPipeline)
     den = sdxl_denoiser(pipe, [FORGET, REMAIN], resolution=32)
-    assert den.embeddings.shape == (3, 77, 64) and den.pooled.shape == (3, 32)  # "" + 2 prompts; 32 + 32 hidden
+    assert den.embeddings.shape == (3, 77, 80) and den.pooled.shape == (3, 32)  # "" + 2 prompts; 32 + 48 hidden
     assert not den.embeddings[0].any() and not den.pooled[0].any()  # force_zeros_for_empty_prompt, as the pipeline does
     assert den.time_ids.tolist() == [32, 32, 0, 0, 32, 32]
     with torch.no_grad():  # the cached conditions give the UNet output the pipeline's own encoding gives

@@ -1,5 +1,5 @@
-"""Single-file checkpoints in and out (tiny SD-1.x in the original layout, CPU, offline through single_file.config):
-EMA or raw UNet on the way in; on the way out a file that from_single_file loads back bit for bit."""
+"""Single-file checkpoints in and out (tiny SD-1.x and SDXL in the original layout, CPU, offline through
+single_file.config): EMA or raw UNet on the way in; on the way out a file that from_single_file loads back bit for bit."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -19,8 +19,9 @@ from salun_sd.errors import UserError
 from salun_sd.saliency import load_mask
 from salun_sd.sd.config import SingleFileConfig
 from salun_sd.sd.erase import erase
+from salun_sd.sd.export import export_single_file
 from salun_sd.sd.loading import load_pipeline
-from salun_sd.sd.tiny import tiny_pipeline
+from salun_sd.sd.tiny import tiny_pipeline, tiny_sdxl_pipeline
 
 EMA_SHIFT = 0.5  # the EMA copy is the raw UNet + 0.5, so a test can tell which one loaded
 
@@ -81,3 +82,23 @@ def test_single_file_export_needs_a_single_file_base(tmp_path, data_cache):
     with pytest.raises(UserError, match="single_file.export"):
         erase(cfg, Accelerator(cpu=True))
     assert not (tmp_path / "run").exists()  # refused before the run folder was claimed
+
+
+def test_an_sdxl_single_file_loads_as_sdxl_and_its_export_loads_back_bit_for_bit(tmp_path):
+    base = tiny_sdxl_pipeline()
+    save_file(ldm_checkpoint(base), str(tmp_path / "tiny-xl.safetensors"))  # conditioner.embedders.{0,1}: CLIP-L and OpenCLIP layouts
+    tiny_sdxl_pipeline(seed=1).save_pretrained(tmp_path / "configs")
+    settings = SingleFileConfig(config=str(tmp_path / "configs"))
+    pipe = load_pipeline(str(tmp_path / "tiny-xl.safetensors"), single_file=settings)
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    components = ("unet", "vae", "text_encoder", "text_encoder_2")
+    for component in components:
+        assert all(torch.equal(v, weights(getattr(pipe, component))[k]) for k, v in weights(getattr(base, component)).items()), component
+    with torch.no_grad():  # stands in for an erase: every UNet weight changed
+        for p in pipe.unet.parameters():
+            p.add_(0.25)
+    export_single_file(tmp_path / "tiny-xl.safetensors", pipe.unet, tmp_path / "erased.safetensors", {})
+    reloaded = load_pipeline(str(tmp_path / "erased.safetensors"), single_file=settings)
+    for component in components:
+        new, written = weights(getattr(pipe, component)), weights(getattr(reloaded, component))
+        assert all(torch.equal(new[k], written[k]) for k in new), component

@@ -58,13 +58,13 @@ def tiny_vae(sample_size: int, scaling_factor: float = 0.18215, **extra) -> Auto
     )
 
 
-def tiny_clip_config(hidden_size: int = 32, **extra) -> CLIPTextConfig:
-    """A 2-layer CLIP text encoder over the real 49408-token vocabulary."""
+def tiny_clip_config(hidden_size: int = 32, layers: int = 2, **extra) -> CLIPTextConfig:
+    """A small CLIP text encoder over the real 49408-token vocabulary."""
     return CLIPTextConfig(
         vocab_size=49408,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=CLIP_MAX_LENGTH,
         bos_token_id=49406,
@@ -75,10 +75,14 @@ def tiny_clip_config(hidden_size: int = 32, **extra) -> CLIPTextConfig:
 
 
 def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionXLPipeline:
-    """A randomly initialised SDXL-shaped pipeline: two CLIP encoders (32 + 32 hidden, the second with a
-    32-dim projection), a UNet with SDXL's added conditions (pooled embedding + 6 time ids), 32 px images."""
+    """A randomly initialised SDXL-shaped pipeline: two CLIP encoders (32 + 48 hidden, the second with a
+    32-dim projection), a UNet with SDXL's added conditions (pooled embedding + 6 time ids), 32 px images.
+
+    As in SDXL the encoders differ in width, and the second has 10 layers: diffusers tells an SDXL single
+    file by these (it looks for the second encoder's block 9), so the layout round trip can be tested.
+    """
     torch.manual_seed(seed)
-    time_dim, pooled_dim, hidden = 8, 32, (32, 32)
+    time_dim, pooled_dim, hidden = 8, 32, (32, 48)
     unet = tiny_unet(
         sample_size,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),  # SDXL has no attention at the highest resolution
@@ -93,7 +97,7 @@ def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionX
     return StableDiffusionXLPipeline(
         vae=tiny_vae(sample_size, scaling_factor=0.13025),  # SDXL's VAE scaling
         text_encoder=CLIPTextModel(tiny_clip_config(hidden[0])),
-        text_encoder_2=CLIPTextModelWithProjection(tiny_clip_config(hidden[1], projection_dim=pooled_dim)),
+        text_encoder_2=CLIPTextModelWithProjection(tiny_clip_config(hidden[1], layers=10, projection_dim=pooled_dim)),
         tokenizer=clip_tokenizer(),
         tokenizer_2=clip_tokenizer(pad_token="!"),  # SDXL's second tokenizer pads with "!"
         unet=unet,
