@@ -16,6 +16,8 @@ SCOPES = ("all", "xattn", "noxattn")
 ATTENTION = ("sdpa", "eager", "xformers")
 MASK_SCOPES = ("global", "per_layer")
 REPORT_TO = ("tensorboard", "wandb")
+MASK_RANK_OVER = ("model", "trainable")
+ESD_X_T = ("noised", "sampled")  # objectives.ESD_X_T says how each one draws x_t
 
 
 def check_fraction(fraction: float, where: str) -> None:
@@ -31,6 +33,7 @@ class MaskConfig:
     extra_fractions: list[float] = field(default_factory=list)  # more masks from the same gradient pass
     guidance: float = 7.5  # w in the guided forget loss (official DDPM: 2.0; FLUX-dev: its guidance embedding is set to 1 + w)
     scope: str = "global"  # global | per_layer
+    rank_over: str = "model"  # with train.trainable restricted: model (top fraction over every weight, then only the trainable ones kept: official SalUn; needs all weights' gradients) | trainable (top fraction among the trainable weights)
     batch_size: int = 8  # forget examples per backward pass (the mask does not depend on it)
     path: str = ""  # use this mask file instead of computing one
 
@@ -41,6 +44,8 @@ class MaskConfig:
             check_fraction(fraction, f"{section}.extra_fractions")
         if self.scope not in MASK_SCOPES:
             raise UserError(f"{section}.scope must be one of {', '.join(MASK_SCOPES)}, got {self.scope!r}")
+        if self.rank_over not in MASK_RANK_OVER:
+            raise UserError(f"{section}.rank_over must be one of {', '.join(MASK_RANK_OVER)}, got {self.rank_over!r}")
         if self.batch_size < 1:
             raise UserError(f"{section}.batch_size must be at least 1, got {self.batch_size}")
 
@@ -52,6 +57,9 @@ class TrainConfig:
     method: str = "salun"  # salun | rl | ga | ft | esd_x | esd_u | fmn (salun_sd.objectives.METHODS; configs/methods/ has each one's usual settings)
     alpha: float = 0.1  # weight of the remain-set loss (salun, rl, ga)
     negative_guidance: float = 1.0  # η of esd_x / esd_u: how far the target is guided away from the concept
+    esd_x_t: str = "noised"  # x_t of esd_x / esd_u: noised (a D_f image noised to t: fast) | sampled (DDIM from the model being trained, stopped at a random step, as the ESD code)
+    esd_sample_steps: int = 50  # esd_x_t=sampled: DDIM steps of a whole trajectory (ESD: 50)
+    esd_sample_guidance: float = 3.0  # esd_x_t=sampled: guidance scale s of ε(∅) + s·(ε(c) − ε(∅)) while sampling (ESD: 3)
     learning_rate: float = 1e-5
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -83,11 +91,13 @@ class TrainConfig:
         for name in ("weight_decay", "max_grad_norm"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise UserError(f"{section}.{name} must be a non-negative number (0 turns it off), got {getattr(self, name)}")
-        for name in ("batch_size", "gradient_accumulation_steps"):
+        for name in ("batch_size", "gradient_accumulation_steps", "esd_sample_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{section}.{name} must be at least 1, got {getattr(self, name)}")
         if self.report_to not in ("", *REPORT_TO):
             raise UserError(f"{section}.report_to must be one of {', '.join(REPORT_TO)} (or empty), got {self.report_to!r}")
+        if self.esd_x_t not in ESD_X_T:
+            raise UserError(f"{section}.esd_x_t must be one of {', '.join(ESD_X_T)}, got {self.esd_x_t!r}")
 
     def total_steps(self, num_forget: int, num_processes: int) -> int:
         if self.max_steps > 0:

@@ -18,6 +18,7 @@ from torch import nn
 from salun_sd.core_config import TrainConfig
 from salun_sd.denoiser import Denoiser
 from salun_sd.errors import UserError
+from salun_sd.sampling import ddim_partway, ddim_steps_before
 
 
 @dataclass
@@ -82,14 +83,28 @@ def finetune_loss(den: Denoiser, model: nn.Module, forget: Batch, remain: Batch 
     return remain_loss, {"remain": remain_loss}
 
 
+def noised_x_t(den: Denoiser, forget: Batch, cfg: TrainConfig) -> torch.Tensor:
+    """A D_f image (drawn by the base model from c) noised to t: fast, one forward pass."""
+    return den.add_noise(forget.x0, forget.noise, forget.t)
+
+
+def sampled_x_t(den: Denoiser, forget: Batch, cfg: TrainConfig) -> torch.Tensor:
+    """As the ESD code: DDIM from c under guidance with the weights being trained, from the example's noise, stopped part-way."""
+    steps = ddim_steps_before(forget.t, cfg.esd_sample_steps, den.num_train_timesteps)
+    # den.model: the plain network (not a DDP or compiled wrapper), whose forward count may differ across processes
+    return ddim_partway(den, den.model, forget.noise, forget.cond, steps, cfg.esd_sample_steps, cfg.esd_sample_guidance - 1)
+
+
+ESD_X_T: dict[str, Callable] = {"noised": noised_x_t, "sampled": sampled_x_t}  # train.esd_x_t (core_config.ESD_X_T)
+
+
 def esd_loss(den: Denoiser, model: nn.Module, forget: Batch, remain: Batch | None, cfg: TrainConfig, frozen: nn.Module | None):
     """ESD (Gandikota et al., 2023): pull ε_θ(x_t|c) to ε*(x_t|∅) − η·(ε*(x_t|c) − ε*(x_t|∅)), ε* the frozen original.
 
-    The target is the original model guided *away* from the concept with negative guidance η. x_t is a
-    noised D_f image (an image the base model drew from c), where the ESD code runs the model being
-    trained for a random number of DDIM steps from c; both give an x_t of the concept at time t.
+    The target is the original model guided *away* from the concept with negative guidance η. x_t comes
+    from train.esd_x_t: a noised D_f image, or (as the ESD code) a part-way sample of the model being trained.
     """
-    x_t = den.add_noise(forget.x0, forget.noise, forget.t)
+    x_t = ESD_X_T[cfg.esd_x_t](den, forget, cfg)
     null = torch.full_like(forget.cond, den.null_cond)
     with torch.no_grad():
         e_c, e_u = den.predict(frozen, torch.cat([x_t, x_t]), torch.cat([forget.t, forget.t]), torch.cat([forget.cond, null])).chunk(2)

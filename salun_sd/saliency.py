@@ -190,12 +190,17 @@ def make_masks(
     include: Callable[[str], bool],
     info: dict[str, object],
 ) -> Mask:
-    """The mask step of every adapter: one gradient pass, a mask per fraction saved in run_dir; returns cfg.fraction's."""
-    scores = accumulate_saliency(den, forget, accelerator, cfg.guidance, cfg.batch_size, seed, include)
-    masks = saliency_masks(scores, [cfg.fraction, *cfg.extra_fractions], cfg.scope)
+    """The mask step of every adapter: one gradient pass, a mask per fraction saved in run_dir; returns cfg.fraction's.
+
+    `include` picks the trainable weights. The official code ranks every weight and trains the selected
+    ones that made the cut (cfg.rank_over=model); rank_over=trainable ranks among the selected alone.
+    """
+    ranked = include if cfg.rank_over == "trainable" else lambda name: True
+    scores = accumulate_saliency(den, forget, accelerator, cfg.guidance, cfg.batch_size, seed, ranked)
+    masks = {f: {n: m for n, m in mask.items() if include(n)} for f, mask in saliency_masks(scores, [cfg.fraction, *cfg.extra_fractions], cfg.scope).items()}
     if accelerator.is_main_process:
         for fraction, m in masks.items():
-            meta = {"fraction": fraction, "scope": cfg.scope, "guidance": cfg.guidance, "forget_examples": len(forget), **info}
+            meta = {"fraction": fraction, "scope": cfg.scope, "rank_over": cfg.rank_over, "guidance": cfg.guidance, "forget_examples": len(forget), **info}
             save_mask(m, mask_path(run_dir, None if fraction == cfg.fraction else fraction), meta)
         summary = mask_summary(masks[cfg.fraction])
         size = sum(m.numel() for m in masks[cfg.fraction].values())

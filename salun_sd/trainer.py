@@ -72,6 +72,25 @@ def select_trainable(den: Denoiser, scope: str, mask: Mask | None) -> dict[str, 
     return chosen
 
 
+def reached_by_loss(den: Denoiser, method: Method, params: dict[str, nn.Parameter], batches: tuple, cfg: TrainConfig,
+                    frozen: nn.Module | None, accelerator: Accelerator) -> dict[str, nn.Parameter]:
+    """The trainable weights that the method's loss sends a gradient to, found by one backward pass; the others stay frozen.
+
+    FMN's loss reads attention maps, so the weights after the last cross-attention never get a gradient:
+    DDP fails on a trained weight without one, and AdamW (FMN's optimizer) leaves such weights untouched.
+    """
+    with accelerator.autocast():
+        loss, _ = method.loss(den, den.model, *batches, cfg, frozen)
+    loss.backward()
+    reached = {name: p for name, p in params.items() if p.grad is not None}
+    for name, p in params.items():
+        p.grad = None
+        p.requires_grad_(name in reached)
+    if not reached:
+        raise UserError(f"the {cfg.method} loss sends no gradient to any trainable weight of {den.family}")
+    return reached
+
+
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam without weight decay in one of three implementations (weight decay is applied by the loop, masked)."""
     kwargs = {"lr": cfg.learning_rate, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
@@ -142,22 +161,25 @@ def unlearn(
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     frozen = copy.deepcopy(model).requires_grad_(False).eval().to(accelerator.device) if method.needs_frozen else None  # the original, for ESD's target
-    model.train()
-    masks = [mask[n].to(accelerator.device, torch.bool) for n in params] if mask is not None else None  # 1 byte per weight
+    model.train().to(accelerator.device)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    den.to(device)
+    forget, remain = forget.to(device), remain.to(device) if remain is not None else None
+    candidates = torch.tensor(misaligned, dtype=torch.long) if method.uses_misaligned else None
+    global_batch = cfg.batch_size * world
+    first = (draw_batch(forget, den, cfg.seed, "forget", 0, global_batch, rank, cfg.batch_size, candidates),
+             draw_batch(remain, den, cfg.seed, "remain", 0, global_batch, rank, cfg.batch_size) if method.uses_remain else None)
+    params = reached_by_loss(den, method, params, first, cfg, frozen, accelerator)
+    masks = [mask[n].to(device, torch.bool) for n in params] if mask is not None else None  # 1 byte per weight
     optimizer = make_optimizer(list(params.values()), cfg)
     if cfg.weight_decay > 0:
         optimizer.register_step_pre_hook(masked_weight_decay(list(params.values()), masks, cfg.learning_rate * cfg.weight_decay))
     model, optimizer = accelerator.prepare(model, optimizer)
     net = torch.compile(model, mode=cfg.compile_mode, dynamic=False) if cfg.compile_unet else model  # static shapes: one graph per batch shape
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    den.to(device)
-    forget, remain = forget.to(device), remain.to(device) if remain is not None else None
-    candidates = torch.tensor(misaligned, dtype=torch.long) if method.uses_misaligned else None
     ckpt_root = run_dir / "checkpoints"
     step = resume(accelerator, ckpt_root, cfg.resume_from_checkpoint)
     log = StepLog(accelerator, run_dir, step, cfg)
     total, accum = cfg.total_steps(len(forget), world), cfg.gradient_accumulation_steps
-    global_batch = cfg.batch_size * world
 
     bar = tqdm(total=total, initial=step, desc=f"erase ({cfg.method})", disable=not accelerator.is_local_main_process)
     while step < total:

@@ -1,8 +1,14 @@
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from diffusers import DDPMScheduler
 
+from salun_sd.core_config import MaskConfig
+from salun_sd.denoiser import ConceptData
 from salun_sd.errors import UserError
-from salun_sd.saliency import _kth_largest, load_mask, mask_info, mask_summary, save_mask, saliency_masks
+from salun_sd.saliency import _kth_largest, accumulate_saliency, load_mask, make_masks, mask_info, mask_summary, save_mask, saliency_masks
+from salun_sd.sd.adapter import TextConditionedDenoiser
 from salun_sd.sd.tiny import tiny_pipeline
 
 
@@ -68,3 +74,36 @@ def test_mask_from_another_architecture_names_the_parameter_and_both_shapes(tmp_
     save_mask({"not.in.this.model": torch.ones(2, dtype=torch.bool)}, tmp_path / "names.safetensors", {})
     with pytest.raises(UserError, match="not.in.this.model"):
         load_mask(tmp_path / "names.safetensors", unet)
+
+
+@pytest.fixture(scope="module")
+def tiny_forget():
+    """The tiny UNet as a denoiser over random text states, and 8 random latents of condition 1."""
+    pipe = tiny_pipeline()
+    states = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(0))
+    den = TextConditionedDenoiser(pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), ["", "a photo"], states)
+    return den, ConceptData(torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.ones(8, dtype=torch.long))
+
+
+def test_restricted_training_keeps_the_whole_unet_threshold_inside_the_scope_or_ranks_within_it(tiny_forget, tmp_path):
+    """Official SalUn: the top fraction over every weight, intersected with the trainable ones; rank_over=trainable: within them."""
+    den, forget = tiny_forget
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(cpu=True)
+    xattn = den.scope("xattn")
+    scores = accumulate_saliency(den, forget, accelerator, guidance=7.5, batch_size=4)
+    threshold = _kth_largest(scores.values(), round(0.5 * sum(s.numel() for s in scores.values())))
+    inside = {n: s for n, s in scores.items() if xattn(n)}
+    official = make_masks(den, forget, accelerator, MaskConfig(batch_size=4), tmp_path / "model", 0, xattn, {})
+    assert set(official) == set(inside)
+    assert all(torch.equal(official[n], s >= threshold) for n, s in inside.items())
+    within = make_masks(den, forget, accelerator, MaskConfig(batch_size=4, rank_over="trainable"), tmp_path / "trainable", 0, xattn, {})
+    assert all(torch.equal(within[n], m) for n, m in saliency_masks(inside, [0.5])[0.5].items())
+    assert mask_summary(within)["total"] == pytest.approx(0.5, abs=1e-4)
+    assert mask_summary(official)["total"] != pytest.approx(0.5, abs=0.01)  # the two rules differ on this UNet
+    assert mask_info(tmp_path / "model" / "mask.safetensors")["info"]["rank_over"] == "model"
+
+
+def test_an_unknown_rank_over_is_a_user_error():
+    with pytest.raises(UserError, match="mask.rank_over must be one of model, trainable, got 'scope'"):
+        MaskConfig(rank_over="scope").check()

@@ -70,16 +70,17 @@ def recording(model: nn.Module, token_mask: torch.Tensor) -> Iterator[torch.Tens
 
 
 def concept_token_mask(tokenizer, prompts: list[str], words: list[str]) -> torch.Tensor:
-    """[prompts, model_max_length] bool: the positions of `words`' tokens in each tokenized prompt.
+    """[prompts, model_max_length] bool: the positions of `words`' tokens in each tokenized prompt, and the end-of-text ones.
 
+    As the FMN code (`use_pooler: true`), a prompt that names the concept also has every end-of-text
+    position steered: the text encoder's summary of the prompt sits there. SD-1.x's tokenizer pads with
+    end-of-text, so on SD-1.x that includes the padding, as it does in FMN's code (SD-2's pads with "!").
     A prompt mentioning none of the words gets an all-False row, so attention re-steering leaves it alone.
     """
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    ids = torch.tensor(tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids)
     mask = torch.zeros(len(prompts), tokenizer.model_max_length, dtype=torch.bool)
     for word in words:
-        pieces = tokenizer(word, add_special_tokens=False).input_ids
-        for row, prompt_ids in enumerate(ids):
-            for start in range(len(prompt_ids) - len(pieces) + 1):
-                if prompt_ids[start : start + len(pieces)] == pieces:
-                    mask[row, start : start + len(pieces)] = True
-    return mask
+        pieces = torch.tensor(tokenizer(word, add_special_tokens=False).input_ids)
+        for start in range(tokenizer.model_max_length - len(pieces) + 1):
+            mask[:, start : start + len(pieces)] |= (ids[:, start : start + len(pieces)] == pieces).all(1, keepdim=True)
+    return mask | ((ids == tokenizer.eos_token_id) & mask.any(1, keepdim=True))
