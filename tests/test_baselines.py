@@ -187,6 +187,14 @@ def test_fmn_steers_attention_away_from_the_concept_tokens(pipe, tmp_path):
     assert end < 0.95 * start  # 4.70 -> 4.29 in 10 steps at lr 1e-2 (~70 end-of-text positions share the mass)
 
 
+def test_weights_the_loss_never_reaches_are_left_out_even_with_weight_decay(pipe, tmp_path):
+    """FMN on the whole UNet, as its code: nothing after the last cross-attention gets a gradient, so AdamW (and we) leave it."""
+    _, before, after = train(pipe, tmp_path, "fmn", steps=2, weight_decay=0.01)
+    unreached = [n for n in before if n.startswith(("conv_norm_out.", "conv_out."))]
+    assert unreached and all(torch.equal(before[n], after[n]) for n in unreached)
+    assert not torch.equal(before["conv_in.weight"], after["conv_in.weight"])
+
+
 def test_a_scope_that_contradicts_the_method_is_refused(pipe, tmp_path):
     with pytest.raises(UserError, match="esd_u trains 'noxattn'"):
         train(pipe, tmp_path, "esd_u", trainable="xattn")
