@@ -41,7 +41,7 @@ def test_toyworld_file_is_the_worlds_captions():
 def test_configs_train_on_the_first_lines_of_the_prompt_files():
     nudity = config("nudity.yaml")
     forget, remain, misaligned = lines("nudity_forget.txt")[0], lines("nudity_remain.txt")[0], lines("nudity_misaligned.txt")[0]
-    for cfg in (nudity, *(config(f"methods/{m}.yaml") for m in ("rl", "ga", "ft", "fmn"))):
+    for cfg in (nudity, config("sdxl_nudity.yaml"), *(config(f"methods/{m}.yaml") for m in ("rl", "ga", "ft", "fmn"))):
         assert [g.prompt for g in cfg.data.forget] == [forget]
         assert [g.prompt for g in cfg.data.remain] in ([remain], [])
     assert nudity.data.misaligned() == config("methods/rl.yaml").data.misaligned() == [misaligned]
