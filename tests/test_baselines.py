@@ -24,7 +24,9 @@ from salun_sd.sd.attention import concept_token_mask, cross_attention_layers, re
 from salun_sd.sd.config import DataConfig, EraseConfig, ImageGroup
 from salun_sd.erase_flow import check_config
 from salun_sd.sd.erase import SDErase
+from salun_sd.sd.flow import sd3_denoiser
 from salun_sd.sd.tiny import tiny_pipeline
+from salun_sd.sd.tiny_flow import tiny_sd3_pipeline
 from salun_sd.trainer import unlearn
 
 METHOD_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "methods").glob("*.yaml"))
@@ -103,6 +105,12 @@ def test_partway_sampling_follows_the_diffusers_ddim_pipeline_whatever_the_batch
        guidance_scale=3.0, height=32, width=32, output_type="latent", callback_on_step_end=keep)
     torch.testing.assert_close(together[1], after[2][1], rtol=1e-4, atol=1e-5)  # guidance w = 2 is diffusers' scale 3
     torch.testing.assert_close(together[2], after[5][2], rtol=1e-4, atol=1e-5)
+
+
+def test_sampled_x_t_is_refused_in_one_line_on_a_rectified_flow():
+    den = sd3_denoiser(tiny_sd3_pipeline(), [FORGET])
+    with pytest.raises(UserError, match="is a rectified flow: use train.esd_x_t=noised$"):
+        ddim_partway(den, den.model, torch.zeros(1, 4, 8, 8), torch.tensor([1]), torch.tensor([1]), 5, guidance=2.0)
 
 
 def test_sampled_esd_trains_and_gives_the_same_update_for_any_batch_split(pipe, tmp_path):
