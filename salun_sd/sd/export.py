@@ -108,7 +108,7 @@ def export_single_file(base_file: str | Path, unet: nn.Module, out: Path, metada
     if missing:
         raise ValueError(f"{base_file} has no weight that diffusers maps to {missing[0]}")  # a UNet that is not the file's
     merged = {key: tensor for key, tensor in checkpoint.items() if not key.startswith("model_ema.")}
-    merged.update({names[name]: weight.detach() for name, weight in weights.items()})
+    merged.update({names[name]: weight.detach().cpu() for name, weight in weights.items()})
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     save_file({k: v.contiguous().clone() for k, v in merged.items()}, str(tmp), metadata=metadata)  # clone: .ckpt tensors share storage
     tmp.replace(out)
