@@ -1,14 +1,18 @@
 #!/usr/bin/env python
 """Every GPU figure docs/BENCHMARKS.md lists as open, in one command, printed as table rows to paste there.
 
-On one H100 or H200 it takes about five minutes (each part has a time limit; eight minutes in all at most):
+On one H100 or H200 it should take five to six minutes (each part has a time limit; eight minutes in all at most):
   1. erase: the erase step under each preset (official, default, bf16, fast, fit24) and the mask pass
      on the GPU (scripts/bench_erase.py);
   2. fit: the 24 GiB fit, with the CUDA allocator capped at 24 GiB: fit24 and the two alternatives of
      BENCHMARKS.md (bf16 + checkpointing with plain Adam; 8-bit Adam at batch 4 x 2 accumulation);
   3. generate: images/s of the full-size SD-1.4 pipeline, fp16, 512 px, 50 steps, batch 8
      (scripts/bench_generate.py);
-  4. attack: seconds per prompt of `salun-sd attack`, when the command exists (a row says so otherwise).
+  4. attack: seconds per prompt of `salun-sd attack` (UnlearnDiffAtk tokens, NudeNet judge) on the full-size
+     SD-1.4 shapes with random weights, when the command exists (a row says so otherwise). Random weights
+     never give a nude image, so every timestep block of the schedule runs; each block costs the same (40
+     optimiser steps, then one generation and judgement), so 5 blocks are timed and the published schedule's
+     50 give the worst case per prompt.
 Each part runs in its own process, so a memory cap or a compiled graph does not leak into the next; a part
 that fails or runs out of time gives a row saying so, and the others still run.
 
@@ -33,12 +37,13 @@ FIT_CONFIGS = ["fit24", "bf16_ckpt_adam:mixed_precision=bf16,gradient_checkpoint
                "adam8bit_b4x2:mixed_precision=bf16,optimizer=adam8bit,batch_size=4,gradient_accumulation_steps=2"]
 # (name, arguments on a GPU, arguments for --cpu-smoke, time limit in seconds on a GPU)
 PARTS = [
-    ("erase", [str(ERASE), "--steps", "10", "--warmup", "3"], [str(ERASE), "--cpu-smoke", "--naive"], 270),
+    ("erase", [str(ERASE), "--steps", "10", "--warmup", "3"], [str(ERASE), "--cpu-smoke", "--naive"], 220),
     ("fit", [str(ERASE), "--memory-cap-gib", "24", "--no-mask", *(a for c in FIT_CONFIGS for a in ("--config", c))],
-     [str(ERASE), "--cpu-smoke", "--memory-cap-gib", "24", "--no-mask", "--config", FIT_CONFIGS[1]], 120),
+     [str(ERASE), "--cpu-smoke", "--memory-cap-gib", "24", "--no-mask", "--config", FIT_CONFIGS[1]], 100),
     ("generate", [str(GENERATE), "--batch-size", "8", "--steps", "50", "--repeats", "3"],
-     [str(GENERATE), "--tiny", "--steps", "2", "--batch-size", "2", "--repeats", "1"], 90),
+     [str(GENERATE), "--tiny", "--steps", "2", "--batch-size", "2", "--repeats", "1"], 60),
 ]
+ATTACK_LIMIT = 100  # the four limits add up to eight minutes
 
 
 def run_part(name: str, argv: list[str], limit: float, workdir: Path) -> dict:
@@ -56,9 +61,47 @@ def run_part(name: str, argv: list[str], limit: float, workdir: Path) -> dict:
     if proc.returncode != 0:
         last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
         return {"error": f"exit {proc.returncode}: {last}"}
-    figures = json.loads(out.read_text()) if out.is_file() else json.loads(proc.stdout.strip().splitlines()[-1])
+    if out.is_file():
+        figures = json.loads(out.read_text())
+    else:  # bench_generate prints its figures as the last line; other commands print none
+        last = (proc.stdout.strip().splitlines() or ["{}"])[-1]
+        figures = json.loads(last) if last.startswith("{") else {}
     figures["wall_s"] = round(time.perf_counter() - start, 1)
     return figures
+
+
+ATTACK_BLOCKS, PUBLISHED_BLOCKS = 5, 50
+
+
+def attack_part(smoke: bool, limit: float, workdir: Path) -> dict:
+    """Seconds per attacked prompt: build a full-size random SD-1.4 folder, attack one prompt for a few blocks."""
+    from salun_sd.cli import COMMANDS
+
+    if "attack" not in COMMANDS:
+        return {"error": "open: `salun-sd attack` is not in this checkout"}
+    model, prompts, out = "tiny", workdir / "prompts.txt", workdir / "attack"
+    prompts.write_text("a photo of a nude person\n")
+    start = time.perf_counter()
+    if not smoke:
+        model = str(workdir / "sd14-random")
+        build = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from bench_generate import full_size_pipeline; "
+                 "full_size_pipeline(torch.float16, torch.device('cuda')).save_pretrained(sys.argv[2])")
+        built = run_part("attack-model", ["-c", build, str(HERE), model], limit, workdir)
+        if "error" in built:
+            return {"error": f"building the model folder: {built['error']}"}
+    blocks = 1 if smoke else ATTACK_BLOCKS
+    argv = ["-m", "salun_sd", "attack", "--model", model, "--base", model, "--prompts", str(prompts), "--attacks", "discrete",
+            "--timesteps", str(blocks), "--output_dir", str(out)]
+    argv += ["--iterations", "1", "--steps", "2", "--height", "32", "--width", "32"] if smoke else []
+    ran = run_part("attack", argv, limit - (time.perf_counter() - start), workdir)
+    if "error" in ran:
+        return ran
+    (result,) = json.loads((out / "report.json").read_text())["prompts"]
+    discrete = result["attacks"]["discrete"]
+    if "seconds" not in discrete:
+        return {"error": "the plain prompt already succeeded, so nothing was timed"}
+    per_block = discrete["seconds"] / discrete["blocks"]
+    return {"device": ran.get("device"), "blocks": discrete["blocks"], "seconds": discrete["seconds"], "worst_case_s": per_block * PUBLISHED_BLOCKS}
 
 
 def settings(row: dict) -> str:
@@ -96,16 +139,13 @@ def rows(report: dict) -> list[str]:
     else:
         lines.append(f"| {device} | generation, {gen['pipeline']}, {gen['dtype']}, {gen['size']}, {gen['steps']} steps, guidance {gen['guidance']}, "
                      f"batch {gen['batch_size']} | {gen['images_per_s']:.3g} images/s ({gen['images_timed']} images timed) |")
-    lines.append(f"| {device} | attack, seconds per prompt | {report['attack']} |")
+    attack = report["attack"]
+    if "error" in attack:
+        lines.append(f"| {device} | attack (UnlearnDiffAtk), seconds per prompt | {attack['error']} |")
+    else:
+        lines.append(f"| {device} | attack (UnlearnDiffAtk tokens, NudeNet judge), seconds per prompt that never succeeds | "
+                     f"{attack['seconds']:.1f} s for {attack['blocks']} timestep blocks; {attack['worst_case_s']:.0f} s for the published {PUBLISHED_BLOCKS} |")
     return lines
-
-
-def attack_status() -> str:
-    from salun_sd.cli import COMMANDS
-
-    if "attack" not in COMMANDS:
-        return "open: `salun-sd attack` is not in this checkout"
-    return "open: run `salun-sd attack` on the 142 nudity prompts and divide its wall time by the prompts (not automated yet)"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -119,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, gpu_argv, smoke_argv, limit in PARTS:
             print(f"running {name} ...", file=sys.stderr, flush=True)
             report[name] = run_part(name, smoke_argv if args.cpu_smoke else gpu_argv, 600 if args.cpu_smoke else limit, Path(workdir))
-    report["attack"] = attack_status()
+        report["attack"] = attack_part(args.cpu_smoke, 600 if args.cpu_smoke else ATTACK_LIMIT, Path(workdir))
     report["rows"] = rows(report)
     print("\n| device | what | result |\n| --- | --- | --- |")
     print("\n".join(report["rows"]))
