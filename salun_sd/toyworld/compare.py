@@ -59,7 +59,7 @@ class Case:
 # 0.76-0.88; the anchor c' (squares) gives UA 1.00. lr 1e-3 was unstable across seeds (SalUn's remaining
 # accuracy 0.99 / 0.87 / 0.59 on seeds 0 / 1 / 2; RL 0.98 / 0.67 / 0.67); lr 5e-4 kept UA 1.00 with 1.00
 # remaining on seeds 0 and 1. GA at 1e-3 destroyed the model, so GA keeps its usual small rate.
-# ESD-x, ESD-u and FMN (η = 1; FMN on cross-attention, as its code does by default): lr picked from
+# ESD-x, ESD-u and FMN (η = 1; FMN on cross-attention; its code trains the whole UNet): lr picked from
 # {1e-4, 3e-4, 5e-4, 1e-3} by UA + remaining accuracy on "circle", seed 0. UA / remaining accuracy:
 #   esd_x 0.00/0.99, 0.67/0.92, 0.98/0.68, 0.98/0.16; esd_u 0.48/0.77, 0.64/0.67, 0.72/0.61, 0.66/0.49;
 #   fmn 0.00/1.00, 0.30/0.93, 0.69/0.84, 0.80/0.71 (fmn on every weight at 3e-4: 0.91/0.12).
