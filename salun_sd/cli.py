@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from salun_sd.errors import UserError
+from salun_sd.runtime import exit_with_launcher
 
 # subcommand -> (module that registers it, summary for the top-level --help)
 COMMANDS = {
@@ -49,6 +50,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    exit_with_launcher()  # first, so a worker whose launcher dies while it imports torch stops too
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)

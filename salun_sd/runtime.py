@@ -8,12 +8,48 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 from typing import TYPE_CHECKING
 
 from salun_sd.errors import UserError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+
+PAUSE_ENV = "SALUN_SD_PAUSE_AFTER_STEP"
+
+
+def exit_with_launcher() -> None:
+    """In a worker of torch's elastic agent (torchrun; accelerate launch with several processes), exit when the agent dies.
+
+    An agent killed with SIGKILL cannot stop its workers, which then train on as orphans and keep writing
+    the run folder. A thread watches the parent pid rather than PR_SET_PDEATHSIG, which fires when the
+    *thread* that started the worker ends, not the agent. A single process is left alone: a run started
+    with nohup must outlive its shell.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(0.5)
+        try:
+            print(f"salun-sd: the launcher (pid {launcher}) is gone; stopping worker {os.getpid()}", file=sys.stderr, flush=True)
+        finally:  # its stderr may have gone with it
+            os._exit(1)
+
+    threading.Thread(target=watch, name="salun-sd-launcher-watch", daemon=True).start()
+
+
+def pause_if_asked(step: int) -> None:
+    """With SALUN_SD_PAUSE_AFTER_STEP=N in the environment, every process stops after optimizer step N (and its
+    checkpoint) and waits to be killed: a run interrupted at a known point, to inspect it or to test resuming."""
+    if os.environ.get(PAUSE_ENV) == str(step):
+        print(f"salun-sd: paused after step {step} (pid {os.getpid()})", file=sys.stderr, flush=True)
+        threading.Event().wait()
 
 
 def device(requested: str = "auto") -> str:

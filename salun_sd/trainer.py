@@ -27,6 +27,7 @@ from salun_sd.denoiser import ConceptData, Denoiser
 from salun_sd.draws import draw_batch
 from salun_sd.errors import UserError
 from salun_sd.objectives import Method, get_method
+from salun_sd.runtime import pause_if_asked
 from salun_sd.saliency import Mask
 from salun_sd.training_log import StepLog
 
@@ -219,6 +220,7 @@ def unlearn(
             on_step(step, logged)
         if cfg.checkpointing_steps and (step % cfg.checkpointing_steps == 0 or step == total):
             save_checkpoint(accelerator, ckpt_root, step, cfg.checkpoints_total_limit)
+        pause_if_asked(step)
     bar.close()
     model.requires_grad_(False)
     return accelerator.unwrap_model(model)

@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 os.environ["OMP_NUM_THREADS"] = "1"  # before torch loads, and inherited by every subprocess
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,6 +24,7 @@ os.environ["ACCELERATE_USE_CPU"] = "true"
 import open_clip  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from salun_sd.core_config import MaskConfig, TrainConfig  # noqa: E402
 from salun_sd.evaluation.clip_score import ClipScorer  # noqa: E402
@@ -46,19 +48,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def salun(*args: str, processes: int = 1, check: bool = True, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
-    """`python -m salun_sd ARGS` in a subprocess on the CPU; with processes > 1 under `accelerate launch`."""
+def salun(*args: str, processes: int = 1, check: bool = True, env: dict[str, str] | None = None, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
+    """`python -m salun_sd ARGS` in a subprocess on the CPU; with processes > 1 under `accelerate launch`.
+
+    Returns the finished process, or with Popen keywords (stdout=...) the running one; env adds variables."""
     if processes == 1:
         cmd = [sys.executable, "-m", "salun_sd", *args]
     else:  # the CPU recipe: --multi_gpu with Accelerator(cpu=True); `--cpu --num_processes 2` runs one process
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "salun_sd", *args]
     if popen:
-        return subprocess.Popen(cmd, env=cpu_env(), **popen)
-    result = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True)
+        return subprocess.Popen(cmd, env=cpu_env(**(env or {})), **popen)
+    result = subprocess.run(cmd, env=cpu_env(**(env or {})), capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
+
+
+def exported_unet(run_dir) -> dict[str, torch.Tensor]:
+    """The UNet weights of an erase's exported pipeline."""
+    return load_file(str(Path(run_dir) / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
 def tiny_config(out, cache, **train) -> EraseConfig:
@@ -105,3 +114,29 @@ class RandomCNN(torch.nn.Module):
 def data_cache(tmp_path_factory):
     """Generated images and latents shared by the tests of a session (as the real cache is across runs)."""
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def erase_yaml(tmp_path_factory):
+    """A tiny-pipeline YAML config and its mask, for the tests that run the CLI: one process draws the data
+    (two batches of 4 per prompt, into ROOT/cache1), then makes ROOT/mask1/mask.safetensors."""
+    root = tmp_path_factory.mktemp("cli")
+    path = root / "cfg.yaml"
+    path.write_text(
+        f"model: tiny\ndata:\n  forget:\n    - prompt: {FORGET}\n      generate: 8\n  remain:\n    - prompt: {REMAIN}\n      generate: 8\n"
+        f"  generation_steps: 3\n  generation_batch_size: 4\n  cache_dir: {root / 'cache1'}\nmask:\n  batch_size: 4\ntrain:\n  learning_rate: 1.0e-3\n"
+    )
+    salun("mask", str(path), "--output_dir", str(root / "mask1"))
+    return root, path
+
+
+@pytest.fixture(scope="session")
+def two_process_erase(erase_yaml):
+    """An uninterrupted 2-process erase (1 example per process and step, checkpoints every 2 steps): its folder and arguments."""
+    root, cfg = erase_yaml
+    # A large Adam epsilon keeps each update proportional to its gradient: with the default 1e-8, a gradient
+    # of ~1e-9 (float noise of the summation order) decides the sign of a full lr-sized step.
+    args = [str(cfg), "--mask.path", str(root / "mask1" / "mask.safetensors"), "--train.max_steps", "4", "--train.batch_size", "1",
+            "--train.adam_epsilon", "1e-2", "--train.weight_decay", "0.01", "--train.max_grad_norm", "1.0", "--train.checkpointing_steps", "2"]
+    salun("erase", *args, "--output_dir", str(root / "p2"), processes=2)
+    return root / "p2", args

@@ -11,6 +11,7 @@ from salun_sd.config import add_config_flags, apply_config_flags, load_yaml, to_
 from salun_sd.ddpm.config import DDPMConfig
 from salun_sd.errors import UserError
 from salun_sd.manifest import manifest, write_manifest
+from salun_sd.runlock import run_lock
 from salun_sd.runtime import device, finish, make_accelerator
 
 EPILOG = """examples (digits run offline on a CPU in minutes; CIFAR-10 is the paper's setting):
@@ -47,17 +48,18 @@ def run_train(args: argparse.Namespace, exclude_class: int = -1) -> None:
     cfg = load_config(args)
     out = Path(cfg.output_dir) if cfg.output_dir else cfg.retrain_dir() if exclude_class >= 0 else cfg.base_dir()
     accelerator = make_accelerator(cfg.mixed_precision)
-    claim_run_folder(out, [out / "unet"], cfg.overwrite, bool(cfg.train.resume_from_checkpoint), accelerator, "train")
-    data = load_split(cfg.data, "train", exclude_class)
-    command = "ddpm retrain" if exclude_class >= 0 else "ddpm train"
-    extra = {"exclude_class": exclude_class, "train_examples": len(data), "num_processes": accelerator.num_processes}
-    if accelerator.is_main_process:
-        write_manifest(out / "manifest.json", manifest(to_dict(cfg), command, **extra))
-    start = time.perf_counter()
-    train_base(cfg.model, data, cfg.train, accelerator, out, cfg.data.random_flip)
-    if accelerator.is_main_process:  # again, with the wall time of this (possibly resumed) run
-        write_manifest(out / "manifest.json", manifest(to_dict(cfg), command, train_seconds=time.perf_counter() - start, **extra))
-        print(f"model written to {out}")
+    with run_lock(out, accelerator.is_main_process):
+        claim_run_folder(out, [out / "unet"], cfg.overwrite, bool(cfg.train.resume_from_checkpoint), accelerator, "train")
+        data = load_split(cfg.data, "train", exclude_class)
+        command = "ddpm retrain" if exclude_class >= 0 else "ddpm train"
+        extra = {"exclude_class": exclude_class, "train_examples": len(data), "num_processes": accelerator.num_processes}
+        if accelerator.is_main_process:
+            write_manifest(out / "manifest.json", manifest(to_dict(cfg), command, **extra))
+        start = time.perf_counter()
+        train_base(cfg.model, data, cfg.train, accelerator, out, cfg.data.random_flip)
+        if accelerator.is_main_process:  # again, with the wall time of this (possibly resumed) run
+            write_manifest(out / "manifest.json", manifest(to_dict(cfg), command, train_seconds=time.perf_counter() - start, **extra))
+            print(f"model written to {out}")
     finish(accelerator)
 
 
@@ -71,7 +73,8 @@ def run_forget(args: argparse.Namespace, steps: tuple[str, ...]) -> None:
     cfg = load_config(args)
     out = Path(cfg.output_dir) if cfg.output_dir else cfg.erase_dir()
     accelerator = make_accelerator(cfg.mixed_precision, cfg.unlearn.report_to, str(out))
-    erase(cfg, accelerator, model_dir(cfg), out, steps)
+    with run_lock(out, accelerator.is_main_process):
+        erase(cfg, accelerator, model_dir(cfg), out, steps)
     finish(accelerator)
 
 

@@ -81,6 +81,7 @@ def run_generate(args: argparse.Namespace) -> None:
     from salun_sd.evaluation.generate import generate_images, plan_jobs, resolve_dtype
     from salun_sd.evaluation.prompts import filter_prompts, load_prompts
     from salun_sd.manifest import manifest, write_manifest
+    from salun_sd.runlock import run_lock
     from salun_sd.sd.loading import load_pipeline, scheduler_class
 
     cfg: GenerateConfig = load_config(args)
@@ -89,24 +90,25 @@ def run_generate(args: argparse.Namespace) -> None:
     scheduler = scheduler_class(cfg.scheduler)
     prompts = filter_prompts(load_prompts(cfg.prompts, cfg.hf_split), cfg.category, cfg.min_nudity, cfg.limit or None)
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True lets torchrun run several CPU processes
-    pipe = load_pipeline(cfg.model, resolve_dtype(cfg.dtype, state.device))
-    if not hasattr(pipe, "unet"):  # generate draws its own initial latents in the UNet's layout
-        raise UserError(f"generate runs UNet pipelines; {cfg.model} is a {type(pipe).__name__}: generate with diffusers' pipeline directly for now")
-    if scheduler is not None:
-        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
-    default_size = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
-    jobs = plan_jobs(prompts.records, cfg, default_size, multiple_of=pipe.vae_scale_factor)
-    # A folder is recorded by its full path, so `erased` and `./erased/` resume the same run.
-    cfg.model = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
-    out = Path(cfg.output_dir)
-    if state.is_main_process:
-        write_manifest(out / "manifest.json", manifest(to_dict(cfg), "generate", prompts_source=prompts.source, prompts=len(prompts.records), num_processes=state.num_processes))
-    summary = generate_images(pipe, jobs, cfg, state)
-    if state.is_main_process:
-        print(
-            f"{len(prompts.records)} prompts from {prompts.source}, {summary.planned} images planned: "
-            f"{summary.already_done} were already in {out}, the rest are generated now. Metadata: {out / 'metadata.jsonl'}"
-        )
+    with run_lock(cfg.output_dir, state.is_main_process):
+        pipe = load_pipeline(cfg.model, resolve_dtype(cfg.dtype, state.device))
+        if not hasattr(pipe, "unet"):  # generate draws its own initial latents in the UNet's layout
+            raise UserError(f"generate runs UNet pipelines; {cfg.model} is a {type(pipe).__name__}: generate with diffusers' pipeline directly for now")
+        if scheduler is not None:
+            pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+        default_size = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+        jobs = plan_jobs(prompts.records, cfg, default_size, multiple_of=pipe.vae_scale_factor)
+        # A folder is recorded by its full path, so `erased` and `./erased/` resume the same run.
+        cfg.model = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
+        out = Path(cfg.output_dir)
+        if state.is_main_process:
+            write_manifest(out / "manifest.json", manifest(to_dict(cfg), "generate", prompts_source=prompts.source, prompts=len(prompts.records), num_processes=state.num_processes))
+        summary = generate_images(pipe, jobs, cfg, state)
+        if state.is_main_process:
+            print(
+                f"{len(prompts.records)} prompts from {prompts.source}, {summary.planned} images planned: "
+                f"{summary.already_done} were already in {out}, the rest are generated now. Metadata: {out / 'metadata.jsonl'}"
+            )
     state.destroy_process_group()
 
 

@@ -6,6 +6,7 @@ import argparse
 from functools import partial
 
 from salun_sd.config import add_config_flags, apply_config_flags, load_yaml
+from salun_sd.runlock import run_lock
 from salun_sd.runtime import finish, make_accelerator
 from salun_sd.sd.config import EraseConfig
 
@@ -31,11 +32,12 @@ def load_config(args: argparse.Namespace) -> EraseConfig:
 
 
 def run_steps(args: argparse.Namespace, steps: tuple[str, ...]) -> None:
-    from salun_sd.sd.erase import erase  # torch and diffusers load only when a job runs
-
     cfg = load_config(args)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.train.report_to, cfg.output_dir)
-    erase(cfg, accelerator, steps)
+    with run_lock(cfg.output_dir, accelerator.is_main_process):
+        from salun_sd.sd.erase import erase  # diffusers loads only when a job runs, and after a busy folder is refused
+
+        erase(cfg, accelerator, steps)
     finish(accelerator)
 
 
