@@ -29,16 +29,18 @@ LOCK_FILE, HOLDER_FILE = ".salun-sd.lock", ".salun-sd.lock.json"
 
 
 def read_holder(record: Path) -> dict | None:
-    """The holder record, or None if there is none (never written, or a run that ended cleanly)."""
+    """The holder record, or None if there is none (never written, or a run that ended cleanly) or it is unreadable
+    (records are replaced atomically, so only a hand-edited one can be)."""
     try:
-        return json.loads(record.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):  # a record is replaced atomically, so only a hand-edited one is torn
+        holder = json.loads(record.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
         return None
+    return holder if isinstance(holder, dict) and {"pid", "host", "started", "command"} <= holder.keys() else None
 
 
 def describe(holder: dict | None) -> str:
     if holder is None:
-        return "another run (it has not written its holder record yet)"
+        return "another run (its holder record is not written yet, or unreadable)"
     return f"pid {holder['pid']} on host {holder['host']} since {holder['started']} ({holder['command']})"
 
 
