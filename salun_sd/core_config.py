@@ -34,7 +34,8 @@ class MaskConfig:
     guidance: float = 7.5  # w in the guided forget loss (official DDPM: 2.0; FLUX-dev: its guidance embedding is set to 1 + w)
     scope: str = "global"  # global | per_layer
     rank_over: str = "model"  # with train.trainable restricted: model (top fraction over every weight, then only the trainable ones kept: official SalUn; needs all weights' gradients) | trainable (top fraction among the trainable weights)
-    batch_size: int = 8  # forget examples per backward pass (the mask does not depend on it)
+    batch_size: int = 8  # forget examples per backward pass (the mask does not depend on it unless max_grad_norm is set)
+    max_grad_norm: float = 0.0  # clip each batch's gradient to this norm before adding it up (official DDPM; 0: no clipping)
     path: str = ""  # use this mask file instead of computing one
 
     def check(self, section: str = "mask") -> None:
@@ -48,6 +49,8 @@ class MaskConfig:
             raise UserError(f"{section}.rank_over must be one of {', '.join(MASK_RANK_OVER)}, got {self.rank_over!r}")
         if self.batch_size < 1:
             raise UserError(f"{section}.batch_size must be at least 1, got {self.batch_size}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise UserError(f"{section}.max_grad_norm must be a non-negative number (0 turns it off), got {self.max_grad_norm}")
 
 
 @dataclass
@@ -70,6 +73,8 @@ class TrainConfig:
     epochs: float = 1.0  # passes over the forget set; used when max_steps is 0
     max_steps: int = 0
     max_grad_norm: float = 0.0  # 0 disables clipping
+    clip_before_mask: bool = False  # clip the whole gradient before the mask zeroes frozen weights (official DDPM), not after
+    cond_drop_prob: float = 0.0  # share of conditions replaced by the null one, per example and term (official DDPM: 0.1)
     trainable: str = "all"  # all | xattn (cross-attention) | noxattn (all but cross-attention); esd_x and esd_u fix their own
     gradient_checkpointing: bool = False
     # Speed and memory levers (docs/BENCHMARKS.md); each gives the plain path's loss and update.
@@ -94,6 +99,8 @@ class TrainConfig:
         for name in ("batch_size", "gradient_accumulation_steps", "esd_sample_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{section}.{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.cond_drop_prob < 1:
+            raise UserError(f"{section}.cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
         if self.report_to not in ("", *REPORT_TO):
             raise UserError(f"{section}.report_to must be one of {', '.join(REPORT_TO)} (or empty), got {self.report_to!r}")
         if self.esd_x_t not in ESD_X_T:

@@ -34,10 +34,21 @@ def stream_indices(n: int, positions: torch.Tensor, seed: int, stream: str) -> t
 
 
 def examples(
-    data: ConceptData, den: Denoiser, seed: int, stream: str, positions: list[int], indices: list[int], candidates: torch.Tensor | None = None
+    data: ConceptData,
+    den: Denoiser,
+    seed: int,
+    stream: str,
+    positions: list[int],
+    indices: list[int],
+    candidates: torch.Tensor | None = None,
+    cond_drop_prob: float = 0.0,
 ) -> Batch:
-    """The examples `indices` with the noise, timestep (and misaligned condition c' ≠ c) of their stream positions."""
-    noises, ts, misaligned = [], [], []
+    """The examples `indices` with the noise, timestep (and misaligned condition c' ≠ c) of their stream positions.
+
+    With cond_drop_prob, c and c' are each replaced by the null condition with that probability (class dropout
+    while unlearning, as the official DDPM code trains in mode="train"), also drawn from the position.
+    """
+    noises, ts, misaligned, dropped = [], [], [], []
     conds = data.cond[torch.tensor(indices, device=data.cond.device)].tolist()
     for p, c in zip(positions, conds):
         gen = generator(seed, stream, "example", p)
@@ -48,15 +59,23 @@ def examples(
             if len(allowed) == 0:
                 raise ValueError(f"no misaligned condition differs from condition {c}")
             misaligned.append(int(allowed[torch.randint(len(allowed), (1,), generator=gen)]))
+        if cond_drop_prob > 0:
+            dropped.append(torch.rand(2, generator=gen) < cond_drop_prob)  # for c, and for c'
     device = data.x0.device
     idx = torch.tensor(indices, device=device)
-    return Batch(
+    batch = Batch(
         x0=data.x0[idx],
         cond=data.cond[idx],
         noise=torch.stack(noises).to(device, data.x0.dtype),
         t=torch.tensor(ts, device=device),
         misaligned=torch.tensor(misaligned, device=device) if candidates is not None else None,
     )
+    if dropped:
+        drop = torch.stack(dropped).to(device)
+        batch.cond = batch.cond.masked_fill(drop[:, 0], den.null_cond)
+        if batch.misaligned is not None:
+            batch.misaligned = batch.misaligned.masked_fill(drop[:, 1], den.null_cond)
+    return batch
 
 
 def draw_batch(
@@ -69,12 +88,13 @@ def draw_batch(
     rank: int,
     per_rank: int,
     misaligned_candidates: torch.Tensor | None = None,
+    cond_drop_prob: float = 0.0,
 ) -> Batch:
     """This process's share of global micro-batch number `micro_step` of `stream`."""
     start = micro_step * global_batch + rank * per_rank
     positions = torch.arange(start, start + per_rank)
     indices = stream_indices(len(data), positions, seed, stream)
-    return examples(data, den, seed, stream, positions.tolist(), indices.tolist(), misaligned_candidates)
+    return examples(data, den, seed, stream, positions.tolist(), indices.tolist(), misaligned_candidates, cond_drop_prob)
 
 
 def draw_example_noise(data: ConceptData, den: Denoiser, seed: int, indices: list[int]) -> Batch:

@@ -38,34 +38,51 @@ def accumulate_saliency(
     batch_size: int,
     seed: int = 0,
     include: Callable[[str], bool] = lambda name: True,
+    max_grad_norm: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """|gradient| of the mean guided forget loss over all of D_f, for each parameter `include` selects.
 
-    Each process takes every N-th example and the per-process sums are all-reduced, so the result
-    equals the single-process one (up to float summation order).
+    With max_grad_norm, the gradient of each batch's mean loss is clipped to that norm before the batches
+    are added up, as the official DDPM code does. Each process takes its share of every batch and the
+    gradients are all-reduced (per batch when clipping), so the result equals the single-process one
+    (up to float summation order).
     """
     model = den.model.to(accelerator.device)
     model.eval()  # no dropout: saliency must not depend on batching
     for name, p in model.named_parameters():
         p.requires_grad_(include(name))
         p.grad = None
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     den.to(accelerator.device)
     forget = forget.to(accelerator.device)
-    mine = list(range(accelerator.process_index, len(forget), accelerator.num_processes))
-    chunks = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-    for chunk in tqdm(chunks, desc="saliency", disable=not accelerator.is_local_main_process):
-        batch = draw_example_noise(forget, den, seed, chunk)
-        with accelerator.autocast():
-            loss = guided_forget_loss(den, model, batch, guidance).sum() / len(forget)
-        loss.backward()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    batches = [list(range(i, min(i + batch_size, len(forget)))) for i in range(0, len(forget), batch_size)]
+    clipped = {name: torch.zeros_like(p) for name, p in params.items()} if max_grad_norm > 0 else None
+    for batch in tqdm(batches, desc="saliency", disable=not accelerator.is_local_main_process):
+        mine = batch[rank::world]
+        if mine:
+            examples = draw_example_noise(forget, den, seed, mine)
+            with accelerator.autocast():
+                loss = guided_forget_loss(den, model, examples, guidance).sum() / (len(batch) if clipped is not None else len(forget))
+            loss.backward()
+        if clipped is not None:
+            for name, p in params.items():
+                g = p.grad if p.grad is not None else torch.zeros_like(p)
+                p.grad = accelerator.reduce(g, reduction="sum") if world > 1 else g
+            torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm)
+            for name, p in params.items():
+                clipped[name] += p.grad
+                p.grad = None
     grads = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
+    for name, p in params.items():
+        if clipped is not None:
+            grads[name] = clipped[name].abs_()
+        else:
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             p.grad = None
-            grads[name] = accelerator.reduce(g, reduction="sum").abs_() if accelerator.num_processes > 1 else g.abs_()
-            if not torch.isfinite(grads[name]).all():
-                raise UserError(f"the forget-loss gradient of {name} is not finite; check the forget data and the guidance scale")
+            grads[name] = accelerator.reduce(g, reduction="sum").abs_() if world > 1 else g.abs_()
+        if not torch.isfinite(grads[name]).all():
+            raise UserError(f"the forget-loss gradient of {name} is not finite; check the forget data and the guidance scale")
     model.requires_grad_(False)
     return grads
 
@@ -196,11 +213,11 @@ def make_masks(
     ones that made the cut (cfg.rank_over=model); rank_over=trainable ranks among the selected alone.
     """
     ranked = include if cfg.rank_over == "trainable" else lambda name: True
-    scores = accumulate_saliency(den, forget, accelerator, cfg.guidance, cfg.batch_size, seed, ranked)
+    scores = accumulate_saliency(den, forget, accelerator, cfg.guidance, cfg.batch_size, seed, ranked, cfg.max_grad_norm)
     masks = {f: {n: m for n, m in mask.items() if include(n)} for f, mask in saliency_masks(scores, [cfg.fraction, *cfg.extra_fractions], cfg.scope).items()}
     if accelerator.is_main_process:
         for fraction, m in masks.items():
-            meta = {"fraction": fraction, "scope": cfg.scope, "rank_over": cfg.rank_over, "guidance": cfg.guidance, "forget_examples": len(forget), **info}
+            meta = {"fraction": fraction, "scope": cfg.scope, "rank_over": cfg.rank_over, "guidance": cfg.guidance, "max_grad_norm": cfg.max_grad_norm, "forget_examples": len(forget), **info}
             save_mask(m, mask_path(run_dir, None if fraction == cfg.fraction else fraction), meta)
         summary = mask_summary(masks[cfg.fraction])
         size = sum(m.numel() for m in masks[cfg.fraction].values())

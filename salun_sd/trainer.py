@@ -1,7 +1,7 @@
 """The masked unlearning loop on Accelerate: one screen from data to updated weights.
 
 Frozen weights stay bitwise equal to the original: gradients are multiplied by the 0/1 mask before
-clipping and the optimizer step, the optimizer is Adam without built-in weight decay (Adam moves
+the optimizer step (and before clipping, unless clip_before_mask as in the official DDPM code), the optimizer is Adam without built-in weight decay (Adam moves
 nothing whose gradient has always been zero; 8-bit Adam does unless its moments are reset, see
 zero_frozen_8bit_moments), and optional weight decay is applied only where the mask is 1.
 """
@@ -155,7 +155,8 @@ def unlearn(
         raise UserError(f"method {cfg.method!r} needs a saliency mask: run `salun-sd mask` first or pass mask.path")
     mask = mask if method.uses_mask else None
     model = den.model
-    params = select_trainable(den, trainable_scope(cfg), mask)
+    # Clipping before the mask takes the norm over every in-scope weight, wholly frozen tensors included (official DDPM).
+    params = select_trainable(den, trainable_scope(cfg), None if cfg.clip_before_mask else mask)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     den.set_attention(cfg.attention)
@@ -171,7 +172,7 @@ def unlearn(
     first = (draw_batch(forget, den, cfg.seed, "forget", 0, global_batch, rank, cfg.batch_size, candidates),
              draw_batch(remain, den, cfg.seed, "remain", 0, global_batch, rank, cfg.batch_size) if method.uses_remain else None)
     params = reached_by_loss(den, method, params, first, cfg, frozen, accelerator)
-    masks = [mask[n].to(device, torch.bool) for n in params] if mask is not None else None  # 1 byte per weight
+    masks = [mask[n].to(device, torch.bool) if n in mask else torch.zeros_like(p, dtype=torch.bool) for n, p in params.items()] if mask is not None else None  # 1 byte per weight
     optimizer = make_optimizer(list(params.values()), cfg)
     if cfg.weight_decay > 0:
         optimizer.register_step_pre_hook(masked_weight_decay(list(params.values()), masks, cfg.learning_rate * cfg.weight_decay))
@@ -187,8 +188,8 @@ def unlearn(
         logs = []
         for micro in range(accum):
             key = step * accum + micro
-            f = draw_batch(forget, den, cfg.seed, "forget", key, global_batch, rank, cfg.batch_size, candidates)
-            r = draw_batch(remain, den, cfg.seed, "remain", key, global_batch, rank, cfg.batch_size) if method.uses_remain else None
+            f = draw_batch(forget, den, cfg.seed, "forget", key, global_batch, rank, cfg.batch_size, candidates, cfg.cond_drop_prob)
+            r = draw_batch(remain, den, cfg.seed, "remain", key, global_batch, rank, cfg.batch_size, cond_drop_prob=cfg.cond_drop_prob) if method.uses_remain else None
             with accelerator.no_sync(model) if micro < accum - 1 else nullcontext(), accelerator.autocast():
                 loss, terms = method.loss(den, net, f, r, cfg, frozen)
                 accelerator.backward(loss / accum)
@@ -203,9 +204,11 @@ def unlearn(
                 "and resume with train.resume_from_checkpoint=latest"
             )
         grads = [p.grad for p in params.values()]
+        if cfg.max_grad_norm > 0 and cfg.clip_before_mask:
+            accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
         if masks is not None:
             torch._foreach_mul_(grads, masks)
-        if cfg.max_grad_norm > 0:
+        if cfg.max_grad_norm > 0 and not cfg.clip_before_mask:
             accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
         optimizer.step()  # weight decay included (masked_weight_decay)
         if cfg.optimizer == "adam8bit" and masks is not None:

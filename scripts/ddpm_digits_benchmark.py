@@ -4,7 +4,7 @@ Runs the `salun-sd ddpm` commands with configs/ddpm_digits.yaml (forgetting clas
 model with the module's classifier (UA, remaining-class accuracy, FID on its penultimate features),
 and writes the table into the DDPM section of docs/RESULTS.md (the rest of that file is kept).
 
-    OMP_NUM_THREADS=1 python scripts/ddpm_digits_benchmark.py            # ~20 min on one CPU core
+    OMP_NUM_THREADS=1 python scripts/ddpm_digits_benchmark.py            # ~15-20 min on one CPU core
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def real_reference(cfg: DDPMConfig) -> dict:
 
 def table(cfg: DDPMConfig, rows: dict[str, dict], seconds: dict[str, float], total: float, classifier_acc: float) -> str:
     k = cfg.forget_class
+    pixels = cfg.model.channels * cfg.model.sample_size**2  # the official losses sum over these values, ours average
     lines = [
         BEGIN,
         f"### Digits: base, Retrain and SalUn (forgetting class {k})",
@@ -61,9 +62,13 @@ def table(cfg: DDPMConfig, rows: dict[str, dict], seconds: dict[str, float], tot
         f"CPU only ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)), total {total / 60:.1f} min. "
         f"Config `configs/ddpm_digits.yaml`: UNet2DModel {cfg.model.block_out_channels}, {cfg.model.sample_size}x{cfg.model.sample_size}, "
         f"base and Retrain {cfg.train.max_steps} steps of batch {cfg.train.batch_size}; SalUn mask {cfg.mask.fraction:.0%} (guidance {cfg.mask.guidance}), "
-        f"{cfg.unlearn.max_steps} masked Adam steps, lr {cfg.unlearn.learning_rate:g}, batch {cfg.unlearn.batch_size}, α {cfg.unlearn.alpha:g}, clip {cfg.unlearn.max_grad_norm:g}.",
+        f"{cfg.unlearn.max_steps} masked Adam steps, lr {cfg.unlearn.learning_rate:g}, batch {cfg.unlearn.batch_size}, α {cfg.unlearn.alpha:g} on the mean remain loss "
+        f"(official terms: {cfg.unlearn.alpha / pixels:g} on the summed one), clip {cfg.unlearn.max_grad_norm:g} {'before' if cfg.unlearn.clip_before_mask else 'after'} the mask, "
+        f"mask gradients clipped per batch to {cfg.mask.max_grad_norm:g} (official terms: {cfg.mask.max_grad_norm * pixels:g}), class dropout {cfg.unlearn.cond_drop_prob:g}, "
+        f"c′ = {'(k + 1) mod 10' if cfg.misaligned == 'next' else 'a random other class'}, {cfg.weights} weights. "
+        f"Seeds: data split {cfg.data.seed}, base/Retrain {cfg.train.seed}, unlearning {cfg.unlearn.seed}, sampling {cfg.sample.seed}, classifier {cfg.classifier.seed}.",
         "",
-        f"Scored on {cfg.evaluate.samples_per_class} samples per class ({cfg.sample.scheduler.upper()} {cfg.sample.num_inference_steps} steps, guidance w = {cfg.sample.guidance}) "
+        f"Scored on {cfg.evaluate.samples_per_class} samples per class ({cfg.sample.scheduler.upper()} {cfg.sample.num_inference_steps} steps, η {cfg.sample.eta:g}, guidance w = {cfg.sample.guidance}) "
         f"by the module's classifier ({classifier_acc:.1%} on real held-out digits). UA: share of class-{k} samples not classified as {k} "
         f"(higher = more forgotten). Remaining accuracy: share of the other classes' samples classified as their class. FID: those samples vs "
         f"the real held-out images of their classes, on the classifier's {cfg.classifier.widths[-1]}-d penultimate features (not comparable "

@@ -24,7 +24,8 @@ EPILOG = """examples (digits run offline on a CPU in minutes; CIFAR-10 is the pa
   salun-sd ddpm evaluate configs/ddpm_digits.yaml           # UA, remaining accuracy, FID of every model found
   salun-sd ddpm evaluate configs/ddpm_digits.yaml --model_dir DIR_A DIR_B --classifier_path DIR_C
   accelerate launch --num_processes 4 -m salun_sd ddpm train configs/ddpm_cifar10.yaml --train.batch_size 32
-Models load with UNet2DModel.from_pretrained("MODEL_DIR/unet") and DDPMScheduler.from_pretrained("MODEL_DIR/scheduler")."""
+Models load with UNet2DModel.from_pretrained("MODEL_DIR/unet") (base training also writes its EMA weights to
+MODEL_DIR/unet_ema; --weights ema reads them) and DDPMScheduler.from_pretrained("MODEL_DIR/scheduler")."""
 
 
 def load_config(args: argparse.Namespace) -> DDPMConfig:
@@ -87,7 +88,7 @@ def run_sample(args: argparse.Namespace) -> None:
     out = Path(cfg.output_dir) if cfg.output_dir else model / "samples"
     if (out / "samples.safetensors").exists() and not cfg.overwrite:
         raise UserError(f"{out / 'samples.safetensors'} already exists: pass --overwrite to replace it")
-    den = load_denoiser(model)
+    den = load_denoiser(model, cfg.weights)
     labels = class_labels(cfg.sample, den.num_classes)
     images = sample(den, labels, cfg.sample, device())
     save_samples(images, labels, out, {"model": str(model), "sample": json.dumps(to_dict(cfg.sample))})

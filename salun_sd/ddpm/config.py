@@ -16,6 +16,13 @@ from pathlib import Path
 from salun_sd.core_config import MaskConfig, TrainConfig
 from salun_sd.errors import UserError
 
+# The official DDPM code sums squared errors over C·H·W (3·32·32 on CIFAR-10) in its remain, mask and training
+# losses where ours average them (its forget term is already a mean). So an official remain weight α is
+# α·C·H·W here, and an official clipping norm on one of those sums is norm/(C·H·W); the unlearning clip
+# applies to the same total loss in both and stays as it is. (Method ga, whose official forget term is a sum
+# too, keeps the official α: ours is then the official loss ÷ C·H·W, so its clip norm is norm/(C·H·W).)
+CIFAR10_PIXELS = 3 * 32 * 32
+
 
 @dataclass
 class ModelConfig:
@@ -53,12 +60,13 @@ class DataConfig:
 
 @dataclass
 class SampleConfig:
-    """Sampling. scheduler: ddim | ddpm; guidance is w above (official SalUn DDPM: 2.0)."""
+    """Sampling. Defaults are the official sampler (generalized_steps, 1000 steps, η 1: DDIM with η 1 over every
+    timestep, i.e. ancestral sampling with the posterior variance) at guidance w = 2.0."""
 
-    scheduler: str = "ddim"
-    num_inference_steps: int = 100
-    guidance: float = 2.0
-    eta: float = 0.0  # DDIM stochasticity
+    scheduler: str = "ddim"  # ddim | ddpm
+    num_inference_steps: int = 1000
+    guidance: float = 2.0  # w in (1+w)·ε(x_t|c) − w·ε(x_t|∅)
+    eta: float = 1.0  # DDIM stochasticity (0: deterministic, each image independent of the batch it is drawn in)
     per_class: int = 10
     classes: list[int] = field(default_factory=list)  # empty: every class
     batch_size: int = 256
@@ -80,7 +88,7 @@ class ClassifierConfig:
 
 @dataclass
 class BaseTrainConfig:
-    """Base training. Defaults are the official CIFAR-10 run (Adam 2e-4, batch 128, 800k steps, clip 1.0, EMA 0.9999)."""
+    """Base training. Defaults are the official CIFAR-10 run (Adam 2e-4, batch 128, 800k steps, clip 1.0 on its summed loss, EMA 0.9999)."""
 
     learning_rate: float = 2e-4
     weight_decay: float = 0.0  # AdamW's decoupled decay (no mask here, so it is safe to use)
@@ -90,9 +98,9 @@ class BaseTrainConfig:
     warmup_steps: int = 0  # linear learning-rate warm-up
     batch_size: int = 128  # per process
     max_steps: int = 800_000
-    max_grad_norm: float = 1.0  # 0 disables clipping
+    max_grad_norm: float = 1 / CIFAR10_PIXELS  # 0 disables clipping (official CIFAR-10: 1.0 on its loss summed over 3·32·32 values)
     cond_drop_prob: float = 0.1  # share of examples trained with the null class, for classifier-free guidance
-    ema_decay: float = 0.9999  # 0 disables EMA; the decay ramps up as (1+step)/(10+step) until it reaches this
+    ema_decay: float = 0.9999  # 0 disables EMA (unet_ema/ is written besides the raw unet/); the decay ramps up as (1+step)/(10+step) until it reaches this
     checkpointing_steps: int = 5000  # 0: no intermediate checkpoints
     checkpoints_total_limit: int = 2
     resume_from_checkpoint: str = ""  # "" | latest | path to a checkpoint folder
@@ -117,13 +125,19 @@ class DDPMConfig:
     model_dir: list[str] = field(default_factory=list)  # model folder(s) a step reads: one for mask, erase, sample (default: WORK_DIR/base); any for evaluate (default: every model under work_dir)
     classifier_path: str = ""  # the classifier folder evaluate judges with (default: WORK_DIR/classifier)
     forget_class: int = 0
+    misaligned: str = "next"  # c' of the forget images: next = (forget_class + 1) mod num_classes (official) | random = any other class per example (ours)
+    weights: str = "raw"  # weights that mask, erase, sample and evaluate read: raw = unet/ (official: ema False) | ema = unet_ema/ where a folder has one
     overwrite: bool = False  # replace earlier results in the target folder
     mixed_precision: str = "no"  # no | fp16 | bf16
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: BaseTrainConfig = field(default_factory=BaseTrainConfig)
-    mask: MaskConfig = field(default_factory=lambda: MaskConfig(guidance=2.0, batch_size=128))
-    unlearn: TrainConfig = field(default_factory=lambda: TrainConfig(alpha=1e-3, learning_rate=1e-4, batch_size=128, max_steps=1000, max_grad_norm=1.0))
+    mask: MaskConfig = field(default_factory=lambda: MaskConfig(guidance=2.0, batch_size=128, max_grad_norm=1 / CIFAR10_PIXELS))
+    unlearn: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            alpha=1e-3 * CIFAR10_PIXELS, learning_rate=1e-4, batch_size=128, max_steps=1000, max_grad_norm=1.0, clip_before_mask=True, cond_drop_prob=0.1
+        )
+    )
     sample: SampleConfig = field(default_factory=SampleConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)

@@ -66,7 +66,7 @@ def remaining_reference(cfg: DDPMConfig) -> ConceptData:
 
 def evaluate_model(cfg: DDPMConfig, model_dir: Path, classifier: SmallResNet, features: Features, device: torch.device | str = "cpu") -> dict:
     """Sample every class, score, write model_dir/eval.json (and the samples to model_dir/eval-samples)."""
-    den = load_denoiser(model_dir)
+    den = load_denoiser(model_dir, cfg.weights)
     scfg = replace(cfg.sample, per_class=cfg.evaluate.samples_per_class, classes=[])
     labels = class_labels(scfg, den.num_classes)
     start = time.perf_counter()
@@ -88,6 +88,7 @@ def evaluate_model(cfg: DDPMConfig, model_dir: Path, classifier: SmallResNet, fe
         "samples_per_class": cfg.evaluate.samples_per_class,
         "sampling_seconds": sampling_s,
         "sample": asdict(scfg),
+        "weights": cfg.weights,
     }
     (model_dir / "eval.json").write_text(json.dumps(result, indent=2))
     return result

@@ -1,7 +1,8 @@
 """The DDPM's part of an erase (salun_sd.erase_flow runs it): one class of the training split, and the model folder.
 
 D_f is the forgotten class's training images, D_r every other class's, and the misaligned condition
-c' of a forget example is another class drawn uniformly, as in the official SalUn DDPM code.
+c' of a forget example is the next class, (k + 1) mod num_classes, as in the official SalUn DDPM code
+(or, as our option, any other class drawn per example).
 """
 
 from __future__ import annotations
@@ -15,10 +16,21 @@ from salun_sd import erase_flow
 from salun_sd.ddpm.config import DDPMConfig
 from salun_sd.ddpm.data import load_split, split_by_class
 from salun_sd.ddpm.model import load_denoiser, save_model
+from salun_sd.denoiser import ConceptData
 from salun_sd.erase_flow import EraseJob, Loaded
 from salun_sd.errors import UserError
 from salun_sd.objectives import Method
 from salun_sd.saliency import Mask
+
+
+# c' of the forget examples, from (forget class, number of classes): the official code's next class, or ours.
+MISALIGNED = {"next": lambda k, n: [(k + 1) % n], "random": lambda k, n: [c for c in range(n) if c != k]}
+
+
+def forget_data(cfg: DDPMConfig) -> tuple[ConceptData, ConceptData, list[int]]:
+    """(D_f, D_r, the misaligned class ids c') from the training split."""
+    forget, remain = split_by_class(load_split(cfg.data, "train"), cfg.forget_class)
+    return forget, remain, MISALIGNED[cfg.misaligned](cfg.forget_class, cfg.model.num_classes)
 
 
 class DDPMErase(EraseJob):
@@ -34,14 +46,14 @@ class DDPMErase(EraseJob):
     def check(self, method: Method) -> None:
         if not 0 <= self.config.forget_class < self.config.model.num_classes:
             raise UserError(f"forget_class must be in 0..{self.config.model.num_classes - 1}, got {self.config.forget_class}")
+        if self.config.misaligned not in MISALIGNED:
+            raise UserError(f"misaligned must be one of {', '.join(MISALIGNED)}, got {self.config.misaligned!r}")
 
     def load(self, accelerator: Accelerator, method: Method) -> Loaded:
-        den = load_denoiser(self.model_name)
+        den = load_denoiser(self.model_name, self.config.weights)
         self.scheduler = den.noise_scheduler
-        cfg = self.config
-        forget, remain = split_by_class(load_split(cfg.data, "train"), cfg.forget_class)
-        accelerator.print(f"forget class {cfg.forget_class}")
-        return Loaded(den, forget, remain, [c for c in range(cfg.model.num_classes) if c != cfg.forget_class])
+        accelerator.print(f"forget class {self.config.forget_class}")
+        return Loaded(den, *forget_data(self.config))
 
     def export(self, model: nn.Module, mask: Mask | None, num_processes: int) -> Path:
         save_model(model, self.scheduler, self.out)

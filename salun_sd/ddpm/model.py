@@ -3,6 +3,14 @@
 The official SalUn CIFAR-10 model (the DDIM codebase's "simple" UNet: ch 128, multipliers 1,2,2,2,
 2 res blocks, attention at 16x16, dropout 0.1) maps onto diffusers' `UNet2DModel`; the class
 embedding has one extra row, the "null" class, which stands for "no condition" in guidance.
+
+Where ours differs: the official network maps the class through an embedding and a 2-layer MLP and
+concatenates it with the time embedding before each ResBlock's projection; `UNet2DModel` looks up a
+class vector of the time embedding's width and adds it. Both can give any vector per class, but the
+ResBlocks see act(t_emb + c_emb) instead of [act(t_emb), act(c_emb)], and the class MLP (0.33 M weights)
+and the class half of each ResBlock's projection are not there for the saliency mask to pick. `UNet2DModel`
+has no option to concatenate; `UNet2DConditionModel`'s `class_embeddings_concat` would bring another model
+class and folder format to every DDPM command, for a difference we state instead (docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -50,17 +58,21 @@ def build_scheduler(cfg: ModelConfig) -> DDPMScheduler:
     )
 
 
-def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: Path) -> None:
-    """`folder/unet` and `folder/scheduler` in diffusers' format (safetensors), so the folder stands alone."""
+def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: Path, ema_unet: UNet2DModel | None = None) -> None:
+    """`folder/unet` (raw weights), `folder/unet_ema` (EMA weights, if any) and `folder/scheduler` in diffusers' format."""
     unet.save_pretrained(folder / "unet")
+    if ema_unet is not None:
+        ema_unet.save_pretrained(folder / "unet_ema")
     scheduler.save_pretrained(folder / "scheduler")
 
 
-def load_denoiser(folder: str | Path) -> ClassConditionedDenoiser:
-    """The trained (or erased) model in `folder`, as written by save_model."""
+def load_denoiser(folder: str | Path, weights: str = "raw") -> ClassConditionedDenoiser:
+    """The trained (or erased) model in `folder`, as written by save_model: raw weights, or EMA ones where saved."""
     folder = Path(folder)
+    if weights not in ("raw", "ema"):
+        raise UserError(f"weights must be raw or ema, got {weights!r}")
     if not (folder / "unet" / "config.json").is_file():
         raise UserError(f"{folder} holds no DDPM model (expected {folder / 'unet'}); train one with `salun-sd ddpm train`")
-    unet = UNet2DModel.from_pretrained(folder / "unet")
+    unet = UNet2DModel.from_pretrained(folder / ("unet_ema" if weights == "ema" and (folder / "unet_ema").is_dir() else "unet"))
     unet.requires_grad_(False)
     return ClassConditionedDenoiser(unet.eval(), DDPMScheduler.from_pretrained(folder / "scheduler"))

@@ -48,7 +48,7 @@ def train_base(
     out: Path,
     flip: bool,
 ) -> ClassConditionedDenoiser:
-    """Train from scratch on `data`; writes `out/unet` (EMA weights when EMA is on) and `out/scheduler`."""
+    """Train from scratch on `data`; writes `out/unet` (raw weights), `out/unet_ema` (when EMA is on) and `out/scheduler`."""
     if data.cond.max() >= model_cfg.num_classes:
         raise UserError(f"the data has class {int(data.cond.max())} but model.num_classes is {model_cfg.num_classes}")
     if tuple(data.x0.shape[1:]) != (model_cfg.channels, model_cfg.sample_size, model_cfg.sample_size):
@@ -96,11 +96,12 @@ def train_base(
             save_checkpoint(accelerator, ckpt_root, step, cfg.checkpoints_total_limit)
     bar.close()
 
-    unet = accelerator.unwrap_model(model)
-    if ema is not None:
-        ema.copy_to(unet.parameters())
-    unet.eval().requires_grad_(False)
+    unet = accelerator.unwrap_model(model).eval().requires_grad_(False)
     if accelerator.is_main_process:
-        save_model(unet.to("cpu"), scheduler, out)
+        ema_unet = None
+        if ema is not None:
+            ema_unet = build_unet(model_cfg)
+            ema.copy_to(ema_unet.parameters())
+        save_model(unet.to("cpu"), scheduler, out, ema_unet)
     accelerator.wait_for_everyone()
     return den
