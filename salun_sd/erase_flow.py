@@ -31,6 +31,7 @@ from salun_sd.errors import UserError
 from salun_sd.manifest import manifest, write_manifest
 from salun_sd.objectives import Method
 from salun_sd.saliency import Mask, load_mask, make_masks, mask_info, mask_path
+from salun_sd.sharding import gather_mask, gather_model
 from salun_sd.trainer import check_train_config, list_checkpoints, unlearn
 
 
@@ -147,6 +148,8 @@ def erase(job: EraseJob, accelerator: Accelerator, steps: tuple[str, ...] = ("ma
 
     job.before_training(accelerator)
     model = unlearn(loaded.den, loaded.forget, loaded.remain, loaded.misaligned, job.train, accelerator, job.out, mask)
+    model = gather_model(model, accelerator.is_main_process)  # under FSDP: whole, on the main process
+    mask = gather_mask(mask, accelerator.is_main_process) if mask is not None else None
     if accelerator.is_main_process:
         written = job.export(model.eval(), mask, accelerator.num_processes)
         accelerator.print(f"erased model written to {written}")

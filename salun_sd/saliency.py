@@ -5,6 +5,11 @@ loss on the whole forget set. The mask keeps the top fraction of weights (global
 The threshold is found by a two-pass radix select over the float bit patterns (non-negative
 float32 values order like their int32 bits), so the extra memory is one histogram plus one
 temporary the size of the largest tensor, not a sort of all 860 M values.
+
+Under FSDP (`accelerate launch --use_fsdp --fsdp_version 2`) the network is sharded before its
+gradient pass: scores and masks are DTensors sharded like their parameters (each process holds its
+shard, 1 byte per weight of mask), the radix-select histograms are summed over the processes, and
+the saved mask is gathered one tensor at a time, so the file equals the unsharded one.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.utils import fsdp2_prepare_model
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 from tqdm.auto import tqdm
 
 from salun_sd.core_config import MaskConfig, check_fraction
@@ -26,8 +34,7 @@ from salun_sd.denoiser import ConceptData, Denoiser
 from salun_sd.draws import draw_example_noise
 from salun_sd.errors import UserError
 from salun_sd.objectives import guided_forget_loss
-
-Mask = dict[str, torch.Tensor]  # parameter name -> bool tensor of the parameter's shape
+from salun_sd.sharding import Mask, gather_mask, local
 
 
 def accumulate_saliency(
@@ -45,17 +52,26 @@ def accumulate_saliency(
     With max_grad_norm, the gradient of each batch's mean loss is clipped to that norm before the batches
     are added up, as the official DDPM code does. Each process takes its share of every batch and the
     gradients are all-reduced (per batch when clipping), so the result equals the single-process one
-    (up to float summation order).
+    (up to float summation order). Under FSDP the network is sharded here, in place (Accelerate's own
+    wrap policy), and each score is a DTensor sharded like its weight.
     """
     model = den.model.to(accelerator.device)
     model.eval()  # no dropout: saliency must not depend on batching
     for name, p in model.named_parameters():
         p.requires_grad_(include(name))
         p.grad = None
+    if accelerator.is_fsdp2:
+        fsdp2_prepare_model(accelerator, model)  # in place; the erase's accelerator.prepare keeps an FSDP module as it is
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     den.to(accelerator.device)
     forget = forget.to(accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
+
+    def summed(g: torch.Tensor) -> torch.Tensor:  # over the processes
+        if isinstance(g, DTensor):  # FSDP reduced it already, to the mean
+            return g.mul_(world)
+        return accelerator.reduce(g, reduction="sum") if world > 1 else g
+
     batches = [list(range(i, min(i + batch_size, len(forget)))) for i in range(0, len(forget), batch_size)]
     clipped = {name: torch.zeros_like(p) for name, p in params.items()} if max_grad_norm > 0 else None
     for batch in tqdm(batches, desc="saliency", disable=not accelerator.is_local_main_process):
@@ -68,7 +84,7 @@ def accumulate_saliency(
         if clipped is not None:
             for name, p in params.items():
                 g = p.grad if p.grad is not None else torch.zeros_like(p)
-                p.grad = accelerator.reduce(g, reduction="sum") if world > 1 else g
+                p.grad = summed(g)
             torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm)
             for name, p in params.items():
                 clipped[name] += p.grad
@@ -80,7 +96,7 @@ def accumulate_saliency(
         else:
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             p.grad = None
-            grads[name] = accelerator.reduce(g, reduction="sum").abs_() if world > 1 else g.abs_()
+            grads[name] = summed(g).abs_()
         if not torch.isfinite(grads[name]).all():
             raise UserError(f"the forget-loss gradient of {name} is not finite; check the forget data and the guidance scale")
     model.requires_grad_(False)
@@ -88,16 +104,34 @@ def accumulate_saliency(
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().float().contiguous().view(torch.int32).flatten()
+    return local(x).detach().float().contiguous().view(torch.int32).flatten()
+
+
+def _shard_group(tensors: list[torch.Tensor]) -> dist.ProcessGroup | None:
+    """The process group whose shards make up the tensors (None when they are whole on every process).
+
+    FSDP2 shards each weight along dim 0 over a 1-D mesh; a replicated dimension (HSDP) would count
+    weights twice in a summed histogram, so it is refused."""
+    sharded = [x for x in tensors if isinstance(x, DTensor)]
+    if not sharded:
+        return None
+    if len(sharded) < len(tensors) or any(x.device_mesh.ndim != 1 or not isinstance(x.placements[0], Shard) for x in sharded):
+        raise UserError("the saliency mask supports FSDP's 1-D sharding of every weight (fsdp_version 2, no HSDP replication)")
+    return sharded[0].device_mesh.get_group()
 
 
 def _kth_largest(tensors: Iterable[torch.Tensor] | list[torch.Tensor], k: int) -> float:
-    """The k-th largest value (1-based) of non-negative float tensors, by a 16+16-bit radix select."""
+    """The k-th largest value (1-based) of non-negative float tensors, by a 16+16-bit radix select.
+
+    For FSDP-sharded tensors each process counts its shards and the histograms are summed."""
     tensors = list(tensors)
-    device = tensors[0].device
+    group = _shard_group(tensors)
+    device = _bits(tensors[0]).device
     hist = torch.zeros(1 << 16, dtype=torch.int64, device=device)
     for x in tensors:
         hist += torch.bincount(_bits(x) >> 16, minlength=1 << 16)
+    if group is not None:
+        dist.all_reduce(hist, group=group)
     at_least = hist.flip(0).cumsum(0).flip(0)  # at_least[b]: count with high bits >= b
     high = int((at_least >= k).nonzero().max())
     k_in_bin = k - int(at_least[high] - hist[high])
@@ -105,6 +139,8 @@ def _kth_largest(tensors: Iterable[torch.Tensor] | list[torch.Tensor], k: int) -
     for x in tensors:
         bits = _bits(x)
         low_hist += torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=1 << 16)
+    if group is not None:
+        dist.all_reduce(low_hist, group=group)
     low = int((low_hist.flip(0).cumsum(0).flip(0) >= k_in_bin).nonzero().max())
     return torch.tensor([(high << 16) | low], dtype=torch.int32).view(torch.float32).item()
 
@@ -215,11 +251,13 @@ def make_masks(
     ranked = include if cfg.rank_over == "trainable" else lambda name: True
     scores = accumulate_saliency(den, forget, accelerator, cfg.guidance, cfg.batch_size, seed, ranked, cfg.max_grad_norm)
     masks = {f: {n: m for n, m in mask.items() if include(n)} for f, mask in saliency_masks(scores, [cfg.fraction, *cfg.extra_fractions], cfg.scope).items()}
-    if accelerator.is_main_process:
-        for fraction, m in masks.items():
+    for fraction, m in masks.items():
+        whole = gather_mask(m, accelerator.is_main_process)  # under FSDP, gathered one tensor at a time
+        if accelerator.is_main_process:
             meta = {"fraction": fraction, "scope": cfg.scope, "rank_over": cfg.rank_over, "guidance": cfg.guidance, "max_grad_norm": cfg.max_grad_norm, "forget_examples": len(forget), **info}
-            save_mask(m, mask_path(run_dir, None if fraction == cfg.fraction else fraction), meta)
-        summary = mask_summary(masks[cfg.fraction])
+            save_mask(whole, mask_path(run_dir, None if fraction == cfg.fraction else fraction), meta)
+    if accelerator.is_main_process:
+        summary = mask_info(mask_path(run_dir))["summary"]
         size = sum(m.numel() for m in masks[cfg.fraction].values())
         rows = "\n".join(f"  {block:<16} {kept:7.2%}" for block, kept in summary.items() if block != "total")
         accelerator.print(f"mask: kept {summary['total']:.2%} of {size:,} weights -> {mask_path(run_dir)}\nkept per block:\n{rows}")

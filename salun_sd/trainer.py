@@ -4,6 +4,10 @@ Frozen weights stay bitwise equal to the original: gradients are multiplied by t
 the optimizer step (and before clipping, unless clip_before_mask as in the official DDPM code), the optimizer is Adam without built-in weight decay (Adam moves
 nothing whose gradient has always been zero; 8-bit Adam does unless its moments are reset, see
 zero_frozen_8bit_moments), and optional weight decay is applied only where the mask is 1.
+
+Under FSDP (`accelerate launch --use_fsdp --fsdp_version 2`) Accelerate's prepare swaps in sharded
+parameters: the loop takes them from the prepared model, shards each mask like its parameter (each
+process holds its shard's bits) and multiplies the local shards; clipping uses the full norm.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from salun_sd.errors import UserError
 from salun_sd.objectives import Method, get_method
 from salun_sd.runtime import pause_if_asked
 from salun_sd.saliency import Mask
+from salun_sd.sharding import local, shard_like
 from salun_sd.training_log import StepLog
 
 OPTIMIZERS = ("adam", "adam_fused", "adam8bit")
@@ -116,7 +121,7 @@ def masked_weight_decay(params: list[nn.Parameter], masks: list[torch.Tensor] | 
     def decay_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         factors = [1 - decay * m for m in masks] if masks is not None else [1 - decay] * len(params)
         with torch.no_grad():
-            torch._foreach_mul_(params, factors)
+            torch._foreach_mul_([local(p) for p in params], factors)
 
     return decay_step
 
@@ -172,11 +177,13 @@ def unlearn(
     first = (draw_batch(forget, den, cfg.seed, "forget", 0, global_batch, rank, cfg.batch_size, candidates),
              draw_batch(remain, den, cfg.seed, "remain", 0, global_batch, rank, cfg.batch_size) if method.uses_remain else None)
     params = reached_by_loss(den, method, params, first, cfg, frozen, accelerator)
-    masks = [mask[n].to(device, torch.bool) if n in mask else torch.zeros_like(p, dtype=torch.bool) for n, p in params.items()] if mask is not None else None  # 1 byte per weight
-    optimizer = make_optimizer(list(params.values()), cfg)
+    adam = make_optimizer(list(params.values()), cfg)
+    model, optimizer = accelerator.prepare(model, adam)
+    prepared = dict(accelerator.unwrap_model(model).named_parameters())
+    params = {n: prepared[n] for n in params}  # FSDP's prepare replaces them by sharded parameters
+    masks = [shard_like(mask[n], p) if n in mask else local(torch.zeros_like(p, dtype=torch.bool)) for n, p in params.items()] if mask is not None else None  # 1 byte per (local) weight
     if cfg.weight_decay > 0:
-        optimizer.register_step_pre_hook(masked_weight_decay(list(params.values()), masks, cfg.learning_rate * cfg.weight_decay))
-    model, optimizer = accelerator.prepare(model, optimizer)
+        adam.register_step_pre_hook(masked_weight_decay(list(params.values()), masks, cfg.learning_rate * cfg.weight_decay))
     net = torch.compile(model, mode=cfg.compile_mode, dynamic=False) if cfg.compile_unet else model  # static shapes: one graph per batch shape
     ckpt_root = run_dir / "checkpoints"
     step = resume(accelerator, ckpt_root, cfg.resume_from_checkpoint)
@@ -203,7 +210,7 @@ def unlearn(
                 f"{ckpt_root / checkpoint_name(step)}. Lower train.learning_rate, or use bf16 rather than fp16, "
                 "and resume with train.resume_from_checkpoint=latest"
             )
-        grads = [p.grad for p in params.values()]
+        grads = [local(p.grad) for p in params.values()]
         if cfg.max_grad_norm > 0 and cfg.clip_before_mask:
             accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
         if masks is not None:
