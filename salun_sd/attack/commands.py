@@ -18,13 +18,16 @@ report.md (pre-ASR, ASR, adversarial prompts, base / plain / attacked images sid
 
 
 def run_attack(args: argparse.Namespace) -> None:
-    from salun_sd.attack.run import attack
+    from salun_sd.runlock import run_lock
     from salun_sd.runtime import finish, make_accelerator
 
     cfg = apply_config_flags(load_yaml(AttackConfig, args.config) if args.config else AttackConfig(), args)
     cfg.check()
     accelerator = make_accelerator("no")
-    attack(cfg, accelerator)
+    with run_lock(cfg.output_dir, accelerator.is_main_process):
+        from salun_sd.attack.run import attack  # diffusers loads after a busy folder is refused
+
+        attack(cfg, accelerator)
     finish(accelerator)
 
 
