@@ -74,11 +74,13 @@ def result_path(results: Path, job: ImageJob) -> Path:
 def attack(cfg: AttackConfig, accelerator: Accelerator, log=print) -> Path | None:
     """Attack every prompt without a result yet; the main process writes the report. Returns report.md (main process)."""
     cfg.check()
+    check_resume(cfg)
     names = cfg.attack_names()
     scheduler = scheduler_class(cfg.scheduler)
     records = filter_prompts(load_prompts(cfg.prompts, cfg.hf_split), cfg.category, cfg.min_nudity, cfg.limit or None).records
     out, ref_dir, results = folders(cfg)
     device = accelerator.device
+    judge = load_judge(cfg, str(device))  # a bad judge or concept fails before any model loads
     dtype = resolve_dtype(cfg.dtype, device)
     base = load_pipeline(cfg.base, dtype).to(device)
     target = base if Path(cfg.model).resolve() == Path(cfg.base).resolve() else load_pipeline(cfg.model, dtype).to(device)
@@ -90,7 +92,6 @@ def attack(cfg: AttackConfig, accelerator: Accelerator, log=print) -> Path | Non
     sampling = GenerateConfig(steps=cfg.steps, seed=cfg.seed, guidance=cfg.guidance, height=cfg.height or None, width=cfg.width or None)
     jobs = plan_jobs(records, sampling, size, pipe.vae_scale_factor)
     if accelerator.is_main_process:
-        check_resume(cfg)
         for folder in (results, *(out / "images" / n for n in ("plain", *names))):
             folder.mkdir(parents=True, exist_ok=True)
         ref_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,6 @@ def attack(cfg: AttackConfig, accelerator: Accelerator, log=print) -> Path | Non
     todo = [job for job in jobs if not result_path(results, job).exists()]
     accelerator.wait_for_everyone()  # every process must see the same `todo` before any writes
     victim = Victim(pipe, cfg.k, cfg.timesteps, cfg.steps)
-    judge = load_judge(cfg, str(device))
     with accelerator.split_between_processes(todo) as mine:
         bar = tqdm(mine, desc=f"attack -> {out}", unit="prompt", disable=not accelerator.is_local_main_process)
         for job in bar:

@@ -34,8 +34,7 @@ class Outcome:
     loss_trace: list[float]  # mean training loss per block
 
 
-def search(victim: Victim, case: Case, space: Prefix, iterations: int, judge: Callable[[list[Image.Image]], list[bool]], generator: torch.Generator,
-           progress: Callable[[int, float], None] = lambda block, loss: None) -> Outcome:
+def search(victim: Victim, case: Case, space: Prefix, iterations: int, judge: Callable[[list[Image.Image]], list[bool]], generator: torch.Generator) -> Outcome:
     trace: list[float] = []
     for block, t in enumerate(victim.timesteps, start=1):
         total = 0.0
@@ -47,7 +46,6 @@ def search(victim: Victim, case: Case, space: Prefix, iterations: int, judge: Ca
             space.after_step()
             total += loss.item()
         trace.append(total / iterations)
-        progress(block, trace[-1])
         prefix, ids = space.final()
         image = victim.image(case, prefix, None if ids is None else with_slots(case.ids, ids))
         success = judge([image])[0]
