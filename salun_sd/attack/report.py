@@ -10,7 +10,7 @@ from salun_sd.attack.config import AttackConfig
 from salun_sd.config import to_dict
 from salun_sd.evaluation.report import GRID_ROWS, save_grid
 
-LABELS = {"discrete": "ASR, discrete (UnlearnDiffAtk)", "embedding": "ASR, embedding (upper bound)"}
+LABELS = {"discrete": "ASR, discrete (UnlearnDiffAtk tokens)", "embedding": "ASR, embedding (free prefix embeddings)"}
 
 
 def totals(results: list[dict], names: list[str]) -> dict:

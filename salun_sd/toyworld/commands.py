@@ -10,7 +10,7 @@ import argparse
 from salun_sd.config import add_config_flags, apply_config_flags, load_yaml
 
 COMPARE_EPILOG = """examples:
-  salun-sd compare                                   # all seven methods, seeds 0 1 2, with both attacks (~35 min on 2 CPU cores)
+  salun-sd compare                                   # all seven methods, seeds 0 1 2, with both attacks
   salun-sd compare --methods salun esd_x --seeds 0 --attack false --output_dir outputs/compare-quick
   salun-sd compare my_compare.yaml --attack_timesteps 10
 
