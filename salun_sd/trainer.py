@@ -1,9 +1,10 @@
 """The masked unlearning loop on Accelerate: one screen from data to updated weights.
 
 Frozen weights stay bitwise equal to the original: gradients are multiplied by the 0/1 mask before
-the optimizer step (and before clipping, unless clip_before_mask as in the official DDPM code), the optimizer is Adam without built-in weight decay (Adam moves
-nothing whose gradient has always been zero; 8-bit Adam does unless its moments are reset, see
-zero_frozen_8bit_moments), and optional weight decay is applied only where the mask is 1.
+the optimizer step (and before clipping, unless clip_before_mask as in the official DDPM code), the
+optimizer is Adam without built-in weight decay (Adam moves nothing whose gradient has always been zero;
+8-bit Adam does unless its moments are reset, see zero_frozen_8bit_moments), and optional weight decay
+is applied only where the mask is 1.
 
 Under FSDP (`accelerate launch --use_fsdp --fsdp_version 2`) Accelerate's prepare swaps in sharded
 parameters: the loop takes them from the prepared model, shards each mask like its parameter (each
