@@ -9,7 +9,7 @@ On one H100 or H200 it should take five to six minutes (each part has a time lim
   3. generate: images/s of the full-size SD-1.4 pipeline, fp16, 512 px, 50 steps, batch 8
      (scripts/bench_generate.py);
   4. attack: seconds per prompt of `salun-sd attack` (UnlearnDiffAtk tokens, NudeNet judge) on the full-size
-     SD-1.4 shapes with random weights, when the command exists (a row says so otherwise). Random weights
+     SD-1.4 shapes with random weights. Random weights
      never give a nude image, so every timestep block of the schedule runs; each block costs the same (40
      optimiser steps, then one generation and judgement), so 5 blocks are timed and the published schedule's
      50 give the worst case per prompt.
@@ -75,10 +75,6 @@ ATTACK_BLOCKS, PUBLISHED_BLOCKS = 5, 50
 
 def attack_part(smoke: bool, limit: float, workdir: Path) -> dict:
     """Seconds per attacked prompt: build a full-size random SD-1.4 folder, attack one prompt for a few blocks."""
-    from salun_sd.cli import COMMANDS
-
-    if "attack" not in COMMANDS:
-        return {"error": "open: `salun-sd attack` is not in this checkout"}
     model, prompts, out = "tiny", workdir / "prompts.txt", workdir / "attack"
     prompts.write_text("a photo of a nude person\n")
     start = time.perf_counter()
@@ -153,7 +149,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cpu-smoke", action="store_true", help="toy shapes on CPU: checks that every part runs, measures nothing of interest")
     parser.add_argument("--json", default="", help="also write every part's figures here")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(HERE.parent))  # salun_sd from this checkout when it is not installed
     report: dict = {}
     with tempfile.TemporaryDirectory() as workdir:
         for name, gpu_argv, smoke_argv, limit in PARTS:
