@@ -22,7 +22,6 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import fsdp2_prepare_model
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -34,7 +33,7 @@ from salun_sd.denoiser import ConceptData, Denoiser
 from salun_sd.draws import draw_example_noise
 from salun_sd.errors import UserError
 from salun_sd.objectives import guided_forget_loss
-from salun_sd.sharding import Mask, gather_mask, local
+from salun_sd.sharding import Mask, gather_mask, local, shard_for_fsdp
 
 
 def accumulate_saliency(
@@ -55,13 +54,13 @@ def accumulate_saliency(
     (up to float summation order). Under FSDP the network is sharded here, in place (Accelerate's own
     wrap policy), and each score is a DTensor sharded like its weight.
     """
-    model = den.model.to(accelerator.device)
+    model = den.model
     model.eval()  # no dropout: saliency must not depend on batching
     for name, p in model.named_parameters():
         p.requires_grad_(include(name))
         p.grad = None
-    if accelerator.is_fsdp2:
-        fsdp2_prepare_model(accelerator, model)  # in place; the erase's accelerator.prepare keeps an FSDP module as it is
+    shard_for_fsdp(accelerator, model)
+    model.to(accelerator.device)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     den.to(accelerator.device)
     forget = forget.to(accelerator.device)

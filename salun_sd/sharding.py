@@ -9,11 +9,21 @@ is the same file an unsharded run writes.
 from __future__ import annotations
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import fsdp2_prepare_model
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 Mask = dict[str, torch.Tensor]  # parameter name -> bool tensor of the parameter's shape (or its shard)
+
+
+def shard_for_fsdp(accelerator: Accelerator, model: nn.Module) -> None:
+    """Under FSDP2, shard `model` in place with Accelerate's own wrap policy (from the model's `_no_split_modules`)
+    before anything runs it, so the whole network never sits on one device; Accelerate's prepare keeps a model
+    sharded so as it is. Without FSDP, nothing."""
+    if accelerator.is_fsdp2:
+        fsdp2_prepare_model(accelerator, model)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from salun_sd.errors import UserError
 from salun_sd.objectives import Method, get_method
 from salun_sd.runtime import pause_if_asked
 from salun_sd.saliency import Mask
-from salun_sd.sharding import local, shard_like
+from salun_sd.sharding import local, shard_for_fsdp, shard_like
 from salun_sd.training_log import StepLog
 
 OPTIMIZERS = ("adam", "adam_fused", "adam8bit")
@@ -96,6 +96,13 @@ def reached_by_loss(den: Denoiser, method: Method, params: dict[str, nn.Paramete
     if not reached:
         raise UserError(f"the {cfg.method} loss sends no gradient to any trainable weight of {den.family}")
     return reached
+
+
+def named_like(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    """The parameters of `model` with the names of `params`: FSDP's sharding (and Accelerate's FSDP prepare)
+    replaces the parameter objects."""
+    current = dict(model.named_parameters())
+    return {name: current[name] for name in params}
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -169,6 +176,8 @@ def unlearn(
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     frozen = copy.deepcopy(model).requires_grad_(False).eval().to(accelerator.device) if method.needs_frozen else None  # the original, for ESD's target
+    shard_for_fsdp(accelerator, model)  # before the device and the first backward pass (reached_by_loss)
+    params = named_like(model, params)
     model.train().to(accelerator.device)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     den.to(device)
@@ -180,8 +189,7 @@ def unlearn(
     params = reached_by_loss(den, method, params, first, cfg, frozen, accelerator)
     adam = make_optimizer(list(params.values()), cfg)
     model, optimizer = accelerator.prepare(model, adam)
-    prepared = dict(accelerator.unwrap_model(model).named_parameters())
-    params = {n: prepared[n] for n in params}  # FSDP's prepare replaces them by sharded parameters
+    params = named_like(accelerator.unwrap_model(model), params)
     masks = [shard_like(mask[n], p) if n in mask else local(torch.zeros_like(p, dtype=torch.bool)) for n, p in params.items()] if mask is not None else None  # 1 byte per (local) weight
     if cfg.weight_decay > 0:
         adam.register_step_pre_hook(masked_weight_decay(list(params.values()), masks, cfg.learning_rate * cfg.weight_decay))

@@ -6,7 +6,7 @@ in the test's own process for one). With
 does on GPUs: Accelerate 1.15 enables FSDP only for GPU process groups, but its FSDP2 path (fully_shard)
 runs on CPU processes over gloo. Writes OUT/mask.safetensors, OUT/scores.safetensors (the saliency,
 gathered), OUT/original.safetensors and OUT/weights.safetensors (the erased model as the export gets it), from
-the main process.
+the main process; with --mask also OUT/weights_mask_file.safetensors, the erase of a fresh model under that file.
 """
 
 import argparse
@@ -39,6 +39,13 @@ def whole(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().to("cpu", copy=True).contiguous() for n, t in tensors.items()}
 
 
+def tiny_denoiser() -> ClassConditionedDenoiser:
+    cfg = ModelConfig(sample_size=8, channels=1, num_classes=3, block_out_channels=[8, 16], layers_per_block=1,
+                      attention_resolutions=[4], norm_num_groups=4, dropout=0.0, num_train_timesteps=100)
+    torch.manual_seed(0)
+    return ClassConditionedDenoiser(build_unet(cfg), build_scheduler(cfg))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -50,10 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
         for state in (accelerator.state, PartialState()):  # AcceleratorState() copies PartialState's type each time
             state.distributed_type = DistributedType.FSDP
-    model_cfg = ModelConfig(sample_size=8, channels=1, num_classes=3, block_out_channels=[8, 16], layers_per_block=1,
-                            attention_resolutions=[4], norm_num_groups=4, dropout=0.0, num_train_timesteps=100)
-    torch.manual_seed(0)
-    den = ClassConditionedDenoiser(build_unet(model_cfg), build_scheduler(model_cfg))
+    den = tiny_denoiser()
     original = whole(dict(den.model.named_parameters()))
     g = torch.Generator().manual_seed(1)
     forget = ConceptData(torch.randn(8, 1, 8, 8, generator=g), torch.zeros(8, dtype=torch.long))
@@ -67,13 +71,20 @@ def main(argv: list[str] | None = None) -> None:
         params = dict(den.model.named_parameters())
         mask = {n: distribute_tensor(m, params[n].device_mesh, params[n].placements, src_data_rank=None) for n, m in mask.items()}
     train = replace(TRAIN, batch_size=TRAIN.batch_size // accelerator.num_processes)  # the same global batch
-    model = gather_model(unlearn(den, forget, remain, [1, 2], train, accelerator, args.out, mask), accelerator.is_main_process)
+
+    def erase(den: ClassConditionedDenoiser, mask: dict[str, torch.Tensor], name: str) -> None:
+        model = gather_model(unlearn(den, forget, remain, [1, 2], train, accelerator, args.out / name, mask), accelerator.is_main_process)
+        if accelerator.is_main_process:
+            assert type(model) is UNet2DModel  # what the export saves: the model's own class, whole
+            save_file(whole(dict(model.named_parameters())), str(args.out / f"{name}.safetensors"))
+
+    erase(den, mask, "weights")
+    if args.mask:  # as with mask.path: an unsharded model and the mask file, both sharded by the erase itself
+        fresh = tiny_denoiser()
+        erase(fresh, load_mask(args.mask, fresh.model), "weights_mask_file")
     if accelerator.is_main_process:
-        assert type(model) is UNet2DModel  # what the export saves: the model's own class, whole
-        weights = whole(dict(model.named_parameters()))
         save_file(original, str(args.out / "original.safetensors"))
         save_file(scores, str(args.out / "scores.safetensors"))
-        save_file(weights, str(args.out / "weights.safetensors"))
     runtime.finish(accelerator)
 
 
