@@ -24,6 +24,7 @@ os.environ["ACCELERATE_USE_CPU"] = "true"
 import open_clip  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from accelerate.state import AcceleratorState  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from salun_sd.core_config import MaskConfig, TrainConfig  # noqa: E402
@@ -108,6 +109,14 @@ class RandomCNN(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.float() / 255)
+
+
+@pytest.fixture(autouse=True)
+def no_accelerate_state_left_behind():
+    """Accelerate keeps one state per process, set by the first Accelerator (device, mixed precision) and
+    silently kept by the next ones: a test that trained in bf16 would make every later test autocast too."""
+    yield
+    AcceleratorState._reset_state(True)
 
 
 @pytest.fixture(scope="session")
