@@ -25,6 +25,20 @@ def check_fraction(fraction: float, where: str) -> None:
         raise UserError(f"{where} must be in (0, 1], got {fraction}")
 
 
+def check_step_settings(cfg: object, section: str) -> None:
+    """What every training loop's config has (learning_rate, weight_decay, max_grad_norm, batch_size,
+    cond_drop_prob), checked where torch would otherwise reject it with a raw traceback, or NaN would pass."""
+    if not (math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0):
+        raise UserError(f"{section}.learning_rate must be a positive number, got {cfg.learning_rate}")
+    for name in ("weight_decay", "max_grad_norm"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
+            raise UserError(f"{section}.{name} must be a non-negative number (0 turns it off), got {getattr(cfg, name)}")
+    if cfg.batch_size < 1:
+        raise UserError(f"{section}.batch_size must be at least 1, got {cfg.batch_size}")
+    if not 0 <= cfg.cond_drop_prob < 1:
+        raise UserError(f"{section}.cond_drop_prob must be in [0, 1), got {cfg.cond_drop_prob}")
+
+
 @dataclass
 class MaskConfig:
     """Saliency mask. Defaults are the official SalUn SD settings (top 50 % globally, guidance 7.5)."""
@@ -91,16 +105,10 @@ class TrainConfig:
 
     def check(self, section: str = "train") -> None:
         """The values torch or the loop would otherwise reject with a raw traceback; `section` names them in errors."""
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise UserError(f"{section}.learning_rate must be a positive number, got {self.learning_rate}")
-        for name in ("weight_decay", "max_grad_norm"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise UserError(f"{section}.{name} must be a non-negative number (0 turns it off), got {getattr(self, name)}")
-        for name in ("batch_size", "gradient_accumulation_steps", "esd_sample_steps"):
+        check_step_settings(self, section)
+        for name in ("gradient_accumulation_steps", "esd_sample_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{section}.{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.cond_drop_prob < 1:
-            raise UserError(f"{section}.cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
         if self.report_to not in ("", *REPORT_TO):
             raise UserError(f"{section}.report_to must be one of {', '.join(REPORT_TO)} (or empty), got {self.report_to!r}")
         if self.esd_x_t not in ESD_X_T:

@@ -1,5 +1,5 @@
 """The training log: every optimizer step's loss terms in OUTPUT_DIR/log.jsonl, and in Accelerate's tracker
-(TensorBoard or Weights & Biases) when train.report_to names one.
+(TensorBoard or Weights & Biases) when the accelerator was made with one (train.report_to).
 
 The JSON lines need no extra package and survive the run; a resumed run first drops the lines written
 after its checkpoint's step (the steps it is about to redo), so the file holds every step once.
@@ -14,7 +14,6 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from salun_sd.core_config import TrainConfig
 
 LOG_NAME = "log.jsonl"
 
@@ -22,7 +21,7 @@ LOG_NAME = "log.jsonl"
 class StepLog:
     """Call with (step, {term: value}) after each optimizer step; only the main process writes."""
 
-    def __init__(self, accelerator: Accelerator, run_dir: Path, start_step: int, cfg: TrainConfig) -> None:
+    def __init__(self, accelerator: Accelerator, run_dir: Path, start_step: int, cfg: object) -> None:
         self.accelerator, self.path = accelerator, Path(run_dir) / LOG_NAME
         if accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,7 +30,7 @@ class StepLog:
             tmp = self.path.with_name(f"{LOG_NAME}.{os.getpid()}.tmp")
             tmp.write_text(kept)
             tmp.replace(self.path)
-        if cfg.report_to:  # Accelerate's trackers take scalar hyperparameters
+        if accelerator.log_with:  # Accelerate's trackers take scalar hyperparameters
             settings = {k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))}
             accelerator.init_trackers("salun-sd", config=settings)
 

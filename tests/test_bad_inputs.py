@@ -70,7 +70,7 @@ CASES = [
     ("truncated_mask_file", lambda cfg, root: setattr(cfg.mask, "path", truncated_mask(root)),
      r"^mask file .*mask\.safetensors is not a complete safetensors file \(.*\); make it again with `salun-sd mask`$"),
     ("unsupported_family", lambda cfg, root: setattr(cfg, "model", foreign_pipeline(root)),
-     r"^.*audioldm2 is a AudioLDM2Pipeline, a family salun-sd does not erase; it erases StableDiffusionPipeline"),
+     r"^.*audioldm2 holds AudioLDM2Pipeline, a family salun-sd does not erase; it erases StableDiffusionPipeline"),
     ("missing_local_model", lambda cfg, root: setattr(cfg, "model", str(root / "models" / "sd-v1-4")),
      r"^model folder .*sd-v1-4 does not exist"),
 ]
@@ -99,3 +99,16 @@ def test_bad_input_is_one_line_naming_the_culprit_and_leaves_the_earlier_run(tmp
     text = str(err.value)
     assert "\n" not in text and re.search(message, text), text
     assert {name: (out / name).read_bytes() for name in files} == files
+
+
+@pytest.mark.parametrize("rate", ["nan", "0", "-1e-4"])
+def test_ddpm_base_training_refuses_a_bad_learning_rate_before_touching_data_or_folders(tmp_path, capsys, rate):
+    from salun_sd.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        config = Path(__file__).resolve().parents[1] / "configs" / "ddpm_digits.yaml"
+        main(["ddpm", "train", str(config), "--work_dir", str(tmp_path / "work"), f"--train.learning_rate={rate}"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err
+    assert err.startswith("salun-sd ddpm: error: train.learning_rate must be a positive number"), err
+    assert not (tmp_path / "work").exists()

@@ -93,6 +93,8 @@ def test_train_writes_a_loadable_model_and_a_manifest(digits):
     assert torch.equal(raw["conv_in.weight"], unet.conv_in.weight) and not torch.equal(raw["conv_in.weight"], ema["conv_in.weight"])
     info = json.loads((digits / "base" / "manifest.json").read_text())
     assert info["config"]["train"]["max_steps"] == 500 and info["train_seconds"] > 0
+    log = [json.loads(line) for line in (digits / "base" / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == list(range(1, 501)) and all(entry["loss"] > 0 for entry in log)
     classifier = json.loads((digits / "classifier" / "classifier.json").read_text())
     assert classifier["test_accuracy"] > 0.9  # on real held-out digits
 

@@ -47,6 +47,7 @@ def run_train(args: argparse.Namespace, exclude_class: int = -1) -> None:
     from salun_sd.erase_flow import claim_run_folder
 
     cfg = load_config(args)
+    cfg.train.check()
     out = Path(cfg.output_dir) if cfg.output_dir else cfg.retrain_dir() if exclude_class >= 0 else cfg.base_dir()
     accelerator = make_accelerator(cfg.mixed_precision)
     with run_lock(out, accelerator.is_main_process):

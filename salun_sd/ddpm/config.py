@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from salun_sd.core_config import MaskConfig, TrainConfig
-from salun_sd.errors import UserError
+from salun_sd.core_config import MaskConfig, TrainConfig, check_step_settings
 
 # The official DDPM code sums squared errors over C·H·W (3·32·32 on CIFAR-10) in its remain, mask and training
 # losses where ours average them (its forget term is already a mean). So an official remain weight α is
@@ -105,6 +104,10 @@ class BaseTrainConfig:
     checkpoints_total_limit: int = 2
     resume_from_checkpoint: str = ""  # "" | latest | path to a checkpoint folder
     seed: int = 0
+
+    def check(self, section: str = "train") -> None:
+        """Bad values fail before any data or model loads, not as torch's traceback minutes later."""
+        check_step_settings(self, section)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from salun_sd.draws import draw_batch, generator
 from salun_sd.errors import UserError
 from salun_sd.objectives import Batch, diffusion_loss
 from salun_sd.trainer import TrainingDiverged, resume, save_checkpoint
+from salun_sd.training_log import StepLog
 
 
 def augment(batch: Batch, null_cond: int, cfg: BaseTrainConfig, flip: bool, step: int, rank: int, world: int) -> Batch:
@@ -69,6 +70,7 @@ def train_base(
     data = data.to(accelerator.device)
     ckpt_root = out / "checkpoints"
     step = resume(accelerator, ckpt_root, cfg.resume_from_checkpoint)
+    log = StepLog(accelerator, out, step, cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="ddpm train", disable=not accelerator.is_local_main_process)
@@ -92,6 +94,7 @@ def train_base(
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{value:.4g}")
+        log(step, {"loss": value})
         if cfg.checkpointing_steps and (step % cfg.checkpointing_steps == 0 or step == cfg.max_steps):
             save_checkpoint(accelerator, ckpt_root, step, cfg.checkpoints_total_limit)
     bar.close()
