@@ -97,8 +97,8 @@ def load_hf_i2p(split: str = "train") -> PromptSet:
         import datasets
     except ImportError:
         raise UserError(
-            f"loading `i2p` from Hugging Face needs the `datasets` package: `pip install datasets` "
-            f"(or `pip install salun-sd[datasets]`), or pass the I2P CSV file instead."
+            "loading `i2p` from Hugging Face needs the `datasets` package: `pip install datasets` "
+            "(or `pip install salun-sd[datasets]`), or pass the I2P CSV file instead."
         ) from None
     try:
         table = datasets.load_dataset(HF_I2P_DATASET, split=split)

@@ -109,7 +109,9 @@ class SDErase(EraseJob):
         kept = mask_summary(mask)["total"] if mask is not None else None
         network = family_of(self.pipe).network
         loader = type(model).__name__ if cfg.export_unet_only else type(self.pipe).__name__
-        card = model_card(cfg.model, cfg.concept or cfg.data.forget[0].prompt, settings, kept, loader, network)
+        optional = type(self.pipe)._optional_components
+        absent = [] if cfg.export_unet_only else [k for k, v in self.pipe.components.items() if v is None and k not in optional]
+        card = model_card(cfg.model, cfg.concept or cfg.data.forget[0].prompt, settings, kept, loader, network, absent)
         info = manifest(to_dict(cfg), "erase", mask_kept_fraction=kept, num_processes=num_processes)
         written = export(self.pipe.to("cpu"), network, model, self.out / self.product, card, info, cfg.export_unet_only)
         if cfg.single_file.export:

@@ -25,8 +25,10 @@ from salun_sd.objectives import METHODS
 MANIFEST_NAME = "salun_manifest.json"
 
 
-def model_card(base_model: str, concept: str, settings: dict[str, Any], mask_kept: float | None, loader: str, network: str) -> str:
-    """`loader`: the class that loads the export (the pipeline's, or the network's alone); `network`: the erased component."""
+def model_card(base_model: str, concept: str, settings: dict[str, Any], mask_kept: float | None, loader: str, network: str, absent: list[str] = ()) -> str:
+    """`loader`: the class that loads the export (the pipeline's, or the network's alone); `network`: the erased component;
+    `absent`: required components the base model was saved without (SD3 without T5), which loading must pass as None."""
+    load_args = "".join(f", {name}=None" for name in absent)
     method = settings.get("method", "salun")
     rows = "\n".join(f"| {k} | `{json.dumps(v)}` |" for k, v in settings.items())
     kept = f"{mask_kept:.2%} of the trained weights" if mask_kept is not None else "no mask (all trained weights)"
@@ -53,7 +55,7 @@ Only the `{network}` changed; every other component is the base model's.
 
 ```python
 from diffusers import {loader}
-model = {loader}.from_pretrained(folder)
+model = {loader}.from_pretrained(folder{load_args})
 ```
 
 ## Settings

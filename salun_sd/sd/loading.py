@@ -70,7 +70,7 @@ def family_of(pipe: DiffusionPipeline) -> Family:
 def model_family(model: str, index: dict[str, Any]) -> Family:
     name = index.get("_class_name", "")
     if name not in FAMILIES:
-        raise UserError(f"{model} is a {name or 'pipeline without a _class_name'}, a family salun-sd does not erase; it erases {', '.join(FAMILIES)}")
+        raise UserError(f"{model} holds {name or 'a pipeline without a _class_name'}, a family salun-sd does not erase; it erases {', '.join(FAMILIES)}")
     return FAMILIES[name]
 
 
