@@ -12,13 +12,13 @@ import importlib
 import sys
 
 from salun_sd.errors import UserError
-from salun_sd.runtime import exit_with_launcher
+from salun_sd.run.runtime import exit_with_launcher
 
 # subcommand -> (module that registers it, summary for the top-level --help)
 COMMANDS = {
-    "run": ("salun_sd.sd.commands", "the whole job: data -> mask -> erase -> export"),
-    "mask": ("salun_sd.sd.commands", "compute the saliency mask of the forget set"),
-    "erase": ("salun_sd.sd.commands", "masked unlearning with an existing mask, then export"),
+    "run": ("salun_sd.families.commands", "the whole job: data -> mask -> erase -> export"),
+    "mask": ("salun_sd.families.commands", "compute the saliency mask of the forget set"),
+    "erase": ("salun_sd.families.commands", "masked unlearning with an existing mask, then export"),
     "demo": ("salun_sd.toyworld.commands", "erase 'circle' from the embedded toy Stable Diffusion on CPU in about a minute"),
     "compare": ("salun_sd.toyworld.commands", "every method on the toy world: erase a shape and a colour, table + grids"),
     "generate": ("salun_sd.evaluation.commands", "generate images from a prompt set (I2P, class prompts, a text list)"),

@@ -53,20 +53,20 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, S
 from torch import nn
 
 from salun_sd.config import from_dict
-from salun_sd.denoiser import ConceptData, Denoiser
-from salun_sd.objectives import METHODS, Batch
-from salun_sd.saliency import _kth_largest, saliency_masks
-from salun_sd.sd.adapter import SDXLDenoiser, TextConditionedDenoiser
-from salun_sd.sd.config import EraseConfig
-from salun_sd.sd.flow import FLOW_SCOPES, FluxDenoiser, SD3Denoiser
-from salun_sd.sd.tiny_flow import TINY_FLUX_TRANSFORMER, TINY_SD3_TRANSFORMER
+from salun_sd.core.denoiser import ConceptData, Denoiser
+from salun_sd.core.objectives import METHODS, Batch
+from salun_sd.core.saliency import _kth_largest, saliency_masks
+from salun_sd.families.sd_unet import SDXLDenoiser, TextConditionedDenoiser
+from salun_sd.families.config import EraseConfig
+from salun_sd.families.sd3_flux import FLOW_SCOPES, FluxDenoiser, SD3Denoiser
+from salun_sd.families.tiny_flow import TINY_FLUX_TRANSFORMER, TINY_SD3_TRANSFORMER
 from reference_models import (
     FLUX_DEV_CONFIG, FLUX_SCHEDULER_CONFIG, SD3_SCHEDULER_CONFIG, SD14_UNET_CONFIG, SD35_LARGE_CONFIG, SD35_MEDIUM_CONFIG, SDXL_UNET_CONFIG, sd14_noise_scheduler,
 )
-from salun_sd.core_config import TrainConfig
+from salun_sd.core.config import TrainConfig
 from salun_sd.errors import UserError
-from salun_sd.runtime import device as pick_device
-from salun_sd.trainer import unlearn
+from salun_sd.run.runtime import device as pick_device
+from salun_sd.core.trainer import unlearn
 
 GIB = 2**30
 

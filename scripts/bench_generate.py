@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling scripts,
 from bench_erase import device_name, synchronize
 from reference_models import SD14_TEXT_CONFIG, SD14_UNET_CONFIG, SD14_VAE_CONFIG
 from salun_sd.evaluation.generate import resolve_dtype
-from salun_sd.runtime import device as pick_device
-from salun_sd.sd.tiny import tiny_pipeline
+from salun_sd.run.runtime import device as pick_device
+from salun_sd.families.tiny import tiny_pipeline
 
 
 def full_size_pipeline(dtype: torch.dtype, device: torch.device) -> StableDiffusionPipeline:

@@ -24,7 +24,7 @@ from salun_sd.ddpm.classifier import load_classifier, predict
 from salun_sd.ddpm.config import DDPMConfig
 from salun_sd.ddpm.data import load_split
 from salun_sd.ddpm.evaluate import Features
-from salun_sd.manifest import git_revision
+from salun_sd.run.manifest import git_revision
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- ddpm-digits-benchmark:begin -->", "<!-- ddpm-digits-benchmark:end -->"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from salun_sd.sd.tiny import CLIP_MAX_LENGTH
+from salun_sd.families.tiny import CLIP_MAX_LENGTH
 
 SD14_UNET_CONFIG: dict[str, object] = {
     "act_fn": "silu",

@@ -27,7 +27,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.training_utils import EMAModel, compute_snr
 from transformers import CLIPTextModel
 
-from salun_sd.sd.tiny import assemble, clip_tokenizer
+from salun_sd.families.tiny import assemble, clip_tokenizer
 from salun_sd.toyworld.classifier import load_classifier
 from salun_sd.toyworld.pipeline import PIPELINE_DIR, ToySDConfig, build_scheduler, build_text_encoder, build_unet, build_vae
 from salun_sd.toyworld.scoring import score

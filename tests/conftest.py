@@ -27,9 +27,9 @@ import torch  # noqa: E402
 from accelerate.state import AcceleratorState  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from salun_sd.core_config import MaskConfig, TrainConfig  # noqa: E402
+from salun_sd.core.config import MaskConfig, TrainConfig  # noqa: E402
 from salun_sd.evaluation.clip_score import ClipScorer  # noqa: E402
-from salun_sd.sd.config import DataConfig, EraseConfig, ImageGroup  # noqa: E402
+from salun_sd.families.config import DataConfig, EraseConfig, ImageGroup  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -20,15 +20,15 @@ from diffusers import UNet2DModel
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from salun_sd import runtime
-from salun_sd.core_config import MaskConfig, TrainConfig
+from salun_sd.run import runtime
+from salun_sd.core.config import MaskConfig, TrainConfig
 from salun_sd.ddpm.adapter import ClassConditionedDenoiser
 from salun_sd.ddpm.config import ModelConfig
 from salun_sd.ddpm.model import build_scheduler, build_unet
-from salun_sd.denoiser import ConceptData
-from salun_sd.saliency import accumulate_saliency, load_mask, make_masks
-from salun_sd.sharding import gather_model
-from salun_sd.trainer import unlearn
+from salun_sd.core.denoiser import ConceptData
+from salun_sd.core.saliency import accumulate_saliency, load_mask, make_masks
+from salun_sd.core.sharding import gather_model
+from salun_sd.core.trainer import unlearn
 
 MASK = MaskConfig(fraction=0.3, batch_size=2, guidance=2.0)
 TRAIN = TrainConfig(method="salun", learning_rate=1e-3, adam_epsilon=1e-2, batch_size=2, max_steps=3, weight_decay=0.1, max_grad_norm=0.05)

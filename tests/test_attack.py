@@ -14,7 +14,7 @@ from salun_sd.attack.run import attack
 from salun_sd.attack.search import search
 from salun_sd.attack.target import Victim, attack_pipeline
 from salun_sd.errors import UserError
-from salun_sd.runtime import make_accelerator
+from salun_sd.run.runtime import make_accelerator
 from salun_sd.toyworld.pipeline import PIPELINE_DIR, load_toy_pipeline
 
 CIRCLES = ["a photo of a red circle", "a photo of a blue circle"]
@@ -77,7 +77,7 @@ def test_attack_succeeds_on_the_toy_base(victim, tmp_path):
 @pytest.fixture(scope="module")
 def erased(tmp_path_factory):
     """SalUn erases 'circle' from the shipped toy model in a few steps, through the real erase flow."""
-    from salun_sd.sd.erase import erase
+    from salun_sd.families.erase import erase
     from salun_sd.toyworld.compare import Case, CompareConfig, erase_config
     from salun_sd.toyworld.world import WorldSpec
 

@@ -14,9 +14,9 @@ from skimage import data as photos
 
 from conftest import FORGET, tiny_config
 from salun_sd.errors import UserError
-from salun_sd.sd import erase as sd_erase
-from salun_sd.sd.config import EraseConfig, ImageGroup
-from salun_sd.sd.tiny import tiny_pipeline
+from salun_sd.families import erase as sd_erase
+from salun_sd.families.config import EraseConfig, ImageGroup
+from salun_sd.families.tiny import tiny_pipeline
 
 
 def image_folder(root: Path, bad_name: str, bad_bytes: bytes) -> str:
@@ -34,7 +34,7 @@ def truncated_png(root: Path) -> bytes:
 
 
 def truncated_mask(root: Path) -> str:
-    from salun_sd.saliency import save_mask
+    from salun_sd.core.saliency import save_mask
 
     save_mask({n: p.detach() > 0 for n, p in tiny_pipeline().unet.named_parameters()}, root / "whole.safetensors", {})
     whole = (root / "whole.safetensors").read_bytes()

@@ -14,20 +14,20 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from conftest import FORGET, REMAIN, tiny_config
 from salun_sd.cli import main
 from salun_sd.config import load_yaml
-from salun_sd.core_config import TrainConfig
-from salun_sd.denoiser import ConceptData
+from salun_sd.core.config import TrainConfig
+from salun_sd.core.denoiser import ConceptData
 from salun_sd.errors import UserError
-from salun_sd.objectives import Batch, diffusion_loss, esd_loss, per_example_mse
-from salun_sd.sampling import ddim_partway, ddim_steps_before
-from salun_sd.sd.adapter import TextConditionedDenoiser
-from salun_sd.sd.attention import concept_token_mask, cross_attention_layers, recording
-from salun_sd.sd.config import DataConfig, EraseConfig, ImageGroup
-from salun_sd.erase_flow import check_config
-from salun_sd.sd.erase import SDErase
-from salun_sd.sd.flow import sd3_denoiser
-from salun_sd.sd.tiny import tiny_pipeline
-from salun_sd.sd.tiny_flow import tiny_sd3_pipeline
-from salun_sd.trainer import unlearn
+from salun_sd.core.objectives import Batch, diffusion_loss, esd_loss, per_example_mse
+from salun_sd.core.sampling import ddim_partway, ddim_steps_before
+from salun_sd.families.sd_unet import TextConditionedDenoiser
+from salun_sd.families.attention import concept_token_mask, cross_attention_layers, recording
+from salun_sd.families.config import DataConfig, EraseConfig, ImageGroup
+from salun_sd.core.erase_flow import check_config
+from salun_sd.families.erase import SDErase
+from salun_sd.families.sd3_flux import sd3_denoiser
+from salun_sd.families.tiny import tiny_pipeline
+from salun_sd.families.tiny_flow import tiny_sd3_pipeline
+from salun_sd.core.trainer import unlearn
 
 METHOD_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "methods").glob("*.yaml"))
 PROMPTS = ["", FORGET, REMAIN]

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from salun_sd.config import load_yaml
-from salun_sd.sd.config import EraseConfig
+from salun_sd.families.config import EraseConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -26,11 +26,11 @@ from salun_sd.ddpm.data import load_split, split_by_class
 from salun_sd.ddpm.forget import forget_data
 from salun_sd.ddpm.model import build_scheduler, build_unet, load_denoiser
 from salun_sd.ddpm.sample import inference_scheduler, load_samples, sample
-from salun_sd.denoiser import ConceptData
-from salun_sd.draws import draw_batch, draw_example_noise
-from salun_sd.objectives import Batch, salun_loss
-from salun_sd.saliency import accumulate_saliency, load_mask, saliency_masks
-from salun_sd.trainer import unlearn
+from salun_sd.core.denoiser import ConceptData
+from salun_sd.core.draws import draw_batch, draw_example_noise
+from salun_sd.core.objectives import Batch, salun_loss
+from salun_sd.core.saliency import accumulate_saliency, load_mask, saliency_masks
+from salun_sd.core.trainer import unlearn
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DIGITS = str(CONFIGS / "ddpm_digits.yaml")

@@ -6,7 +6,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import exported_unet, salun
-from salun_sd.sd.tiny import tiny_pipeline
+from salun_sd.families.tiny import tiny_pipeline
 
 
 def test_two_processes_match_one_process_and_accumulation_with_the_same_global_batch(two_process_erase):

@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 from conftest import FORGET, REMAIN, tiny_config
 from salun_sd.cli import main
 from salun_sd.errors import UserError
-from salun_sd.saliency import load_mask, mask_summary
-from salun_sd.sd.config import DataConfig, ImageGroup
-from salun_sd.sd.data import concept_data
-from salun_sd.sd.erase import erase
-from salun_sd.sd.tiny import tiny_pipeline
-from salun_sd.trainer import TrainingDiverged, list_checkpoints
+from salun_sd.core.saliency import load_mask, mask_summary
+from salun_sd.families.config import DataConfig, ImageGroup
+from salun_sd.families.data import concept_data
+from salun_sd.families.erase import erase
+from salun_sd.families.tiny import tiny_pipeline
+from salun_sd.core.trainer import TrainingDiverged, list_checkpoints
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from salun_sd.evaluation.config import GenerateConfig
 from salun_sd.evaluation.generate import batches, generate_images, initial_noise, plan_jobs
 from salun_sd.evaluation.imagefiles import read_metadata
 from salun_sd.evaluation.prompts import PromptRecord
-from salun_sd.sd.tiny import tiny_pipeline
+from salun_sd.families.tiny import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = [

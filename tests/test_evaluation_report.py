@@ -14,7 +14,7 @@ from salun_sd.evaluation.fid import feature_fid
 from salun_sd.evaluation.report import THUMBNAIL, metric_table, write_report
 from salun_sd.evaluation.config import EvaluateConfig
 from salun_sd.evaluation.suite import ImageSet, Scorers, evaluate_sets
-from salun_sd.sd.tiny import tiny_pipeline
+from salun_sd.families.tiny import tiny_pipeline
 
 CLASS_CSV = "case_number,prompt,evaluation_seed,class,classidx\n0,Image of tench,4889,tench,0\n1,Image of church,987,church,4\n2,Image of parachute,1945,parachute,9\n"
 

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from conftest import FORGET, REMAIN, salun
 from salun_sd.cli import main
-from salun_sd.sd.tiny_flow import tiny_flux_pipeline, tiny_sd3_pipeline
+from salun_sd.families.tiny_flow import tiny_flux_pipeline, tiny_sd3_pipeline
 
 # family -> (tiny builder, pipeline class, loading arguments: the tiny SD3 has no T5, which diffusers loads as None)
 FAMILIES = {

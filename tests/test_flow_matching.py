@@ -8,14 +8,14 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
-from salun_sd.core_config import TrainConfig
-from salun_sd.denoiser import ConceptData
-from salun_sd.draws import draw_batch, generator
+from salun_sd.core.config import TrainConfig
+from salun_sd.core.denoiser import ConceptData
+from salun_sd.core.draws import draw_batch, generator
 from salun_sd.errors import UserError
-from salun_sd.objectives import diffusion_loss, guided_forget_loss
-from salun_sd.sd.flow import FLOW_SCOPES, SD3Denoiser, flux_denoiser, sd3_denoiser
-from salun_sd.sd.tiny_flow import tiny_flux_pipeline, tiny_sd3_pipeline
-from salun_sd.trainer import unlearn
+from salun_sd.core.objectives import diffusion_loss, guided_forget_loss
+from salun_sd.families.sd3_flux import FLOW_SCOPES, SD3Denoiser, flux_denoiser, sd3_denoiser
+from salun_sd.families.tiny_flow import tiny_flux_pipeline, tiny_sd3_pipeline
+from salun_sd.core.trainer import unlearn
 
 PROMPTS = ["a photo of a nude person", "a photo of a person wearing clothes"]
 

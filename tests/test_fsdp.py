@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import cpu_env, free_port
 from fsdp_run import MASK, main
-from salun_sd.saliency import saliency_masks
+from salun_sd.core.saliency import saliency_masks
 
 RUN = str(Path(__file__).with_name("fsdp_run.py"))
 

@@ -16,12 +16,12 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler
 
-from salun_sd.denoiser import ConceptData
+from salun_sd.core.denoiser import ConceptData
 from salun_sd.errors import UserError
-from salun_sd.sd.adapter import TextConditionedDenoiser
-from salun_sd.sd.tiny import tiny_pipeline
-from salun_sd.core_config import TrainConfig
-from salun_sd.trainer import unlearn
+from salun_sd.families.sd_unet import TextConditionedDenoiser
+from salun_sd.families.tiny import tiny_pipeline
+from salun_sd.core.config import TrainConfig
+from salun_sd.core.trainer import unlearn
 
 STEPS = 3  # 8-bit Adam's stray moments would move frozen weights from the second step on
 

@@ -7,7 +7,7 @@ import pytest
 from salun_sd.config import load_yaml
 from salun_sd.evaluation.classify import imagenet_index
 from salun_sd.evaluation.prompts import load_prompts
-from salun_sd.sd.config import EraseConfig
+from salun_sd.families.config import EraseConfig
 from salun_sd.toyworld.world import prompts as toyworld_prompts
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,10 +17,10 @@ from accelerate import Accelerator
 from conftest import exported_unet, salun
 from salun_sd.config import load_yaml
 from salun_sd.errors import UserError
-from salun_sd.runlock import HOLDER_FILE, run_lock
-from salun_sd.runtime import PAUSE_ENV
-from salun_sd.sd.config import EraseConfig
-from salun_sd.sd.erase import erase
+from salun_sd.run.lock import HOLDER_FILE, run_lock
+from salun_sd.run.runtime import PAUSE_ENV
+from salun_sd.families.config import EraseConfig
+from salun_sd.families.erase import erase
 
 
 def gone(pid: int) -> bool:
@@ -88,7 +88,7 @@ def test_a_record_from_another_host_is_never_taken_over(tmp_path):
 def test_the_lock_is_held_for_the_block_and_released_after_it(tmp_path, capfd):
     with run_lock(tmp_path):
         held = json.loads((tmp_path / HOLDER_FILE).read_text())
-        other = subprocess.run([sys.executable, "-c", f"from salun_sd.runlock import run_lock\nwith run_lock({str(tmp_path)!r}): pass"],
+        other = subprocess.run([sys.executable, "-c", f"from salun_sd.run.lock import run_lock\nwith run_lock({str(tmp_path)!r}): pass"],
                                capture_output=True, text=True)
         assert other.returncode != 0 and f"is in use by pid {os.getpid()} on host {socket.gethostname()}" in other.stderr
     assert held["pid"] == os.getpid() and held["command"].startswith("salun-sd")

@@ -4,12 +4,12 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler
 
-from salun_sd.core_config import MaskConfig
-from salun_sd.denoiser import ConceptData
+from salun_sd.core.config import MaskConfig
+from salun_sd.core.denoiser import ConceptData
 from salun_sd.errors import UserError
-from salun_sd.saliency import _kth_largest, accumulate_saliency, load_mask, make_masks, mask_info, mask_summary, save_mask, saliency_masks
-from salun_sd.sd.adapter import TextConditionedDenoiser
-from salun_sd.sd.tiny import tiny_pipeline
+from salun_sd.core.saliency import _kth_largest, accumulate_saliency, load_mask, make_masks, mask_info, mask_summary, save_mask, saliency_masks
+from salun_sd.families.sd_unet import TextConditionedDenoiser
+from salun_sd.families.tiny import tiny_pipeline
 
 
 def scores(seed=0):

@@ -17,17 +17,17 @@ from safetensors.torch import load_file
 
 from conftest import FORGET, REMAIN, tiny_config
 from salun_sd.config import load_yaml
-from salun_sd.core_config import TrainConfig
-from salun_sd.denoiser import ConceptData
-from salun_sd.erase_flow import check_config
+from salun_sd.core.config import TrainConfig
+from salun_sd.core.denoiser import ConceptData
+from salun_sd.core.erase_flow import check_config
 from salun_sd.errors import UserError
-from salun_sd.saliency import load_mask
-from salun_sd.sd.adapter import SDXLDenoiser, sdxl_denoiser
-from salun_sd.sd.config import EraseConfig
-from salun_sd.sd.erase import SDErase, erase
-from salun_sd.sd.loading import load_pipeline
-from salun_sd.sd.tiny import tiny_sdxl_pipeline
-from salun_sd.trainer import unlearn
+from salun_sd.core.saliency import load_mask
+from salun_sd.families.sd_unet import SDXLDenoiser, sdxl_denoiser
+from salun_sd.families.config import EraseConfig
+from salun_sd.families.erase import SDErase, erase
+from salun_sd.families.loading import load_pipeline
+from salun_sd.families.tiny import tiny_sdxl_pipeline
+from salun_sd.core.trainer import unlearn
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,12 @@ from safetensors.torch import save_file
 from conftest import tiny_config
 from ldm_layout import ldm_checkpoint, with_ema
 from salun_sd.errors import UserError
-from salun_sd.saliency import load_mask
-from salun_sd.sd.config import SingleFileConfig
-from salun_sd.sd.erase import erase
-from salun_sd.sd.export import export_single_file
-from salun_sd.sd.loading import load_pipeline
-from salun_sd.sd.tiny import tiny_pipeline, tiny_sdxl_pipeline
+from salun_sd.core.saliency import load_mask
+from salun_sd.families.config import SingleFileConfig
+from salun_sd.families.erase import erase
+from salun_sd.families.export import export_single_file
+from salun_sd.families.loading import load_pipeline
+from salun_sd.families.tiny import tiny_pipeline, tiny_sdxl_pipeline
 
 EMA_SHIFT = 0.5  # the EMA copy is the raw UNet + 0.5, so a test can tell which one loaded
 

@@ -2,7 +2,7 @@ import open_clip
 import torch
 from diffusers import StableDiffusionPipeline
 
-from salun_sd.sd.tiny import clip_tokenizer, tiny_pipeline
+from salun_sd.families.tiny import clip_tokenizer, tiny_pipeline
 
 
 def test_tokenizer_is_the_real_clip_tokenizer():

@@ -13,14 +13,14 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from conftest import FORGET, REMAIN
-from salun_sd.core_config import TrainConfig
-from salun_sd.denoiser import ConceptData
+from salun_sd.core.config import TrainConfig
+from salun_sd.core.denoiser import ConceptData
 from salun_sd.errors import UserError
-from salun_sd.runtime import make_accelerator
-from salun_sd.sd.adapter import sd_denoiser
-from salun_sd.sd.tiny import tiny_pipeline
-from salun_sd.trainer import unlearn
-from salun_sd.training_log import LOG_NAME
+from salun_sd.run.runtime import make_accelerator
+from salun_sd.families.sd_unet import sd_denoiser
+from salun_sd.families.tiny import tiny_pipeline
+from salun_sd.core.trainer import unlearn
+from salun_sd.run.log import LOG_NAME
 
 
 def train(run_dir: Path, accelerator: Accelerator | None = None, **cfg) -> None:

@@ -18,8 +18,8 @@ report.md (pre-ASR, ASR, adversarial prompts, base / plain / attacked images sid
 
 
 def run_attack(args: argparse.Namespace) -> None:
-    from salun_sd.runlock import run_lock
-    from salun_sd.runtime import finish, make_accelerator
+    from salun_sd.run.lock import run_lock
+    from salun_sd.run.runtime import finish, make_accelerator
 
     cfg = apply_config_flags(load_yaml(AttackConfig, args.config) if args.config else AttackConfig(), args)
     cfg.check()

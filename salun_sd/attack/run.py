@@ -31,8 +31,8 @@ from salun_sd.errors import UserError
 from salun_sd.evaluation.config import GenerateConfig
 from salun_sd.evaluation.generate import ImageJob, plan_jobs, record_plan, resolve_dtype, save_png
 from salun_sd.evaluation.prompts import filter_prompts, load_prompts
-from salun_sd.manifest import manifest, write_manifest
-from salun_sd.sd.loading import load_pipeline, scheduler_class
+from salun_sd.run.manifest import manifest, write_manifest
+from salun_sd.families.loading import load_pipeline, scheduler_class
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

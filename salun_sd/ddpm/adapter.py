@@ -6,7 +6,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
-from salun_sd.denoiser import Denoiser
+from salun_sd.core.denoiser import Denoiser
 
 
 class ClassConditionedDenoiser(Denoiser):

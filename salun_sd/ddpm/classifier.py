@@ -18,8 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from salun_sd.ddpm.config import ClassifierConfig
-from salun_sd.denoiser import ConceptData
-from salun_sd.draws import generator
+from salun_sd.core.denoiser import ConceptData
+from salun_sd.core.draws import generator
 from salun_sd.errors import UserError
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from salun_sd.config import add_config_flags, apply_config_flags, load_yaml, to_dict
 from salun_sd.ddpm.config import DDPMConfig
 from salun_sd.errors import UserError
-from salun_sd.manifest import manifest, write_manifest
-from salun_sd.runlock import run_lock
-from salun_sd.runtime import device, finish, make_accelerator
+from salun_sd.run.manifest import manifest, write_manifest
+from salun_sd.run.lock import run_lock
+from salun_sd.run.runtime import device, finish, make_accelerator
 
 EPILOG = """examples (digits run offline on a CPU in minutes; CIFAR-10 is the paper's setting):
   salun-sd ddpm train configs/ddpm_digits.yaml              # base model -> WORK_DIR/base
@@ -44,7 +44,7 @@ def run_train(args: argparse.Namespace, exclude_class: int = -1) -> None:
     """Base training, or with exclude_class: Retrain, the same recipe without that class's images."""
     from salun_sd.ddpm.data import load_split
     from salun_sd.ddpm.train import train_base
-    from salun_sd.erase_flow import claim_run_folder
+    from salun_sd.core.erase_flow import claim_run_folder
 
     cfg = load_config(args)
     cfg.train.check()

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from salun_sd.core_config import MaskConfig, TrainConfig, check_step_settings
+from salun_sd.core.config import MaskConfig, TrainConfig, check_step_settings
 
 # The official DDPM code sums squared errors over C·H·W (3·32·32 on CIFAR-10) in its remain, mask and training
 # losses where ours average them (its forget term is already a mean). So an official remain weight α is

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from salun_sd.ddpm.config import DataConfig
-from salun_sd.denoiser import ConceptData
+from salun_sd.core.denoiser import ConceptData
 from salun_sd.errors import UserError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

@@ -22,7 +22,7 @@ from salun_sd.ddpm.config import DDPMConfig
 from salun_sd.ddpm.data import load_split, to_uint8
 from salun_sd.ddpm.model import load_denoiser
 from salun_sd.ddpm.sample import class_labels, sample, save_samples
-from salun_sd.denoiser import ConceptData
+from salun_sd.core.denoiser import ConceptData
 from salun_sd.errors import UserError
 from salun_sd.evaluation.fid import FidStats, frechet_distance, inception_fid
 

@@ -1,4 +1,4 @@
-"""The DDPM's part of an erase (salun_sd.erase_flow runs it): one class of the training split, and the model folder.
+"""The DDPM's part of an erase (salun_sd.core.erase_flow runs it): one class of the training split, and the model folder.
 
 D_f is the forgotten class's training images, D_r every other class's, and the misaligned condition
 c' of a forget example is the next class, (k + 1) mod num_classes, as in the official SalUn DDPM code
@@ -12,15 +12,15 @@ from pathlib import Path
 from accelerate import Accelerator
 from torch import nn
 
-from salun_sd import erase_flow
+from salun_sd.core import erase_flow
 from salun_sd.ddpm.config import DDPMConfig
 from salun_sd.ddpm.data import load_split, split_by_class
 from salun_sd.ddpm.model import load_denoiser, save_model
-from salun_sd.denoiser import ConceptData
-from salun_sd.erase_flow import EraseJob, Loaded
+from salun_sd.core.denoiser import ConceptData
+from salun_sd.core.erase_flow import EraseJob, Loaded
 from salun_sd.errors import UserError
-from salun_sd.objectives import Method
-from salun_sd.saliency import Mask
+from salun_sd.core.objectives import Method
+from salun_sd.core.saliency import Mask
 
 
 # c' of the forget examples, from (forget class, number of classes): the official code's next class, or ours.

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from salun_sd.ddpm.config import SampleConfig
 from salun_sd.ddpm.adapter import ClassConditionedDenoiser
 from salun_sd.ddpm.data import to_uint8
-from salun_sd.draws import generator
+from salun_sd.core.draws import generator
 from salun_sd.errors import UserError
 
 

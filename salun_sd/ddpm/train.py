@@ -1,6 +1,6 @@
 """Base training of the class-conditional DDPM, and Retrain (the same without the forgotten class).
 
-Batches, noise, timesteps, condition dropout and flips all come from salun_sd.draws keyed by
+Batches, noise, timesteps, condition dropout and flips all come from salun_sd.core.draws keyed by
 (seed, step), so a resumed run continues exactly and N processes match one; the checkpoints
 (model, optimizer, LR schedule, EMA, RNG) use the core trainer's atomic save and resume.
 """
@@ -18,12 +18,12 @@ from tqdm.auto import tqdm
 from salun_sd.ddpm.adapter import ClassConditionedDenoiser
 from salun_sd.ddpm.config import BaseTrainConfig, ModelConfig
 from salun_sd.ddpm.model import build_scheduler, build_unet, save_model
-from salun_sd.denoiser import ConceptData
-from salun_sd.draws import draw_batch, generator
+from salun_sd.core.denoiser import ConceptData
+from salun_sd.core.draws import draw_batch, generator
 from salun_sd.errors import UserError
-from salun_sd.objectives import Batch, diffusion_loss
-from salun_sd.trainer import TrainingDiverged, resume, save_checkpoint
-from salun_sd.training_log import StepLog
+from salun_sd.core.objectives import Batch, diffusion_loss
+from salun_sd.core.trainer import TrainingDiverged, resume, save_checkpoint
+from salun_sd.run.log import StepLog
 
 
 def augment(batch: Batch, null_cond: int, cfg: BaseTrainConfig, flip: bool, step: int, rank: int, world: int) -> Batch:

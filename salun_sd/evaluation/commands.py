@@ -80,9 +80,9 @@ def run_generate(args: argparse.Namespace) -> None:
 
     from salun_sd.evaluation.generate import generate_images, plan_jobs, resolve_dtype
     from salun_sd.evaluation.prompts import filter_prompts, load_prompts
-    from salun_sd.manifest import manifest, write_manifest
-    from salun_sd.runlock import run_lock
-    from salun_sd.sd.loading import load_pipeline, scheduler_class
+    from salun_sd.run.manifest import manifest, write_manifest
+    from salun_sd.run.lock import run_lock
+    from salun_sd.families.loading import load_pipeline, scheduler_class
 
     cfg: GenerateConfig = load_config(args)
     require(cfg, "generate", ("model", "prompts", "output_dir"))
@@ -116,8 +116,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from salun_sd.evaluation.fid import reference_stats
     from salun_sd.evaluation.report import metric_table, write_report
     from salun_sd.evaluation.suite import ImageSet, check_settings, evaluate_sets
-    from salun_sd.manifest import manifest, write_manifest
-    from salun_sd.runtime import device
+    from salun_sd.run.manifest import manifest, write_manifest
+    from salun_sd.run.runtime import device
 
     cfg: EvaluateConfig = load_config(args)
     folders = cfg.folders()
@@ -140,7 +140,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 def load_scorers(settings: EvaluateConfig) -> Scorers:
     """The real models behind the requested metrics (downloaded on first use by their libraries)."""
     from salun_sd.evaluation.suite import Scorers
-    from salun_sd.runtime import device
+    from salun_sd.run.runtime import device
 
     scorers = Scorers()
     if "clip" in settings.metrics:

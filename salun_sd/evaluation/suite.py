@@ -18,7 +18,7 @@ from salun_sd.evaluation.fid import FidMetric, FidStats, image_batches, referenc
 from salun_sd.evaluation.imagefiles import METADATA_FILE, image_size, list_images, read_metadata, require_one_size
 from salun_sd.evaluation.nudity import nudity_metrics
 from salun_sd.evaluation.protocols import describe
-from salun_sd.runtime import device as pick_device
+from salun_sd.run.runtime import device as pick_device
 
 METRICS = ("nudenet", "clip", "fid", "ua")
 # Generation settings a report restates per folder (from metadata.jsonl), so its numbers say how the images were made.

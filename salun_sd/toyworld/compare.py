@@ -4,7 +4,7 @@ For each method: UA (share of forget-prompt samples the classifier no longer see
 concept), accuracy on the remaining prompts (shape and colour both right), a Fréchet distance in the
 classifier's feature space between the erased and the base model's samples of the remaining prompts,
 and the erase's wall time (mask included for SalUn; the shared forget/remain images are generated
-once, before any timing). Everything goes through the real erase flow (`salun_sd.sd.erase.erase`).
+once, before any timing). Everything goes through the real erase flow (`salun_sd.families.erase.erase`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from PIL import Image, ImageDraw
 
 from salun_sd.attack.config import AttackConfig
 from salun_sd.evaluation.fid import FidStats, frechet_distance
-from salun_sd.core_config import MaskConfig, TrainConfig
-from salun_sd.sd.config import DataConfig, EraseConfig, ImageGroup
+from salun_sd.core.config import MaskConfig, TrainConfig
+from salun_sd.families.config import DataConfig, EraseConfig, ImageGroup
 from salun_sd.toyworld.classifier import ToyClassifier, load_classifier
 from salun_sd.toyworld.pipeline import PIPELINE_DIR, load_toy_pipeline
 from salun_sd.toyworld.scoring import generate
@@ -187,9 +187,9 @@ def run_case(cfg: CompareConfig, case: Case, out: Path, log=print) -> list[dict]
 
 
 def _run_case(cfg: CompareConfig, case: Case, out: Path, log) -> list[dict]:
-    from salun_sd.runtime import make_accelerator
-    from salun_sd.objectives import get_method
-    from salun_sd.sd.erase import SDErase, erase
+    from salun_sd.run.runtime import make_accelerator
+    from salun_sd.core.objectives import get_method
+    from salun_sd.families.erase import SDErase, erase
 
     spec = WorldSpec()
     classifier = load_classifier()
@@ -310,7 +310,7 @@ def markdown(results: dict[str, list[dict]], cfg: CompareConfig) -> str:
 
 def compare(cfg: CompareConfig, log=print) -> Path:
     """Run both cases (cfg.shape, cfg.colour), write OUTPUT_DIR/RESULTS.md, results.json and grids; returns the Markdown path."""
-    from salun_sd.manifest import manifest, write_manifest
+    from salun_sd.run.manifest import manifest, write_manifest
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from salun_sd.errors import UserError
-from salun_sd.sd.tiny import CLIP_MAX_LENGTH, sd1_ddim_scheduler
+from salun_sd.families.tiny import CLIP_MAX_LENGTH, sd1_ddim_scheduler
 from salun_sd.toyworld import ASSETS
 
 PIPELINE_DIR = ASSETS / "pipeline"

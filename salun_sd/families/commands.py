@@ -6,9 +6,9 @@ import argparse
 from functools import partial
 
 from salun_sd.config import add_config_flags, apply_config_flags, load_yaml
-from salun_sd.runlock import run_lock
-from salun_sd.runtime import finish, make_accelerator
-from salun_sd.sd.config import EraseConfig
+from salun_sd.run.lock import run_lock
+from salun_sd.run.runtime import finish, make_accelerator
+from salun_sd.families.config import EraseConfig
 
 STEPS = {
     "mask": (("mask",), "compute the saliency mask of the forget set (writes OUTPUT_DIR/mask.safetensors)"),
@@ -35,7 +35,7 @@ def run_steps(args: argparse.Namespace, steps: tuple[str, ...]) -> None:
     cfg = load_config(args)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.train.report_to, cfg.output_dir)
     with run_lock(cfg.output_dir, accelerator.is_main_process):
-        from salun_sd.sd.erase import erase  # diffusers loads only when a job runs, and after a busy folder is refused
+        from salun_sd.families.erase import erase  # diffusers loads only when a job runs, and after a busy folder is refused
 
         erase(cfg, accelerator, steps)
     finish(accelerator)

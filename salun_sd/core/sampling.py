@@ -10,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
-from salun_sd.denoiser import Denoiser, FlowMatchDenoiser
+from salun_sd.core.denoiser import Denoiser, FlowMatchDenoiser
 from salun_sd.errors import UserError
 
 

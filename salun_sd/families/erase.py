@@ -1,6 +1,6 @@
-"""Stable Diffusion's part of an erase (salun_sd.erase_flow runs it): data groups → denoiser, and the pipeline export.
+"""Stable Diffusion's part of an erase (salun_sd.core.erase_flow runs it): data groups → denoiser, and the pipeline export.
 
-Every family of sd/loading.FAMILIES (SD-1.x/2.x, SDXL) runs through here. The erased model is
+Every family of families/loading.FAMILIES (SD-1.x/2.x, SDXL) runs through here. The erased model is
 OUTPUT_DIR/pipeline, loaded by the family's pipeline class or AutoPipelineForText2Image.from_pretrained;
 with single_file.export also OUTPUT_DIR/model.safetensors, in the layout of the single file it came from.
 """
@@ -13,18 +13,18 @@ from pathlib import Path
 from accelerate import Accelerator
 from torch import nn
 
-from salun_sd import erase_flow
+from salun_sd.core import erase_flow
 from salun_sd.config import to_dict
-from salun_sd.erase_flow import EraseJob, Loaded
+from salun_sd.core.erase_flow import EraseJob, Loaded
 from salun_sd.errors import UserError
-from salun_sd.manifest import manifest
-from salun_sd.objectives import Method, get_method
-from salun_sd.saliency import Mask, mask_summary
-from salun_sd.sd.config import EraseConfig
-from salun_sd.sd.data import check_sources, concept_data, generate_share
-from salun_sd.sd.export import export, export_single_file, model_card
-from salun_sd.sd.loading import check_model, family_of, is_single_file, load_pipeline
-from salun_sd.sd.validation import draw_validation, write_validation_grid
+from salun_sd.run.manifest import manifest
+from salun_sd.core.objectives import Method, get_method
+from salun_sd.core.saliency import Mask, mask_summary
+from salun_sd.families.config import EraseConfig
+from salun_sd.families.data import check_sources, concept_data, generate_share
+from salun_sd.families.export import export, export_single_file, model_card
+from salun_sd.families.loading import check_model, family_of, is_single_file, load_pipeline
+from salun_sd.families.validation import draw_validation, write_validation_grid
 
 
 class SDErase(EraseJob):

@@ -23,10 +23,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from salun_sd.denoiser import ConceptData
+from salun_sd.core.denoiser import ConceptData
 from salun_sd.errors import UserError
 from salun_sd.evaluation.imagefiles import list_images, load_rgb
-from salun_sd.sd.config import DataConfig, ImageGroup
+from salun_sd.families.config import DataConfig, ImageGroup
 
 
 def cache_root(cfg: DataConfig) -> Path:

@@ -27,15 +27,15 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from salun_sd.core_config import ATTENTION, SCOPES, TrainConfig
-from salun_sd.denoiser import ConceptData, Denoiser
-from salun_sd.draws import draw_batch
+from salun_sd.core.config import ATTENTION, SCOPES, TrainConfig
+from salun_sd.core.denoiser import ConceptData, Denoiser
+from salun_sd.core.draws import draw_batch
 from salun_sd.errors import UserError
-from salun_sd.objectives import Method, get_method
-from salun_sd.runtime import pause_if_asked
-from salun_sd.saliency import Mask
-from salun_sd.sharding import local, shard_for_fsdp, shard_like
-from salun_sd.training_log import StepLog
+from salun_sd.core.objectives import Method, get_method
+from salun_sd.run.runtime import pause_if_asked
+from salun_sd.core.saliency import Mask
+from salun_sd.core.sharding import local, shard_for_fsdp, shard_like
+from salun_sd.run.log import StepLog
 
 OPTIMIZERS = ("adam", "adam_fused", "adam8bit")
 

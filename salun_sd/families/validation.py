@@ -15,7 +15,7 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 from torch import nn
 
-from salun_sd.sd.config import DataConfig
+from salun_sd.families.config import DataConfig
 
 GRID_NAME = "validation.png"
 MAX_FORGET_PROMPTS = 4  # keeps the grid small for sets of many prompts (I2P)

@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
 
-from salun_sd.sd.tiny import clip_tokenizer, tiny_clip_config, tiny_vae
+from salun_sd.families.tiny import clip_tokenizer, tiny_clip_config, tiny_vae
 
 # SD3.5's layout (dual attention in block 0, RMS q/k norm) at toy width; joint_attention_dim > the two CLIPs' 64, as T5's 4096 > 2048.
 TINY_SD3_TRANSFORMER: dict[str, object] = dict(

@@ -16,7 +16,7 @@ PACKAGES = ["salun-sd", "torch", "diffusers", "transformers", "accelerate", "saf
 
 def git_revision() -> str:
     """The project's commit (with '-dirty' for uncommitted changes), or 'unknown' outside a checkout."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10).stdout.strip()

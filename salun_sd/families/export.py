@@ -19,8 +19,8 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, loa
 from safetensors.torch import save_file
 from torch import nn
 
-from salun_sd.manifest import write_manifest
-from salun_sd.objectives import METHODS
+from salun_sd.run.manifest import write_manifest
+from salun_sd.core.objectives import METHODS
 
 MANIFEST_NAME = "salun_manifest.json"
 

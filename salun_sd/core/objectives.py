@@ -15,10 +15,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from salun_sd.core_config import TrainConfig
-from salun_sd.denoiser import Denoiser
+from salun_sd.core.config import TrainConfig
+from salun_sd.core.denoiser import Denoiser
 from salun_sd.errors import UserError
-from salun_sd.sampling import ddim_partway, ddim_steps_before
+from salun_sd.core.sampling import ddim_partway, ddim_steps_before
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from diffusers import FluxPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from torch import nn
 
-from salun_sd.denoiser import FlowMatchDenoiser
+from salun_sd.core.denoiser import FlowMatchDenoiser
 from salun_sd.errors import UserError
 
 TEXT_STREAM = (".attn.add_q_proj.", ".attn.add_k_proj.", ".attn.add_v_proj.", ".attn.to_add_out.")

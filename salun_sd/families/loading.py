@@ -17,12 +17,12 @@ import torch
 from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
 
-from salun_sd.denoiser import Denoiser
+from salun_sd.core.denoiser import Denoiser
 from salun_sd.errors import UserError
-from salun_sd.sd.adapter import sd_denoiser, sdxl_denoiser
-from salun_sd.sd.config import SingleFileConfig
-from salun_sd.sd.flow import flux_denoiser, sd3_denoiser
-from salun_sd.sd.tiny import tiny_pipeline
+from salun_sd.families.sd_unet import sd_denoiser, sdxl_denoiser
+from salun_sd.families.config import SingleFileConfig
+from salun_sd.families.sd3_flux import flux_denoiser, sd3_denoiser
+from salun_sd.families.tiny import tiny_pipeline
 
 TINY = "tiny"  # the model name of the offline random-weight pipeline
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from salun_sd.core_config import MaskConfig, TrainConfig
+from salun_sd.core.config import MaskConfig, TrainConfig
 from salun_sd.errors import UserError
 
 

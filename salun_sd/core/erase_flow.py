@@ -9,7 +9,7 @@ Run folder layout (`out`):
     manifest.json          resolved config, versions, git revision
     mask.safetensors       the saliency mask used (plus mask-<fraction>.safetensors for extra fractions)
     checkpoints/           resumable training state (train.checkpointing_steps)
-    log.jsonl              every optimizer step's loss terms (salun_sd.training_log)
+    log.jsonl              every optimizer step's loss terms (salun_sd.run.log)
     <job.product>/         the erased model
 """
 
@@ -25,14 +25,14 @@ from accelerate import Accelerator
 from torch import nn
 
 from salun_sd.config import to_dict
-from salun_sd.core_config import MaskConfig, TrainConfig
-from salun_sd.denoiser import ConceptData, Denoiser
+from salun_sd.core.config import MaskConfig, TrainConfig
+from salun_sd.core.denoiser import ConceptData, Denoiser
 from salun_sd.errors import UserError
-from salun_sd.manifest import manifest, write_manifest
-from salun_sd.objectives import Method
-from salun_sd.saliency import Mask, load_mask, make_masks, mask_info, mask_path
-from salun_sd.sharding import gather_mask, gather_model
-from salun_sd.trainer import check_train_config, list_checkpoints, unlearn
+from salun_sd.run.manifest import manifest, write_manifest
+from salun_sd.core.objectives import Method
+from salun_sd.core.saliency import Mask, load_mask, make_masks, mask_info, mask_path
+from salun_sd.core.sharding import gather_mask, gather_model
+from salun_sd.core.trainer import check_train_config, list_checkpoints, unlearn
 
 
 @dataclass

@@ -28,12 +28,12 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from tqdm.auto import tqdm
 
-from salun_sd.core_config import MaskConfig, check_fraction
-from salun_sd.denoiser import ConceptData, Denoiser
-from salun_sd.draws import draw_example_noise
+from salun_sd.core.config import MaskConfig, check_fraction
+from salun_sd.core.denoiser import ConceptData, Denoiser
+from salun_sd.core.draws import draw_example_noise
 from salun_sd.errors import UserError
-from salun_sd.objectives import guided_forget_loss
-from salun_sd.sharding import Mask, gather_mask, local, shard_for_fsdp
+from salun_sd.core.objectives import guided_forget_loss
+from salun_sd.core.sharding import Mask, gather_mask, local, shard_for_fsdp
 
 
 def accumulate_saliency(

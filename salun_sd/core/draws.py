@@ -13,8 +13,8 @@ import hashlib
 
 import torch
 
-from salun_sd.denoiser import ConceptData, Denoiser
-from salun_sd.objectives import Batch
+from salun_sd.core.denoiser import ConceptData, Denoiser
+from salun_sd.core.objectives import Batch
 
 
 def generator(*key: object) -> torch.Generator:

@@ -10,9 +10,9 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from torch import nn
 
-from salun_sd.denoiser import Denoiser
+from salun_sd.core.denoiser import Denoiser
 from salun_sd.errors import UserError
-from salun_sd.sd.attention import concept_token_mask, recording
+from salun_sd.families.attention import concept_token_mask, recording
 
 # The time conditioning and the output layers: ESD-u leaves them out (ESD code: time_embed, out.).
 UNET_TIME_AND_OUTPUT = ("time_embedding.", "add_embedding.", "conv_norm_out.", "conv_out.")

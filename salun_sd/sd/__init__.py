@@ -1,1 +1,0 @@
-"""Stable Diffusion adapter: text conditions, VAE latents, data sets, pipeline export."""
