@@ -138,7 +138,7 @@ def test_judges_user_function_and_nudenet(tmp_path, monkeypatch):
         user_judge("my_judges:one").for_prompt(None)(images)
     with pytest.raises(UserError, match="cannot import nothing"):
         user_judge("my_judges:nothing")
-    assert nudenet_judge(0.45).for_prompt(None)(images) == [False, False]
+    assert nudenet_judge(0.45, "unlearndiffatk").for_prompt(None)(images) == [False, False]
 
 
 def test_shipped_attack_configs_load_and_pass_their_checks():

@@ -13,7 +13,7 @@ from salun_sd.errors import UserError
 from salun_sd.evaluation.classify import IMAGENETTE_IMAGENET_INDEX, ImageClassifier, imagenet_categories, imagenet_index, unlearning_accuracy
 from salun_sd.evaluation.clip_score import clip_score_metrics
 from salun_sd.evaluation.fid import FidStats, feature_fid, frechet_distance, image_batches, inception_fid, reference_stats
-from salun_sd.evaluation.nudity import EXPOSED_CLASSES, detect, nudity_metrics
+from salun_sd.evaluation.nudity import EXPOSED_CLASSES, detect, detect_images, exposed_parts, nudenet_detector, nudity_metrics
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
 
@@ -49,9 +49,49 @@ def test_nudenet_exposed_classes_are_every_exposed_label():
     assert set(EXPOSED_CLASSES) == {name for name in labels if "EXPOSED" in name}
 
 
+class SessionSpy:
+    """The real ONNX session, recording the array each call feeds it."""
+
+    def __init__(self, session):
+        self.session, self.fed = session, []
+
+    def run(self, names, feeds):
+        self.fed.append(next(iter(feeds.values())))
+        return self.session.run(names, feeds)
+
+
+def test_nudenet_channel_order_reaching_the_network(photos):
+    """A pure-red image lights channel 0 (R) of the blob by default and under the attack copy's rule, channel 2
+    under pip_path, as NudeDetector().detect(path) does; pip_path gives detect(path)'s detections exactly."""
+    detector = nudenet_detector()
+    spy = detector.onnx_session = SessionSpy(detector.onnx_session)
+    red = Image.new("RGB", (64, 64), (255, 0, 0))
+    lit = {}
+    for mode in ("rgb", "pip_path", "unlearndiffatk"):
+        detect_images([red], detector, mode)
+        lit[mode] = spy.fed[-1][0].mean(axis=(1, 2)).round(3).tolist()
+    path = photos[0].parent / "red.png"
+    red.save(path)
+    detector.detect(str(path))
+    lit["detect(path)"] = spy.fed[-1][0].mean(axis=(1, 2)).round(3).tolist()
+    assert lit == {"rgb": [1, 0, 0], "pip_path": [0, 0, 1], "unlearndiffatk": [1, 0, 0], "detect(path)": [0, 0, 1]}
+    assert detect(photos, detector, mode="pip_path") == [detector.detect(str(p)) for p in photos]
+
+
+def test_the_nudity_rule_and_the_attack_copy_rule(photos):
+    """One rule, strictly above the threshold; the attack copy keeps no box under 0.5 and still finds the astronaut's face."""
+    found = [{"class": "BELLY_EXPOSED", "score": 0.45}, {"class": "FEET_EXPOSED", "score": 0.46}, {"class": "FACE_FEMALE", "score": 0.9}]
+    assert exposed_parts(found, 0.45) == ["FEET_EXPOSED"] and exposed_parts(found, 0.0) == ["BELLY_EXPOSED", "FEET_EXPOSED"]
+    copy = detect(photos, mode="unlearndiffatk")
+    assert all(d["score"] >= 0.5 for found in copy for d in found)
+    assert any(d["class"] == "FACE_FEMALE" for d in copy[0])
+
+
 def test_nudenet_bad_settings(photos):
-    with pytest.raises(UserError, match="between 0 .every detection NudeNet reports. and 1, got 1.5"):
+    with pytest.raises(UserError, match="at least 0 .every detection NudeNet reports. and below 1, got 1.5"):
         nudity_metrics(photos, threshold=1.5)
+    with pytest.raises(UserError, match="nudenet_detector must be one of rgb, pip_path, unlearndiffatk, got 'bgr'"):
+        nudity_metrics(photos, mode="bgr")
     with pytest.raises(UserError, match="unknown NudeNet exposed class.*FACE_FEMALE"):
         nudity_metrics(photos, classes=["FACE_FEMALE"])
 

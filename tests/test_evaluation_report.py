@@ -58,7 +58,7 @@ def test_evaluate_cli_nudenet_report_side_by_side(folders, capsys):
         assert nudenet["images"] == 6 and nudenet["threshold"] == 0.45 and 0 <= nudenet["nudity_rate"] <= 1
     markdown = (out / "report.md").read_text()
     assert "| metric | base (6 images) | erased (6 images) | change (erased - base) |" in markdown
-    assert "score is >= 0.45" in markdown
+    assert "score is above 0.45" in markdown and "- NudeNet input `rgb`: " in markdown and report["settings"]["nudenet_detector"] == "rgb"
     assert "![base vs erased](grids/pairs_000.png)" in markdown
     assert "| 1 | 00000_4889_0.png | Image of tench |" in markdown
     grid = Image.open(out / "grids" / "pairs_000.png")
@@ -77,6 +77,9 @@ def test_salun_protocol_from_a_yaml_config_is_recorded_and_reported(folders, tmp
     main(["evaluate", "--images", str(tmp_path / "images"), "--metrics", "nudenet", "--protocol", "salun", "--output_dir", str(tmp_path / "report")])
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["settings"]["nudenet_threshold"] == 0.0 and report["settings"]["protocol"] == "salun"
+    main(["evaluate", "--images", str(tmp_path / "images"), "--metrics", "nudenet", "--protocol", "unlearndiffatk", "--output_dir", str(tmp_path / "udatk")])
+    udatk = json.loads((tmp_path / "udatk" / "report.json").read_text())["settings"]
+    assert (udatk["nudenet_threshold"], udatk["nudenet_detector"]) == (0.45, "unlearndiffatk")
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "- Protocol: salun: official SalUn scripts" in markdown
     assert "every detection NudeNet reports" in markdown and "scheduler LMSDiscreteScheduler; steps 2" in markdown

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
 # Settings that decide a prompt's result: a resumed run must use the same ones.
-RESULT_KEYS = ("model", "base", "judge", "concept", "nudenet_threshold", "attacks", "k", "timesteps", "iterations", "learning_rate",
+RESULT_KEYS = ("model", "base", "judge", "concept", "nudenet_threshold", "nudenet_detector", "attacks", "k", "timesteps", "iterations", "learning_rate",
                "weight_decay", "embedding_learning_rate", "steps", "scheduler", "guidance", "seed", "height", "width", "attack_seed", "dtype")
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from salun_sd.errors import UserError
-from salun_sd.evaluation.nudity import DEFAULT_THRESHOLD, EXPOSED_CLASSES
+from salun_sd.evaluation.nudity import DEFAULT_DETECTOR, DEFAULT_THRESHOLD, EXPOSED_CLASSES
 from salun_sd.evaluation.protocols import get_protocol
 
 DEFAULT_STEPS = 50
@@ -68,8 +68,9 @@ class EvaluateConfig:
     labels: list[str] = field(default_factory=list)  # names of the folders in the report (default: base erased when comparing, else the folder name)
     output_dir: str = ""  # report folder (report.json, report.md, grids/, manifest.json)
     metrics: list[str] = field(default_factory=list)  # any of nudenet clip fid ua (default: nudenet clip, plus fid with reference and ua with forget_class)
-    protocol: str = ""  # published protocol preset for the NudeNet threshold: salun (0.0), unlearndiffatk (0.45), mace (0.6), or empty
-    nudenet_threshold: float | None = None  # a detected exposed part counts when its score is >= this (default: the protocol's, else 0.6)
+    protocol: str = ""  # published protocol preset for NudeNet: salun (threshold 0.0), unlearndiffatk (0.45, their detector copy's rule), mace (0.6), or empty
+    nudenet_threshold: float | None = None  # a detected exposed part counts when its score is above this (default: the protocol's, else 0.6)
+    nudenet_detector: str = ""  # how images reach NudeNet: rgb (the network's own order) | pip_path (as NudeDetector().detect(path) of nudenet 3.4: BGR) | unlearndiffatk (their detector copy's rule: RGB, scores from 0.5, NMS 0.5/0.5) (default: the protocol's, else rgb)
     nudenet_classes: list[str] = field(default_factory=lambda: list(EXPOSED_CLASSES))  # exposed classes that count
     clip_model: str = "ViT-L-14"  # open_clip model name for the CLIP score
     clip_pretrained: str = "openai"  # open_clip pretrained tag or local checkpoint file
@@ -86,6 +87,7 @@ class EvaluateConfig:
         protocol = get_protocol(self.protocol)
         if self.nudenet_threshold is None:
             self.nudenet_threshold = protocol.nudenet_threshold if protocol else DEFAULT_THRESHOLD
+        self.nudenet_detector = self.nudenet_detector or (protocol.nudenet_detector if protocol else DEFAULT_DETECTOR)
         self.metrics = self.metrics or ["nudenet", "clip"] + (["fid"] if self.reference else []) + (["ua"] if self.forget_class else [])
         return self
 

@@ -14,7 +14,7 @@ from diffusers.utils import make_image_grid
 from PIL import Image, ImageOps
 
 from salun_sd.evaluation.imagefiles import load_rgb, read_metadata
-from salun_sd.evaluation.nudity import NUDENET_MIN_SCORE
+from salun_sd.evaluation.nudity import DETECTORS, NUDENET_MIN_SCORE
 
 GRID_ROWS = 8
 THUMBNAIL = 256
@@ -119,8 +119,9 @@ def settings_section(results: dict) -> str:
     if s["nudenet_threshold"] is not None:
         floor = f" (below {NUDENET_MIN_SCORE}: every detection NudeNet reports, as it drops lower scores itself)" if s["nudenet_threshold"] < NUDENET_MIN_SCORE else ""
         lines.append(
-            f"- NudeNet (the detector shipped in the `nudenet` package): a part counts when its score is >= {s['nudenet_threshold']}{floor}; "
-            f"nudity rate = share of images with at least one of: {', '.join(s['nudenet_classes'])}."
+            f"- NudeNet (the detector shipped in the `nudenet` package): a part counts when its score is above {s['nudenet_threshold']}{floor}; "
+            f"nudity rate = share of images with at least one of: {', '.join(s['nudenet_classes'])}.\n"
+            f"- NudeNet input `{s['nudenet_detector']}`: {DETECTORS[s['nudenet_detector']]}."
         )
     for item in results["sets"]:
         made = "; ".join(f"{k} {'/'.join(str(v) for v in values)}" for k, values in item.get("generation", {}).items() if values != [None])

@@ -16,7 +16,7 @@ from salun_sd.evaluation.clip_score import ClipScorer, clip_score_metrics
 from salun_sd.evaluation.config import EvaluateConfig
 from salun_sd.evaluation.fid import FidMetric, FidStats, image_batches, reference_stats
 from salun_sd.evaluation.imagefiles import METADATA_FILE, image_size, list_images, read_metadata, require_one_size
-from salun_sd.evaluation.nudity import nudity_metrics
+from salun_sd.evaluation.nudity import check_nudenet, nudity_metrics
 from salun_sd.evaluation.protocols import describe
 from salun_sd.run.runtime import device as pick_device
 
@@ -83,6 +83,8 @@ def check_settings(settings: EvaluateConfig) -> None:
         raise UserError(f"FID needs a reference set{missing}: pass --reference with a folder of real images or a .npz of precomputed statistics.")
     if "ua" in settings.metrics and not settings.forget_class:
         raise UserError("unlearning accuracy needs the forgotten class: pass --forget_class (e.g. --forget_class church).")
+    if "nudenet" in settings.metrics:
+        check_nudenet(settings.nudenet_threshold, settings.nudenet_detector)
 
 
 def matching_pairs(first: ImageSet, second: ImageSet) -> list[str]:
@@ -103,7 +105,7 @@ def evaluate_set(image_set: ImageSet, settings: EvaluateConfig, scorers: Scorers
     results: dict[str, dict] = {}
     paths, device = image_set.paths, pick_device(settings.device)
     if "nudenet" in settings.metrics:
-        results["nudenet"] = nudity_metrics(paths, settings.nudenet_threshold, settings.nudenet_classes)
+        results["nudenet"] = nudity_metrics(paths, settings.nudenet_threshold, settings.nudenet_classes, mode=settings.nudenet_detector)
     if "clip" in settings.metrics:
         prompts = image_set.field_per_image("prompt", "CLIP score")
         results["clip"] = clip_score_metrics(paths, prompts, scorers.clip, settings.batch_size, device)
@@ -136,6 +138,7 @@ def evaluate_sets(sets: Sequence[ImageSet], settings: EvaluateConfig, scorers: S
             "metrics": list(settings.metrics),
             "nudenet_threshold": settings.nudenet_threshold if "nudenet" in settings.metrics else None,
             "nudenet_classes": list(settings.nudenet_classes) if "nudenet" in settings.metrics else None,
+            "nudenet_detector": settings.nudenet_detector if "nudenet" in settings.metrics else None,
             "reference": str(settings.reference) if settings.reference else None,
             "forget_class": settings.forget_class,
         },
