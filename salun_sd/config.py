@@ -81,12 +81,15 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """The `# comment` after each field in the dataclass source: the one place a setting is documented."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, flags=re.M))
+    """The `# comment` after each field in the dataclass source (and its dataclass bases'): the one place a setting is documented."""
+    comments: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        comments.update(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, flags=re.M))
+    return comments
 
 
 SCALARS = (int, float, str, bool)

@@ -14,10 +14,11 @@ from PIL import Image
 from conftest import cpu_env
 from salun_sd.errors import UserError
 from salun_sd.evaluation.config import GenerateConfig
-from salun_sd.evaluation.generate import batches, generate_images, initial_noise, plan_jobs
+from salun_sd.evaluation.generate import generate_images, plan_jobs
 from salun_sd.evaluation.imagefiles import read_metadata
 from salun_sd.evaluation.prompts import PromptRecord
 from salun_sd.families.tiny import tiny_pipeline
+from salun_sd.generation import batches, starting_noise
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = [
@@ -48,12 +49,13 @@ def test_plan_honours_per_prompt_settings_and_overrides():
     forced = plan_jobs(RECORDS, GenerateConfig(seed=5, guidance=3.0, height=24, width=24), default_size=(32, 32))
     assert {(j.seed, j.guidance, j.height, j.width) for j in forced} == {(5, 3.0, 24, 24)}
     # One pipeline call needs one guidance and size: batches never mix them.
-    for batch in batches(plan_jobs(RECORDS, GenerateConfig(images_per_prompt=3), (32, 32)), batch_size=4):
-        assert len({(j.guidance, j.height, j.width) for j in batch}) == 1
+    requests = [job.request for job in plan_jobs(RECORDS, GenerateConfig(images_per_prompt=3), (32, 32))]
+    for batch in batches(requests, batch_size=4):
+        assert len({(requests[i].guidance, requests[i].height, requests[i].width) for i in batch}) == 1
 
 
 def test_plan_rejects_sizes_the_vae_cannot_take():
-    with pytest.raises(UserError, match="30x32 is not a multiple of 8"):
+    with pytest.raises(UserError, match="30x32 is not a multiple of 8, which the model needs"):
         plan_jobs([PromptRecord(0, "x", width=30)], GenerateConfig(), default_size=(32, 32))
 
 
@@ -125,7 +127,7 @@ def test_per_prompt_seeding_draws_the_images_of_a_prompt_from_one_generator():
     generator = torch.Generator().manual_seed(11)
     official = [torch.randn((1, 4, 4, 4), generator=generator)[0] for _ in range(3)]
     for job, noise in zip(jobs, official):
-        assert torch.equal(initial_noise(job, channels=4, scale_factor=8), noise)
+        assert torch.equal(starting_noise(job.request, channels=4, scale_factor=8)[0], noise)
 
 
 def test_protocol_fills_only_what_the_user_left_empty():
@@ -133,6 +135,6 @@ def test_protocol_fills_only_what_the_user_left_empty():
     assert (cfg.scheduler, cfg.steps, cfg.guidance, cfg.dtype, cfg.seeding) == ("LMSDiscreteScheduler", 100, 7.5, "fp32", "per_prompt")
     assert (cfg.height, cfg.width) == (32, 32)
     plain = GenerateConfig().resolve()
-    assert (plain.scheduler, plain.steps, plain.guidance, plain.dtype, plain.seeding) == ("", 50, None, "auto", "per_image")
+    assert (plain.scheduler, plain.steps, plain.guidance, plain.dtype, plain.seeding) == ("", None, None, "auto", "per_image")  # steps: the family's
     with pytest.raises(UserError, match="unknown protocol 'sd'; choose from salun, unlearndiffatk, mace"):
         GenerateConfig(protocol="sd").resolve()

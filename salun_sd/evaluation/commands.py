@@ -46,7 +46,7 @@ COMMANDS = {
     "generate": (
         GenerateConfig,
         "generate images from a prompt set (I2P, class prompts, a text list) for evaluation",
-        "Generate images from a prompt set with a Stable Diffusion pipeline: batched, resumable,\n"
+        "Generate images from a prompt set with an SD-1.x/2.x, SDXL, SD3 or FLUX.1 pipeline: batched, resumable,\n"
         "split across processes under `accelerate launch`, half precision on GPU. Per-prompt seed,\n"
         "guidance and size from the prompt set are used unless a protocol or a flag sets them.",
         GENERATE_EPILOG,
@@ -80,24 +80,22 @@ def run_generate(args: argparse.Namespace) -> None:
 
     from salun_sd.evaluation.generate import generate_images, plan_jobs, resolve_dtype
     from salun_sd.evaluation.prompts import filter_prompts, load_prompts
-    from salun_sd.run.manifest import manifest, write_manifest
+    from salun_sd.families.loading import family_of, load_pipeline, scheduler_class
+    from salun_sd.generation import use_scheduler
     from salun_sd.run.lock import run_lock
-    from salun_sd.families.loading import load_pipeline, scheduler_class
+    from salun_sd.run.manifest import manifest, write_manifest
 
     cfg: GenerateConfig = load_config(args)
     require(cfg, "generate", ("model", "prompts", "output_dir"))
     cfg.resolve()
-    scheduler = scheduler_class(cfg.scheduler)
+    scheduler_class(cfg.scheduler)  # a wrong name fails before the model loads
     prompts = filter_prompts(load_prompts(cfg.prompts, cfg.hf_split), cfg.category, cfg.min_nudity, cfg.limit or None)
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True lets torchrun run several CPU processes
     with run_lock(cfg.output_dir, state.is_main_process):
-        pipe = load_pipeline(cfg.model, resolve_dtype(cfg.dtype, state.device))
-        if not hasattr(pipe, "unet"):  # generate draws its own initial latents in the UNet's layout
-            raise UserError(f"generate runs UNet pipelines; {cfg.model} is a {type(pipe).__name__}: generate with diffusers' pipeline directly for now")
-        if scheduler is not None:
-            pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
-        default_size = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
-        jobs = plan_jobs(prompts.records, cfg, default_size, multiple_of=pipe.vae_scale_factor)
+        pipe = use_scheduler(load_pipeline(cfg.model, resolve_dtype(cfg.dtype, state.device), cfg.single_file), cfg.scheduler)
+        family = family_of(pipe)
+        cfg.steps = cfg.steps or family.steps
+        jobs = plan_jobs(prompts.records, cfg, (family.default_size(pipe),) * 2, family.size_multiple(pipe), family.guidance)
         # A folder is recorded by its full path, so `erased` and `./erased/` resume the same run.
         cfg.model = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
         out = Path(cfg.output_dir)

@@ -12,8 +12,8 @@ from pathlib import Path
 from salun_sd.errors import UserError
 from salun_sd.evaluation.nudity import DEFAULT_DETECTOR, DEFAULT_THRESHOLD, EXPOSED_CLASSES
 from salun_sd.evaluation.protocols import get_protocol
+from salun_sd.families.config import SingleFileSource
 
-DEFAULT_STEPS = 50
 SEEDINGS = ("per_image", "per_prompt")
 
 
@@ -21,7 +21,7 @@ SEEDINGS = ("per_image", "per_prompt")
 class GenerateConfig:
     """Images from a prompt set: the same prompts and seeds through a base and an erased model."""
 
-    model: str = ""  # pipeline folder (e.g. one exported by salun-sd), a Hugging Face id, or `tiny` (offline random test pipeline)
+    model: str = ""  # pipeline folder of SD-1.x/2.x, SDXL, SD3 or FLUX.1 (e.g. one exported by salun-sd), a Hugging Face id, a single .safetensors/.ckpt file, or `tiny` (offline random test pipeline)
     prompts: str = ""  # I2P-style or class-prompt CSV, a text file with one prompt per line, or `i2p` (the AIML-TUDA/i2p dataset)
     output_dir: str = ""  # folder for the images, metadata.jsonl and manifest.json
     protocol: str = ""  # published protocol preset: salun (official SalUn scripts: LMS, 100 steps, guidance 7.5, 512 px, fp32, one generator per prompt), or empty
@@ -30,18 +30,19 @@ class GenerateConfig:
     limit: int = 0  # keep only the first N prompts after the other filters; 0: all
     hf_split: str = "train"  # split of the Hugging Face dataset with prompts `i2p`
     images_per_prompt: int = 1  # images per prompt
-    steps: int | None = None  # denoising steps (default: the protocol's, else 50)
+    steps: int | None = None  # denoising steps (default: the protocol's, else the family's: 50 for SD-1.x/2.x and SDXL, 28 for SD3 and FLUX.1)
     scheduler: str = ""  # diffusers scheduler class to sample with, e.g. LMSDiscreteScheduler (default: the protocol's, else the model's own)
-    guidance: float | None = None  # guidance scale for every prompt (default: the protocol's, else the prompt set's, else 7.5)
+    guidance: float | None = None  # guidance scale for every prompt, FLUX.1-dev's guidance embedding (default: the protocol's, else the prompt set's, else the family's: 7.5 for SD-1.x/2.x and SDXL, 7.0 for SD3, 3.5 for FLUX.1)
     seed: int | None = None  # seed for every prompt (default: the prompt set's, else 0)
     seeding: str = ""  # per_image: image k of a prompt uses seed + k; per_prompt: the images of a prompt are successive draws of one generator seeded with its seed (default: the protocol's, else per_image)
     height: int | None = None  # image height for every prompt (default: the protocol's, else the prompt set's, else the model's)
     width: int | None = None  # image width for every prompt (default: the protocol's, else the prompt set's, else the model's)
     batch_size: int = 4  # images per pipeline call and process
     dtype: str = ""  # auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32 (default: the protocol's, else auto)
+    single_file: SingleFileSource = field(default_factory=SingleFileSource)
 
     def resolve(self) -> GenerateConfig:
-        """Fill the protocol's settings into those left empty, then the defaults (idempotent)."""
+        """Fill the protocol's settings into those left empty, then the defaults that do not depend on the model (idempotent)."""
         for name in ("steps", "batch_size", "images_per_prompt"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}.")
@@ -49,7 +50,6 @@ class GenerateConfig:
         for key, value in (protocol.generate if protocol else {}).items():
             if getattr(self, key) in (None, ""):
                 setattr(self, key, value)
-        self.steps = self.steps or DEFAULT_STEPS
         self.seeding = self.seeding or SEEDINGS[0]
         self.dtype = self.dtype or "auto"
         if self.seeding not in SEEDINGS:

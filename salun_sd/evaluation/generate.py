@@ -2,9 +2,9 @@
 
 Each image is one job with its own seed and a file name `{case_number:05d}_{seed}_{k}.png`, so the
 base and the erased model's image of the same prompt and seed share a name and can be compared.
-Starting noise is drawn on the CPU in fp32 (the same seed gives the same image on any device): image k
-of a prompt is draw 0 of seed + k (`per_image`), or draw k of the prompt's seed (`per_prompt`, the
-official SalUn scripts' one generator per prompt).
+Images are drawn by salun_sd.generation (keyed CPU noise: the same seed gives the same image whatever the batch,
+process or device): image k of a prompt is draw 0 of seed + k (`per_image`), or draw k of the prompt's seed
+(`per_prompt`, the official SalUn scripts' one generator per prompt).
 The plan (every image's prompt and settings) is written to metadata.jsonl before generating; a
 restarted run skips the images already on disk, and under `accelerate launch` each process takes
 its share of what is left.
@@ -13,20 +13,21 @@ its share of what is left.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import groupby
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 from salun_sd.errors import UserError
 from salun_sd.evaluation.config import GenerateConfig
 from salun_sd.evaluation.imagefiles import read_metadata, write_metadata
 from salun_sd.evaluation.prompts import PromptRecord
+from salun_sd.families.loading import family_of
+from salun_sd.generation import ImageRequest, draw_batches
 
 DEFAULT_SEED = 0
 DEFAULT_GUIDANCE = 7.5
@@ -46,6 +47,10 @@ class ImageJob:
     height: int
     width: int
     draw: int = 0  # which draw of the generator seeded with `seed` is this image's noise
+
+    @property
+    def request(self) -> ImageRequest:
+        return ImageRequest(self.record.prompt, self.seed, self.height, self.width, self.guidance, self.draw)
 
     @property
     def file(self) -> str:
@@ -83,8 +88,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def plan_jobs(records: Sequence[PromptRecord], settings: GenerateConfig, default_size: tuple[int, int], multiple_of: int = 8) -> list[ImageJob]:
-    """Every image of the run; image 0 of a prompt matches a plain one-image call with a generator seeded with its seed."""
+def plan_jobs(records: Sequence[PromptRecord], settings: GenerateConfig, default_size: tuple[int, int], multiple_of: int = 8,
+              default_guidance: float = DEFAULT_GUIDANCE) -> list[ImageJob]:
+    """Every image of the run; image 0 of a prompt matches a plain one-image call with a generator seeded with its seed.
+    `default_size`, `multiple_of` and `default_guidance` are the family's (Family.default_size, size_multiple, guidance)."""
     settings.resolve()
     jobs = []
     for r in records:
@@ -92,8 +99,8 @@ def plan_jobs(records: Sequence[PromptRecord], settings: GenerateConfig, default
         height = _first(settings.height, r.height, default_size[0])
         width = _first(settings.width, r.width, default_size[1])
         if height % multiple_of or width % multiple_of:
-            raise UserError(f"case {r.case_number}: image size {width}x{height} is not a multiple of {multiple_of}, which the VAE needs; pass --height and --width.")
-        guidance = float(_first(settings.guidance, r.guidance, DEFAULT_GUIDANCE))
+            raise UserError(f"case {r.case_number}: image size {width}x{height} is not a multiple of {multiple_of}, which the model needs; pass --height and --width.")
+        guidance = float(_first(settings.guidance, r.guidance, default_guidance))
         per_prompt = settings.seeding == "per_prompt"
         jobs.extend(ImageJob(r, k, seed if per_prompt else seed + k, guidance, height, width, k if per_prompt else 0) for k in range(settings.images_per_prompt))
     return jobs
@@ -121,18 +128,6 @@ def record_plan(out: Path, jobs: Sequence[ImageJob], run: dict) -> None:
     write_metadata(out, entries.values())
 
 
-def batches(jobs: Sequence[ImageJob], batch_size: int) -> Iterator[list[ImageJob]]:
-    """Batches of jobs that can share one pipeline call (same guidance and size)."""
-    for _, group in groupby(sorted(jobs, key=_call_settings), key=_call_settings):
-        group = list(group)
-        for start in range(0, len(group), batch_size):
-            yield group[start : start + batch_size]
-
-
-def _call_settings(job: ImageJob) -> tuple[float, int, int]:
-    return job.guidance, job.height, job.width
-
-
 def save_png(image, path: Path) -> None:
     """Write through a temporary name so a killed run leaves no truncated PNG that a restart would skip."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -140,21 +135,15 @@ def save_png(image, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def initial_noise(job: ImageJob, channels: int, scale_factor: int) -> torch.Tensor:
-    """The job's starting latents [C, H/f, W/f]: draw `job.draw` of a CPU generator seeded with `job.seed`, in fp32."""
-    shape = (job.draw + 1, channels, job.height // scale_factor, job.width // scale_factor)
-    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(job.seed))[job.draw]
-
-
 @torch.inference_mode()
-def generate_images(pipe: StableDiffusionPipeline, jobs: Sequence[ImageJob], cfg: GenerateConfig, state: PartialState | None = None) -> GenerationSummary:
+def generate_images(pipe: DiffusionPipeline, jobs: Sequence[ImageJob], cfg: GenerateConfig, state: PartialState | None = None) -> GenerationSummary:
     """Generate the jobs whose files are missing in `cfg.output_dir`, split across the processes of `state`.
 
     `cfg.model` is recorded as given, so pass a folder by its full path to resume it under any spelling.
     """
     state = state or PartialState()
     out = Path(cfg.output_dir)
-    run = {"steps": cfg.steps, "model": cfg.model, "scheduler": type(pipe.scheduler).__name__, "seeding": cfg.seeding, "protocol": cfg.protocol, "dtype": str(pipe.unet.dtype).removeprefix("torch.")}
+    run = {"steps": cfg.steps, "model": cfg.model, "scheduler": type(pipe.scheduler).__name__, "seeding": cfg.seeding, "protocol": cfg.protocol, "dtype": str(family_of(pipe).network_of(pipe).dtype).removeprefix("torch.")}
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         record_plan(out, jobs, run)
@@ -167,21 +156,11 @@ def generate_images(pipe: StableDiffusionPipeline, jobs: Sequence[ImageJob], cfg
     with state.split_between_processes(todo) as mine:
         where = f" (process 0 of {state.num_processes})" if state.num_processes > 1 else ""
         progress = tqdm(total=len(mine), desc=f"generate -> {out}{where}", unit="img", disable=not state.is_local_main_process)
-        for batch in batches(mine, cfg.batch_size):
-            first = batch[0]
-            noise = torch.stack([initial_noise(job, pipe.unet.config.in_channels, pipe.vae_scale_factor) for job in batch])
-            images = pipe(
-                prompt=[job.record.prompt for job in batch],
-                num_inference_steps=cfg.steps,
-                guidance_scale=first.guidance,
-                height=first.height,
-                width=first.width,
-                latents=noise.to(state.device, pipe.unet.dtype),
-            ).images
-            for job, image in zip(batch, images):
-                save_png(image, out / job.file)
-            generated += len(batch)
-            progress.update(len(batch))
+        for positions, images in draw_batches(pipe, [job.request for job in mine], cfg.steps, cfg.batch_size):
+            for i, image in zip(positions, images):
+                save_png(image, out / mine[i].file)
+            generated += len(positions)
+            progress.update(len(positions))
         progress.close()
     state.wait_for_everyone()
     return GenerationSummary(planned=len(jobs), already_done=len(jobs) - len(todo), generated_here=generated)

@@ -63,11 +63,17 @@ def words(prompt: str) -> list[str]:
 
 
 @dataclass
-class SingleFileConfig:
-    """A single-file --model (.safetensors / .ckpt of SD-1.x, SD-2.x or SDXL, as A1111 and ComfyUI use them) and a single-file export."""
+class SingleFileSource:
+    """How to read a single-file --model (.safetensors / .ckpt of SD-1.x, SD-2.x or SDXL, as A1111 and ComfyUI use them)."""
 
     config: str = ""  # diffusers folder or Hub ID whose component configs and tokenizers describe the file (offline: a local folder); default: diffusers' reference model of the detected family
     ema: bool = False  # load the EMA UNet where the file holds both (the official SalUn run starts from the non-EMA UNet of sd-v1-4-full-ema.ckpt)
+
+
+@dataclass
+class SingleFileConfig(SingleFileSource):
+    """A single-file --model and a single-file export."""
+
     export: bool = False  # also write OUTPUT_DIR/model.safetensors: the erased model in the base file's own layout (needs a single-file --model)
 
 

@@ -1,7 +1,8 @@
 """Forget and remain sets for Stable Diffusion: images from three sources, encoded once to latents.
 
 A set is a list of groups, each one prompt with its images, which come from exactly one source:
-- `generate: N` — N images drawn by the base pipeline from the prompt (fixed seeds, cached on disk);
+- `generate: N` — N images drawn by the base pipeline from the prompt (fixed seeds, salun_sd.generation; cached on
+  disk under a key that names everything the images depend on);
 - `folder: DIR` — the images in a folder;
 - `hf_dataset: NAME` with `hf_label` — one class of a Hugging Face dataset (e.g. frgfm/imagenette), from the
   Hub or from a folder written by `Dataset.save_to_disk` (the way to use one offline).
@@ -16,9 +17,10 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -27,6 +29,8 @@ from salun_sd.core.denoiser import ConceptData
 from salun_sd.errors import UserError
 from salun_sd.evaluation.imagefiles import list_images, load_rgb
 from salun_sd.families.config import DataConfig, ImageGroup
+from salun_sd.families.loading import family_of
+from salun_sd.generation import ImageRequest, draw_batches
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -37,42 +41,60 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def generated_images(
-    pipe: StableDiffusionPipeline, model_name: str, group: ImageGroup, cfg: DataConfig, resolution: int, rank: int = 0, processes: int = 1
-) -> list[Path]:
-    """Draw `group.generate` images (image i with seed cfg.seed + i); files already on disk are reused.
+def image_key(pipe: DiffusionPipeline, model_name: str, group: ImageGroup, cfg: DataConfig, resolution: int) -> dict[str, object]:
+    """Everything a generated group's images depend on (their noise is keyed CPU noise, salun_sd.generation): the
+    model, prompt, sampler and its settings, size, seed, the network's dtype and the device type and name (the
+    same noise gives slightly different images on another kind of device)."""
+    network = family_of(pipe).network_of(pipe)
+    return {
+        "model": str(Path(model_name).resolve()) if Path(model_name).exists() else model_name,
+        "prompt": group.prompt,
+        "steps": cfg.generation_steps,
+        "guidance": cfg.generation_guidance,
+        "resolution": resolution,
+        "seed": cfg.seed,
+        "noise": "salun_sd.generation: draw 0 of a CPU generator seeded seed + i",
+        "scheduler": {"class": type(pipe.scheduler).__name__, **dict(pipe.scheduler.config)},
+        "dtype": str(network.dtype),
+        "device": device_name(network.device),
+        "versions": {"diffusers": diffusers.__version__, "torch": torch.__version__},
+    }
 
-    Images are drawn in fixed batches of cfg.generation_batch_size; with several processes, process r draws
-    batches r, r + processes, ... The batches are those of one process, so the files are too (bit for bit).
-    The caller waits for the other processes.
+
+def device_name(device: torch.device) -> str:
+    """The kind of device (a GPU by its model name): what a computation's float rounding depends on."""
+    return f"cuda: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
+
+
+def generated_images(
+    pipe: DiffusionPipeline, model_name: str, group: ImageGroup, cfg: DataConfig, resolution: int, rank: int = 0, processes: int = 1
+) -> list[Path]:
+    """Draw `group.generate` images (image i from seed cfg.seed + i); files already on disk are reused.
+
+    With several processes, process r draws images r, r + processes, ...; an image does not depend on who drew it
+    or with which others, so the files are those of one process. The caller waits for the other processes.
     """
-    folder = cache_root(cfg) / "images" / _key(model_name, group.prompt, cfg.generation_steps, cfg.generation_guidance, resolution, cfg.seed)
+    key = image_key(pipe, model_name, group, cfg, resolution)
+    folder = cache_root(cfg) / "images" / _key(key)
     folder.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        (folder / "prompt.json").write_text(json.dumps({"model": model_name, "prompt": group.prompt, "seed": cfg.seed}))
+        (folder / "key.json").write_text(json.dumps(key, indent=1, default=str))
     paths = [folder / f"{i:05d}.png" for i in range(group.generate)]
-    bs = cfg.generation_batch_size
-    mine = [range(start, min(start + bs, len(paths))) for start in range(rank * bs, len(paths), processes * bs)]
-    todo = [chunk for chunk in ([i for i in batch if not paths[i].is_file()] for batch in mine) if chunk]
+    todo = [i for i in range(rank, len(paths), processes) if not paths[i].is_file()]
+    requests = [ImageRequest(group.prompt, cfg.seed + i, resolution, resolution, cfg.generation_guidance) for i in todo]
     share = f" (process {rank} of {processes})" if processes > 1 else ""
-    for chunk in tqdm(todo, desc=f"generating {group.prompt!r}{share}", disable=not todo):
-        gens = [torch.Generator(pipe.device).manual_seed(cfg.seed + i) for i in chunk]
-        images = pipe(
-            [group.prompt] * len(chunk),
-            num_inference_steps=cfg.generation_steps,
-            guidance_scale=cfg.generation_guidance,
-            height=resolution,
-            width=resolution,
-            generator=gens,
-        ).images
-        for i, image in zip(chunk, images):
-            tmp = paths[i].with_suffix(".tmp.png")
-            image.save(tmp)
-            tmp.replace(paths[i])
+    with tqdm(total=len(todo), desc=f"generating {group.prompt!r}{share}", disable=not todo) as progress:
+        for positions, images in draw_batches(pipe, requests, cfg.generation_steps, cfg.generation_batch_size):
+            for position, image in zip(positions, images):
+                path = paths[todo[position]]
+                tmp = path.with_suffix(".tmp.png")
+                image.save(tmp)
+                tmp.replace(path)
+            progress.update(len(positions))
     return paths
 
 
-def generate_share(pipe: StableDiffusionPipeline, model_name: str, groups: list[ImageGroup], cfg: DataConfig, resolution: int, rank: int, processes: int) -> None:
+def generate_share(pipe: DiffusionPipeline, model_name: str, groups: list[ImageGroup], cfg: DataConfig, resolution: int, rank: int, processes: int) -> None:
     """This process's share of every generated group's missing images (the others draw theirs meanwhile)."""
     for group in groups:
         if group.source() == "generate":
@@ -125,20 +147,20 @@ def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_latents(pipe: StableDiffusionPipeline, images: list, resolution: int, seed: int, batch_size: int = 8) -> torch.Tensor:
+def encode_latents(pipe: DiffusionPipeline, images: list, resolution: int, seed: int, batch_size: int = 8) -> torch.Tensor:
     """VAE latents as each family's training uses them: a posterior sample, minus the VAE's shift (SD3, FLUX), times its scale."""
     vae = pipe.vae
     out = []
     for i in range(0, len(images), batch_size):
         chunk = [load_rgb(p) if isinstance(p, Path) else p for p in images[i : i + batch_size]]
         pixels = torch.stack([to_tensor(img, resolution) for img in chunk]).to(vae.device, vae.dtype)
-        gen = torch.Generator(vae.device).manual_seed(seed + i)
+        gen = torch.Generator("cpu").manual_seed(seed + i)  # the same posterior sample on any device
         shift = vae.config.get("shift_factor") or 0.0  # None in SD-1/2/XL VAE configs
         out.append(((vae.encode(pixels).latent_dist.sample(gen) - shift) * vae.config.scaling_factor).float().cpu())
     return torch.cat(out)
 
 
-def group_latents(pipe: StableDiffusionPipeline, model_name: str, group: ImageGroup, cfg: DataConfig, resolution: int) -> torch.Tensor:
+def group_latents(pipe: DiffusionPipeline, model_name: str, group: ImageGroup, cfg: DataConfig, resolution: int) -> torch.Tensor:
     """Latents of one group, from the cache when the same images were encoded before."""
     source = group.source()
     if source == "generate":
@@ -150,7 +172,8 @@ def group_latents(pipe: StableDiffusionPipeline, model_name: str, group: ImageGr
     if group.limit:
         images = images[: group.limit]
     identity = [str(p) if isinstance(p, Path) else None for p in images]
-    path = cache_root(cfg) / "latents" / f"{_key(model_name, asdict(group), resolution, cfg.seed, identity)}.safetensors"
+    vae = pipe.vae
+    path = cache_root(cfg) / "latents" / f"{_key(model_name, asdict(group), resolution, cfg.seed, identity, str(vae.dtype), device_name(vae.device))}.safetensors"
     if path.is_file():
         return load_file(str(path))["latents"]
     latents = encode_latents(pipe, images, resolution, cfg.seed)
@@ -161,7 +184,7 @@ def group_latents(pipe: StableDiffusionPipeline, model_name: str, group: ImageGr
     return latents
 
 
-def concept_data(pipe: StableDiffusionPipeline, model_name: str, groups: list[ImageGroup], cond_of: dict[str, int], cfg: DataConfig, resolution: int, what: str) -> ConceptData:
+def concept_data(pipe: DiffusionPipeline, model_name: str, groups: list[ImageGroup], cond_of: dict[str, int], cfg: DataConfig, resolution: int, what: str) -> ConceptData:
     """All groups of one set as latents with the condition id of each group's prompt."""
     if not groups:
         raise UserError(f"the {what} set is empty: give data.{what} at least one group with a prompt and images")

@@ -65,8 +65,7 @@ class SDErase(EraseJob):
         pipe = self.pipe = load_pipeline(cfg.model, single_file=cfg.single_file)
         family = family_of(pipe)
         network = getattr(pipe, family.network)
-        latent_size = getattr(pipe, "default_sample_size", None) or network.config.sample_size  # FLUX's transformer has no sample_size; SD-1/2 pipelines no default
-        resolution = self.resolution = data.resolution or latent_size * pipe.vae_scale_factor
+        resolution = self.resolution = data.resolution or family.default_size(pipe)
         remain_groups = data.remain if method.uses_remain else []
         prompts = [g.prompt for g in data.forget + remain_groups] + misaligned_prompts
         pipe.to(accelerator.device)
@@ -89,12 +88,12 @@ class SDErase(EraseJob):
 
     def before_training(self, accelerator: Accelerator) -> None:
         if self.config.validation_grid and accelerator.is_main_process:
-            self.base_images = draw_validation(self.pipe, family_of(self.pipe).network, self.config.data, self.resolution)
+            self.base_images = draw_validation(self.pipe, self.config.data, self.resolution)
 
     def export(self, model: nn.Module, mask: Mask | None, num_processes: int) -> Path:
         if self.base_images:  # the erased row while the network is still on the device
             setattr(self.pipe, family_of(self.pipe).network, model)
-            write_validation_grid(self.base_images, draw_validation(self.pipe, family_of(self.pipe).network, self.config.data, self.resolution), self.out)
+            write_validation_grid(self.base_images, draw_validation(self.pipe, self.config.data, self.resolution), self.out)
         cfg, method = self.config, get_method(self.train.method)
         settings = {
             "method": self.train.method,

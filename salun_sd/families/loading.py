@@ -16,12 +16,13 @@ from typing import Any, Callable
 import torch
 from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
+from torch import nn
 
 from salun_sd.core.denoiser import Denoiser
 from salun_sd.errors import UserError
 from salun_sd.families.sd_unet import sd_denoiser, sdxl_denoiser
-from salun_sd.families.config import SingleFileConfig
-from salun_sd.families.sd3_flux import flux_denoiser, sd3_denoiser
+from salun_sd.families.config import SingleFileSource
+from salun_sd.families.sd3_flux import flux_denoiser, pack_flux_latents, sd3_denoiser
 from salun_sd.families.tiny import tiny_pipeline
 
 TINY = "tiny"  # the model name of the offline random-weight pipeline
@@ -41,7 +42,8 @@ def check_model(model: str) -> None:
 
 @dataclass(frozen=True)
 class Family:
-    """A text-to-image family the toolkit erases: its pipeline class and its network as a Denoiser."""
+    """A text-to-image family the toolkit erases: its pipeline class, its network as a Denoiser, and what drawing
+    images with it needs (latent layout, size rule, sampling defaults)."""
 
     name: str
     pipeline: type[DiffusionPipeline]
@@ -49,6 +51,23 @@ class Family:
     network: str = "unet"  # the pipeline component that is erased; every other one stays the base model's
     load_options: dict[str, Any] = field(default_factory=dict)  # extra from_pretrained arguments
     checkpoint_types: tuple[str, ...] = ()  # diffusers' names (infer_diffusers_model_type) of its single-file checkpoints
+    steps: int = 50  # generate's default denoising steps
+    guidance: float = 7.5  # generate's default guidance scale (FLUX.1-dev: the value of its guidance embedding)
+    pack: Callable[[torch.Tensor], torch.Tensor] | None = None  # VAE-layout noise [B, C, h, w] -> the pipeline's `latents=` (FLUX: 2x2 patches)
+
+    def network_of(self, pipe: DiffusionPipeline) -> nn.Module:
+        return getattr(pipe, self.network)
+
+    def default_size(self, pipe: DiffusionPipeline) -> int:
+        """The side in pixels the model was trained at (the pipeline's default_sample_size; SD-1/2 pipelines have none: the UNet's)."""
+        return (getattr(pipe, "default_sample_size", None) or self.network_of(pipe).config.sample_size) * pipe.vae_scale_factor
+
+    def size_multiple(self, pipe: DiffusionPipeline) -> int:
+        """Image sides must be multiples of this: the VAE's factor times the network's patch (SD3) or FLUX's 2x2 packing."""
+        return pipe.vae_scale_factor * (2 if self.pack else self.network_of(pipe).config.get("patch_size", 1))
+
+    def pipeline_latents(self, noise: torch.Tensor) -> torch.Tensor:
+        return self.pack(noise) if self.pack else noise
 
 
 FAMILIES = {
@@ -57,8 +76,9 @@ FAMILIES = {
         Family("SD-1.x/2.x", StableDiffusionPipeline, sd_denoiser, load_options={"safety_checker": None, "requires_safety_checker": False},
                checkpoint_types=("v1", "v2")),
         Family("SDXL", StableDiffusionXLPipeline, sdxl_denoiser, checkpoint_types=("xl_base",)),
-        Family("SD3", StableDiffusion3Pipeline, sd3_denoiser, network="transformer"),
-        Family("FLUX.1", FluxPipeline, flux_denoiser, network="transformer"),
+        # SD3 and FLUX sample with their pipelines' own defaults (StableDiffusion3Pipeline / FluxPipeline.__call__).
+        Family("SD3", StableDiffusion3Pipeline, sd3_denoiser, network="transformer", steps=28, guidance=7.0),
+        Family("FLUX.1", FluxPipeline, flux_denoiser, network="transformer", steps=28, guidance=3.5, pack=pack_flux_latents),
     )
 }
 
@@ -95,7 +115,7 @@ def is_single_file(model: str) -> bool:
     return Path(model).suffix in SINGLE_FILE_SUFFIXES
 
 
-def load_single_file(path: Path, settings: SingleFileConfig, dtype_arg: dict[str, torch.dtype]) -> DiffusionPipeline:
+def load_single_file(path: Path, settings: SingleFileSource, dtype_arg: dict[str, torch.dtype]) -> DiffusionPipeline:
     """A .safetensors/.ckpt checkpoint through diffusers' from_single_file, with the family its keys say it is."""
     kind = infer_diffusers_model_type(load_single_file_checkpoint(str(path)))
     family = next((f for f in FAMILIES.values() if kind in f.checkpoint_types), None)
@@ -110,7 +130,7 @@ def load_single_file(path: Path, settings: SingleFileConfig, dtype_arg: dict[str
         ) from None
 
 
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32, single_file: SingleFileConfig | None = None) -> DiffusionPipeline:
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, single_file: SingleFileSource | None = None) -> DiffusionPipeline:
     """Load with the family's pipeline class; on failure say whether the model is wrong, unsupported or the Hub unreachable."""
     check_model(model)
     if model == TINY:
@@ -119,7 +139,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, single_file: S
     local = Path(model).expanduser()
     dtype_arg = {} if dtype == torch.float32 else {"torch_dtype": dtype}
     if is_single_file(model):
-        pipe = load_single_file(local, single_file or SingleFileConfig(), dtype_arg)
+        pipe = load_single_file(local, single_file or SingleFileSource(), dtype_arg)
         pipe.set_progress_bar_config(disable=True)
         return pipe
     index = model_index(model, local)

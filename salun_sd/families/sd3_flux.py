@@ -105,7 +105,7 @@ class FluxDenoiser(PromptTableFlowDenoiser):
         if h % 2 or w % 2:
             raise UserError(f"FLUX packs latents in 2x2 patches: the latent size {h}x{w} must be even (choose data.resolution a multiple of 16)")
         out = model(
-            hidden_states=FluxPipeline._pack_latents(x_t, b, c, h, w),
+            hidden_states=pack_flux_latents(x_t),
             timestep=self.model_timestep(t) / 1000,  # FluxTransformer2DModel scales by 1000 itself (training script and pipeline alike)
             guidance=torch.full((b,), guidance, device=x_t.device) if self.guidance_embeds else None,
             pooled_projections=self.table["pooled"][cond],
@@ -117,6 +117,12 @@ class FluxDenoiser(PromptTableFlowDenoiser):
 
     def guided_prediction(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance: float) -> torch.Tensor:
         return self.predict(model, x_t, t, cond, guidance=1 + guidance)
+
+
+def pack_flux_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] latents as FluxPipeline takes them: 2x2 patches, [B, h/2 * w/2, 4C]."""
+    b, c, h, w = latents.shape
+    return FluxPipeline._pack_latents(latents, b, c, h, w)
 
 
 def encode_table(prompts: list[str], concept_words: list[str], family: str, encode: Callable[[list[str]], tuple[torch.Tensor, ...]], batch_size: int = 16) -> tuple[list[str], list[torch.Tensor]]:

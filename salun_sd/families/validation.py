@@ -1,7 +1,7 @@
 """The validation grid at the end of an erase (OUTPUT_DIR/validation.png), as diffusers' training examples write theirs.
 
 Top row the base model, bottom row the erased one; a column per prompt (the forget prompts, then one remain
-prompt), each drawn from the same seed in both rows, so the only difference down a column is the erase.
+prompt), each drawn from the same seed in both rows (by salun_sd.generation), so the only difference down a column is the erase.
 The UNet trains in place, so the base row is drawn before training and the erased row after it.
 """
 
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import make_image_grid
 from PIL import Image
 from torch import nn
 
 from salun_sd.families.config import DataConfig
+from salun_sd.families.loading import family_of
+from salun_sd.generation import ImageRequest, draw_images
 
 GRID_NAME = "validation.png"
 MAX_FORGET_PROMPTS = 4  # keeps the grid small for sets of many prompts (I2P)
@@ -26,19 +27,15 @@ def validation_prompts(data: DataConfig) -> list[str]:
     return forget + [g.prompt for g in data.remain[:1]]
 
 
-@torch.no_grad()
-def draw_validation(pipe: DiffusionPipeline, network: str, data: DataConfig, resolution: int) -> list[Image.Image]:
+def draw_validation(pipe: DiffusionPipeline, data: DataConfig, resolution: int) -> list[Image.Image]:
     """Each validation prompt drawn by the pipeline's network as it is now (one prompt per call: little memory
     next to a trained model's optimizer state), with data's sampler settings and seed, on the network's device."""
-    device = getattr(pipe, network).device
-    others = [c for name, c in pipe.components.items() if isinstance(c, nn.Module) and name != network]
+    network = family_of(pipe).network_of(pipe)
+    others = [c for c in pipe.components.values() if isinstance(c, nn.Module) and c is not network]
     for component in others:
-        component.to(device)
-    images = [
-        pipe(prompt, num_inference_steps=data.generation_steps, guidance_scale=data.generation_guidance, height=resolution, width=resolution,
-             generator=torch.Generator(device).manual_seed(data.seed)).images[0]
-        for prompt in validation_prompts(data)
-    ]
+        component.to(network.device)
+    requests = [ImageRequest(prompt, data.seed, resolution, resolution, data.generation_guidance) for prompt in validation_prompts(data)]
+    images = draw_images(pipe, requests, data.generation_steps, batch_size=1)
     for component in others:  # training needs the network alone on the device
         component.to("cpu")
     return images

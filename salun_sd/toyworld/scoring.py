@@ -10,20 +10,19 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
+from salun_sd.families.loading import family_of
+from salun_sd.generation import ImageRequest, draw_images
 from salun_sd.toyworld.classifier import ToyClassifier
 from salun_sd.toyworld.world import WorldSpec, prompts
 
 
-@torch.no_grad()
 def generate(pipe: StableDiffusionPipeline, texts: list[str], seed: int, steps: int = 25, guidance: float = 3.0, batch_size: int = 128) -> torch.Tensor:
-    """Images in [-1, 1] for `texts`, drawn by the pipeline itself (DDIM, classifier-free guidance)."""
+    """Images in [-1, 1] for `texts`, drawn by the pipeline itself (DDIM, classifier-free guidance); image j from
+    seed + j (salun_sd.generation), so an image does not depend on the batch it is drawn in."""
     pipe.set_progress_bar_config(disable=True)
-    out = []
-    for i in range(0, len(texts), batch_size):
-        g = torch.Generator().manual_seed(seed + i)
-        img = pipe(texts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance, generator=g, output_type="pt").images
-        out.append(img * 2 - 1)
-    return torch.cat(out)
+    size = family_of(pipe).default_size(pipe)
+    requests = [ImageRequest(text, seed + j, size, size, guidance) for j, text in enumerate(texts)]
+    return torch.stack(draw_images(pipe, requests, steps, batch_size, output_type="pt")) * 2 - 1
 
 
 def score(classifier: ToyClassifier, pipe: StableDiffusionPipeline, spec: WorldSpec, per_prompt: int, seed: int, steps: int = 25, guidance: float = 3.0) -> dict:
