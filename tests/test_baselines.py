@@ -216,7 +216,7 @@ def test_each_method_config_passes_the_checks_and_names_its_method(path):
 
 def test_method_configs_state_the_usual_defaults():
     cfgs = {p.stem: load_yaml(EraseConfig, p) for p in METHOD_CONFIGS}
-    assert set(cfgs) == {"esd_x", "esd_u", "fmn", "ga", "rl", "ft"}
+    assert set(cfgs) == {"esd_x", "esd_u", "fmn", "ga", "rl", "ft", "uce"}  # uce's: tests/test_uce.py
     for name in ("esd_x", "esd_u"):  # train-esd.py: lr 1e-5, batch 1, 1000 iterations, η 1, x_t sampled (DDIM 50 steps, guidance 3)
         t = cfgs[name].train
         assert (t.learning_rate, t.batch_size, t.max_steps, t.negative_guidance) == (1e-5, 1, 1000, 1.0)
@@ -226,7 +226,7 @@ def test_method_configs_state_the_usual_defaults():
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"method": "esd"}, "train.method must be one of salun, rl, ga, ft, esd_x, esd_u, fmn"),
+    ({"method": "esd"}, "train.method must be one of salun, rl, ga, ft, esd_x, esd_u, fmn, uce"),
     ({"method": "rl", "remain": []}, "rl trains on a remain set"),
     ({"method": "fmn", "remain": []}, "give data.concept_words"),
     ({"method": "esd_u", "esd_x_t": "drawn"}, "train.esd_x_t must be one of noised, sampled"),

@@ -71,7 +71,7 @@ class MaskConfig:
 class TrainConfig:
     """Masked unlearning. Defaults are the official SalUn SD nudity run (Adam 1e-5, batch 8, α 0.1, 1 epoch of 800 images)."""
 
-    method: str = "salun"  # salun | rl | ga | ft | esd_x | esd_u | fmn (salun_sd.core.objectives.METHODS; configs/methods/ has each one's usual settings)
+    method: str = "salun"  # salun | rl | ga | ft | esd_x | esd_u | fmn | uce (closed form: no mask, no training loop; its settings are uce.*) (salun_sd.core.objectives.METHODS; configs/methods/ has each one's usual settings)
     alpha: float = 0.1  # weight of the remain-set loss (salun, rl, ga)
     negative_guidance: float = 1.0  # η of esd_x / esd_u: how far the target is guided away from the concept
     esd_x_t: str = "noised"  # x_t of esd_x / esd_u: noised (a D_f image noised to t: fast) | sampled (DDIM from the model being trained, stopped at a random step, as the ESD code)

@@ -5,6 +5,8 @@ settings, how to load its denoiser and data, and how to write the erased model. 
 which files a run may replace, where the mask comes from, the seed of the mask's noise — is decided
 here once, so the families cannot drift apart.
 
+A closed-form method (UCE) skips data, mask and loop: the job's edit() hands the edited network to the export.
+
 Run folder layout (`out`):
     manifest.json          resolved config, versions, git revision
     mask.safetensors       the saliency mask used (plus mask-<fraction>.safetensors for extra fractions)
@@ -19,7 +21,7 @@ import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from accelerate import Accelerator
 from torch import nn
@@ -57,6 +59,7 @@ class EraseJob(ABC):
     product: str  # the folder under `out` that the export writes
     command: str  # the CLI prefix of the family's commands ("salun-sd", "salun-sd ddpm"), for hints
     train_flag: str  # the config section of `train` ("train", "unlearn"), for hints
+    closed_form: ClassVar[bool] = False  # the family implements edit(), for closed-form methods (UCE)
 
     @abstractmethod
     def check(self, method: Method) -> None:
@@ -69,6 +72,10 @@ class EraseJob(ABC):
     def before_training(self, accelerator: Accelerator) -> None:
         """Anything to take from the base model before unlearning changes it in place (nothing by default)."""
 
+    def edit(self, accelerator: Accelerator, method: Method) -> nn.Module:
+        """Load the base network and edit it in closed form (a method with closed_form), for a family with closed_form."""
+        raise NotImplementedError
+
     @abstractmethod
     def export(self, model: nn.Module, mask: Mask | None, num_processes: int) -> Path:
         """Write the erased model to out/product (main process only)."""
@@ -77,6 +84,8 @@ class EraseJob(ABC):
 def check_config(job: EraseJob) -> Method:
     """Every check that needs no model, so a bad config fails before minutes of loading; returns the method."""
     method = check_train_config(job.train, job.train_flag)
+    if method.closed_form and not job.closed_form:
+        raise UserError(f"method {job.train.method} edits a text-to-image network's cross-attention in closed form; `{job.command}` models have none")
     job.mask.check()
     if job.mask.path:
         mask_info(job.mask.path)  # a missing or broken file fails now, not after loading
@@ -139,17 +148,20 @@ def erase(job: EraseJob, accelerator: Accelerator, steps: tuple[str, ...] = ("ma
         info = manifest(to_dict(job.config), "+".join(steps), base_model=job.model_name, num_processes=accelerator.num_processes)
         write_manifest(job.out / "manifest.json", info)
 
-    loaded = job.load(accelerator, method)
-    remain = len(loaded.remain) if loaded.remain is not None else "not used"
-    accelerator.print(f"forget set: {len(loaded.forget)} examples, remain set: {remain}, method: {job.train.method}")
-    mask = resolve_mask(job, loaded, method, steps, accelerator)
-    if not training:
-        return job.out
+    if training and method.closed_form:  # no data, mask or loop; every process edits (cheap, deterministic), the main one exports
+        model, mask = job.edit(accelerator, method), None
+    else:
+        loaded = job.load(accelerator, method)
+        remain = len(loaded.remain) if loaded.remain is not None else "not used"
+        accelerator.print(f"forget set: {len(loaded.forget)} examples, remain set: {remain}, method: {job.train.method}")
+        mask = resolve_mask(job, loaded, method, steps, accelerator)
+        if not training:
+            return job.out
 
-    job.before_training(accelerator)
-    model = unlearn(loaded.den, loaded.forget, loaded.remain, loaded.misaligned, job.train, accelerator, job.out, mask)
-    model = gather_model(model, accelerator.is_main_process)  # under FSDP: whole, on the main process
-    mask = gather_mask(mask, accelerator.is_main_process) if mask is not None else None
+        job.before_training(accelerator)
+        model = unlearn(loaded.den, loaded.forget, loaded.remain, loaded.misaligned, job.train, accelerator, job.out, mask)
+        model = gather_model(model, accelerator.is_main_process)  # under FSDP: whole, on the main process
+        mask = gather_mask(mask, accelerator.is_main_process) if mask is not None else None
     if accelerator.is_main_process:
         written = job.export(model.eval(), mask, accelerator.num_processes)
         accelerator.print(f"erased model written to {written}")

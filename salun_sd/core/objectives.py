@@ -126,14 +126,15 @@ def attention_resteering_loss(den: Denoiser, model: nn.Module, forget: Batch, re
 
 @dataclass(frozen=True)
 class Method:
-    loss: Callable
+    loss: Callable | None  # None for a closed-form method
     doc: str
     uses_mask: bool = False  # trains only the saliency-masked weights
     uses_remain: bool = True  # draws D_r batches
     uses_misaligned: bool = False  # draws a misaligned condition c' per forget example
     needs_frozen: bool = False  # the loss reads a frozen copy of the original network
-    uses_concept_tokens: bool = False  # the loss reads attention to the concept's prompt tokens
+    uses_concept_tokens: bool = False  # reads the concept's prompt tokens (FMN: the attention paid to them; UCE: their text states)
     scope: str = ""  # trainable scope the method itself fixes ("": train.trainable decides)
+    closed_form: bool = False  # no data, mask or training loop: the family edits the weights in one step (EraseJob.edit)
 
 
 METHODS: dict[str, Method] = {
@@ -144,6 +145,8 @@ METHODS: dict[str, Method] = {
     "esd_x": Method(esd_loss, "ESD-x: negative-guidance distillation into the cross-attention weights", uses_remain=False, needs_frozen=True, scope="xattn"),
     "esd_u": Method(esd_loss, "ESD-u: negative-guidance distillation into every weight but cross-attention", uses_remain=False, needs_frozen=True, scope="noxattn"),
     "fmn": Method(attention_resteering_loss, "Forget-Me-Not: attention re-steering away from the concept tokens", uses_remain=False, uses_concept_tokens=True),
+    "uce": Method(None, "UCE: closed-form edit of the cross-attention key/value projections, concept tokens to a target, preserved ones kept (no mask, no training)",
+                  uses_remain=False, uses_concept_tokens=True, closed_form=True),
 }
 
 

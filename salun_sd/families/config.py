@@ -5,6 +5,7 @@ Plain dataclasses (no torch or diffusers imports), loaded from YAML and `--key` 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -77,6 +78,34 @@ class SingleFileConfig(SingleFileSource):
     export: bool = False  # also write OUTPUT_DIR/model.safetensors: the erased model in the base file's own layout (needs a single-file --model)
 
 
+UCE_TARGETS = ("empty", "misaligned")
+UCE_TOKENS = ("last", "trailing")
+
+
+@dataclass
+class UCEConfig:
+    """UCE (`--method uce`, salun_sd.families.uce): a closed-form edit of the cross-attention key/value projections, no mask or training loop.
+
+    Defaults: the official trainscripts/uce_sd_erase.py (rohitgandikota/unified-concept-editing)."""
+
+    target: str = "empty"  # what the concept words' keys/values become: empty (the empty prompt's, UCE's guide for objects and unsafe concepts) | misaligned (the c' prompts', averaged)
+    preserve: list[str] = field(default_factory=list)  # concepts whose keys/values are kept (UCE's preserve_concepts); default: the remain prompts
+    tokens: str = "last"  # last: each text's last word token (uce_sd_erase.py) | trailing: from it to the end of the padded sequence, preserved texts whole (the paper-era train_erase.py)
+    erase_scale: float = 1.0  # weight of the erased concepts in the least squares
+    preserve_scale: float = 1.0  # weight of the preserved concepts (train_erase.py: 0.1)
+    lamb: float = 0.5  # λ: weight of staying at the original projection; must be positive (it keeps the edit defined off the texts' span)
+
+    def check(self) -> None:
+        for name, value, allowed in (("target", self.target, UCE_TARGETS), ("tokens", self.tokens, UCE_TOKENS)):
+            if value not in allowed:
+                raise UserError(f"uce.{name} must be one of {', '.join(allowed)}, got {value!r}")
+        for name in ("erase_scale", "preserve_scale"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise UserError(f"uce.{name} must be a non-negative number, got {getattr(self, name)}")
+        if not (math.isfinite(self.lamb) and self.lamb > 0):
+            raise UserError(f"uce.lamb must be a positive number, got {self.lamb}")
+
+
 @dataclass
 class EraseConfig:
     """A whole SD erase. Defaults reproduce the official SalUn nudity run on SD v1.4."""
@@ -92,3 +121,4 @@ class EraseConfig:
     data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    uce: UCEConfig = field(default_factory=UCEConfig)

@@ -23,7 +23,8 @@ from salun_sd.core.saliency import Mask, mask_summary
 from salun_sd.families.config import EraseConfig
 from salun_sd.families.data import check_sources, concept_data, generate_share
 from salun_sd.families.export import export, export_single_file, model_card
-from salun_sd.families.loading import check_model, family_of, is_single_file, load_pipeline
+from salun_sd.families.loading import Family, check_model, family_of, is_single_file, load_pipeline
+from salun_sd.families.uce import NO_CROSS_ATTENTION, Concept, uce_edit
 from salun_sd.families.validation import draw_validation, write_validation_grid
 
 
@@ -31,6 +32,7 @@ class SDErase(EraseJob):
     product = "pipeline"
     command = "salun-sd"
     train_flag = "train"
+    closed_form = True  # UCE on SD-1/2 and SDXL (SD3 and FLUX are refused: refuse_closed_form)
 
     def __init__(self, cfg: EraseConfig) -> None:
         self.config, self.train, self.mask = cfg, cfg.train, cfg.mask
@@ -41,18 +43,57 @@ class SDErase(EraseJob):
 
     def check(self, method: Method) -> None:
         data, name = self.config.data, self.train.method
-        check_model(self.config.model)
+        family = check_model(self.config.model)
         if self.config.single_file.export and not is_single_file(self.config.model):
             raise UserError(f"single_file.export writes the layout of a single-file base model; --model {self.config.model} is not a .safetensors/.ckpt file")
         if not data.forget:
             raise UserError("the forget set is empty: give data.forget at least one group with a prompt and images")
-        check_sources(data)
+        if method.closed_form:
+            self.check_uce(family)
+        else:
+            check_sources(data)
         if method.uses_remain and not data.remain:
             raise UserError(f"method {name} trains on a remain set: give data.remain at least one group")
         if method.uses_misaligned and not data.misaligned():
             raise UserError(f"method {name} needs misaligned prompts c': give data.misaligned_prompts or data.remain groups")
         if method.uses_concept_tokens and not data.concept_words and not data.remain:
             raise UserError(f"method {name} needs to know which words name the concept: give data.concept_words (e.g. [nude])")
+
+    def check_uce(self, family: Family | None) -> None:
+        """UCE reads prompts only (no images): the concept words, the target, the preserved texts; and a family with cross-attention."""
+        uce, data = self.config.uce, self.config.data
+        uce.check()
+        if family is not None:
+            refuse_closed_form(family)
+        if uce.target == "misaligned" and not data.misaligned():
+            raise UserError("uce.target=misaligned sends the concept to c': give data.misaligned_prompts or data.remain groups")
+        erased = set(data.concept())
+        clash = next((p for p in self.uce_preserve() if p in erased), None)
+        if clash is not None:
+            raise UserError(f"uce.preserve names {clash!r}, a concept word it erases")
+
+    def uce_concepts(self) -> list[Concept]:
+        """The concept's words, each sent to the empty prompt or to the c' prompts (uce.target)."""
+        data = self.config.data
+        return [Concept(data.concept(), [""] if self.config.uce.target == "empty" else data.misaligned())]
+
+    def uce_preserve(self) -> list[str]:
+        return self.config.uce.preserve or [g.prompt for g in self.config.data.remain]
+
+    def load_base(self) -> Family:
+        """The base pipeline (kept for the export) and the training resolution; returns its family."""
+        pipe = self.pipe = load_pipeline(self.config.model, single_file=self.config.single_file)
+        family = family_of(pipe)
+        self.resolution = self.config.data.resolution or family.default_size(pipe)
+        return family
+
+    def edit(self, accelerator: Accelerator, method: Method) -> nn.Module:
+        """UCE: the base UNet with its cross-attention key/value projections edited in closed form."""
+        family = self.load_base()
+        refuse_closed_form(family)  # a single file or Hub ID shows its family only now
+        self.pipe.to(accelerator.device)
+        self.before_training(accelerator)
+        return uce_edit(self.pipe, family.text_states, self.uce_concepts(), self.uce_preserve(), self.config.uce)
 
     def load(self, accelerator: Accelerator, method: Method) -> Loaded:
         """Load the base pipeline and build D_f, D_r and the denoiser over every prompt they use.
@@ -62,10 +103,8 @@ class SDErase(EraseJob):
         cfg, data = self.config, self.config.data
         misaligned_prompts = data.misaligned() if method.uses_misaligned else []
         concept_words = data.concept() if method.uses_concept_tokens else []
-        pipe = self.pipe = load_pipeline(cfg.model, single_file=cfg.single_file)
-        family = family_of(pipe)
-        network = getattr(pipe, family.network)
-        resolution = self.resolution = data.resolution or family.default_size(pipe)
+        family = self.load_base()
+        pipe, network, resolution = self.pipe, family.network_of(self.pipe), self.resolution
         remain_groups = data.remain if method.uses_remain else []
         prompts = [g.prompt for g in data.forget + remain_groups] + misaligned_prompts
         pipe.to(accelerator.device)
@@ -101,7 +140,8 @@ class SDErase(EraseJob):
             "remain prompts": [g.prompt for g in cfg.data.remain],
             **({"misaligned prompts": cfg.data.misaligned()} if method.uses_misaligned else {}),
             **({"concept words": cfg.data.concept()} if method.uses_concept_tokens else {}),
-            **{f"train.{k}": v for k, v in to_dict(self.train).items() if k not in ("resume_from_checkpoint",)},
+            **({"uce targets": self.uce_concepts()[0].targets, "uce preserved": self.uce_preserve(), **{f"uce.{k}": v for k, v in to_dict(cfg.uce).items()}}
+               if method.closed_form else {f"train.{k}": v for k, v in to_dict(self.train).items() if k not in ("resume_from_checkpoint",)}),
             **({f"mask.{k}": v for k, v in to_dict(self.mask).items()} if mask is not None else {}),
             "num_processes": num_processes,
         }
@@ -117,6 +157,11 @@ class SDErase(EraseJob):
             summary = {"base_model": cfg.model, "concept": cfg.concept or cfg.data.forget[0].prompt, "method": self.train.method, "mask_kept": str(kept)}
             export_single_file(cfg.model, model, self.out / "model.safetensors", {"salun_sd": json.dumps(summary)})
         return written
+
+
+def refuse_closed_form(family: Family) -> None:
+    if family.text_states is None:
+        raise UserError(NO_CROSS_ATTENTION.format(family=family.name))
 
 
 def erase(cfg: EraseConfig, accelerator: Accelerator, steps: tuple[str, ...] = ("mask", "erase")) -> Path:

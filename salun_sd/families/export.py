@@ -31,7 +31,9 @@ def model_card(base_model: str, concept: str, settings: dict[str, Any], mask_kep
     load_args = "".join(f", {name}=None" for name in absent)
     method = settings.get("method", "salun")
     rows = "\n".join(f"| {k} | `{json.dumps(v)}` |" for k, v in settings.items())
-    kept = f"{mask_kept:.2%} of the trained weights" if mask_kept is not None else "no mask (all trained weights)"
+    kept = (f"{mask_kept:.2%} of the trained weights" if mask_kept is not None
+            else "the cross-attention key/value projections (`attn2.to_k`, `attn2.to_v`), in closed form" if METHODS[method].closed_form
+            else "no mask (all trained weights)")
     return f"""---
 library_name: diffusers
 base_model: {base_model}

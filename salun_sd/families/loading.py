@@ -20,7 +20,7 @@ from torch import nn
 
 from salun_sd.core.denoiser import Denoiser
 from salun_sd.errors import UserError
-from salun_sd.families.sd_unet import sd_denoiser, sdxl_denoiser
+from salun_sd.families.sd_unet import encode_prompts, sd_denoiser, sdxl_denoiser, sdxl_text_states
 from salun_sd.families.config import SingleFileSource
 from salun_sd.families.sd3_flux import flux_denoiser, pack_flux_latents, sd3_denoiser
 from salun_sd.families.tiny import tiny_pipeline
@@ -29,15 +29,18 @@ TINY = "tiny"  # the model name of the offline random-weight pipeline
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
-def check_model(model: str) -> None:
+def check_model(model: str) -> Family | None:
     """Fail before anything loads: a model written as a path (/..., ./..., ~/..., a/b/c, x.safetensors) must exist
-    (else loading would ask the Hub for it), and a local pipeline folder must hold a family salun-sd erases."""
+    (else loading would ask the Hub for it), and a local pipeline folder must hold a family salun-sd erases.
+
+    Returns the family where it is known without loading (the tiny pipeline, a local folder), else None."""
+    if model == TINY:
+        return FAMILIES[StableDiffusionPipeline.__name__]
     local = Path(model).expanduser()
     looks_local = model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model or is_single_file(model)
-    if model != TINY and looks_local and not local.exists():
+    if looks_local and not local.exists():
         raise UserError(f"model folder {model} does not exist (a Hugging Face Hub ID has the form org/name)")
-    if model != TINY and local.is_dir():
-        model_family(model, model_index(model, local))
+    return model_family(model, model_index(model, local)) if local.is_dir() else None
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class Family:
     network: str = "unet"  # the pipeline component that is erased; every other one stays the base model's
     load_options: dict[str, Any] = field(default_factory=dict)  # extra from_pretrained arguments
     checkpoint_types: tuple[str, ...] = ()  # diffusers' names (infer_diffusers_model_type) of its single-file checkpoints
+    text_states: Callable[..., torch.Tensor] | None = None  # (pipe, prompts) -> [prompts, tokens, dim]: what the network's attn2 reads (UCE); None: no such cross-attention
     steps: int = 50  # generate's default denoising steps
     guidance: float = 7.5  # generate's default guidance scale (FLUX.1-dev: the value of its guidance embedding)
     pack: Callable[[torch.Tensor], torch.Tensor] | None = None  # VAE-layout noise [B, C, h, w] -> the pipeline's `latents=` (FLUX: 2x2 patches)
@@ -74,8 +78,8 @@ FAMILIES = {
     f.pipeline.__name__: f
     for f in (
         Family("SD-1.x/2.x", StableDiffusionPipeline, sd_denoiser, load_options={"safety_checker": None, "requires_safety_checker": False},
-               checkpoint_types=("v1", "v2")),
-        Family("SDXL", StableDiffusionXLPipeline, sdxl_denoiser, checkpoint_types=("xl_base",)),
+               checkpoint_types=("v1", "v2"), text_states=encode_prompts),
+        Family("SDXL", StableDiffusionXLPipeline, sdxl_denoiser, checkpoint_types=("xl_base",), text_states=lambda pipe, prompts: sdxl_text_states(pipe, prompts)[0]),
         # SD3 and FLUX sample with their pipelines' own defaults (StableDiffusion3Pipeline / FluxPipeline.__call__).
         Family("SD3", StableDiffusion3Pipeline, sd3_denoiser, network="transformer", steps=28, guidance=7.0),
         Family("FLUX.1", FluxPipeline, flux_denoiser, network="transformer", steps=28, guidance=3.5, pack=pack_flux_latents),

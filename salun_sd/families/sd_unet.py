@@ -108,6 +108,13 @@ class SDXLDenoiser(TextConditionedDenoiser):
 
 
 @torch.no_grad()
+def sdxl_text_states(pipe: StableDiffusionXLPipeline, prompts: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipeline's own encode_prompt of each prompt: (both encoders' penultimate states concatenated, the second's pooled output)."""
+    chunks = [pipe.encode_prompt(prompts[i : i + batch_size], device=pipe.unet.device, do_classifier_free_guidance=False) for i in range(0, len(prompts), batch_size)]
+    return torch.cat([c[0] for c in chunks]).float().cpu(), torch.cat([c[2] for c in chunks]).float().cpu()
+
+
+@torch.no_grad()
 def sdxl_denoiser(pipe: StableDiffusionXLPipeline, prompts: list[str], concept_words: list[str] = (), resolution: int = 1024) -> SDXLDenoiser:
     """As sd_denoiser, with both text encoders through the pipeline's own encode_prompt (penultimate states of
     each, concatenated; pooled output of the second).
@@ -117,9 +124,7 @@ def sdxl_denoiser(pipe: StableDiffusionXLPipeline, prompts: list[str], concept_w
     of `resolution` (original = target size, no crop): every training image is resized and center-cropped to that.
     """
     table = list(dict.fromkeys(["", *prompts]))
-    chunks = [pipe.encode_prompt(table[i : i + 64], device=pipe.unet.device, do_classifier_free_guidance=False) for i in range(0, len(table), 64)]
-    embeddings = torch.cat([c[0] for c in chunks]).float().cpu()
-    pooled = torch.cat([c[2] for c in chunks]).float().cpu()
+    embeddings, pooled = sdxl_text_states(pipe, table)
     if pipe.config.force_zeros_for_empty_prompt:
         embeddings[0], pooled[0] = 0, 0
     time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32)
