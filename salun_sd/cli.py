@@ -24,6 +24,7 @@ COMMANDS = {
     "generate": ("salun_sd.evaluation.commands", "generate images from a prompt set (I2P, class prompts, a text list)"),
     "evaluate": ("salun_sd.evaluation.commands", "score image folders (NudeNet, CLIP score, FID, UA) and write a report"),
     "attack": ("salun_sd.attack.commands", "attack a pipeline with adversarial prompts (UnlearnDiffAtk) and embeddings: pre-ASR, ASR, report"),
+    "relearn": ("salun_sd.relearn.commands", "relearning attack: fine-tune the erased model on a few images of the concept; how fast UA falls"),
     "ddpm": ("salun_sd.ddpm.commands", "class-conditional CFG DDPM: train, sample, mask, erase, retrain, evaluate"),
 }
 

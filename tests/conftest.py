@@ -88,6 +88,18 @@ def tiny_config(out, cache, **train) -> EraseConfig:
     )
 
 
+def toy_erase(out, steps: int, method: str = "salun") -> Path:
+    """`method` erases 'circle' from the shipped toy model through the real erase flow (compare's settings, tiny data); the pipeline folder."""
+    from salun_sd.families.erase import erase
+    from salun_sd.run.runtime import make_accelerator
+    from salun_sd.toyworld.compare import Case, CompareConfig, erase_config
+    from salun_sd.toyworld.world import WorldSpec
+
+    cfg = erase_config(CompareConfig(forget_per_prompt=2, remain_per_prompt=1, steps=steps), Case("shape", "circle"), method, Path(out), WorldSpec())
+    cfg.mask.batch_size = 16
+    return erase(cfg, make_accelerator("no"), ("mask", "erase")) / "pipeline"
+
+
 def random_clip() -> ClipScorer:
     """An open_clip CLIP with random weights: the real model class, transform and BPE tokenizer."""
     torch.manual_seed(0)

@@ -77,14 +77,9 @@ def test_attack_succeeds_on_the_toy_base(victim, tmp_path):
 @pytest.fixture(scope="module")
 def erased(tmp_path_factory):
     """SalUn erases 'circle' from the shipped toy model in a few steps, through the real erase flow."""
-    from salun_sd.families.erase import erase
-    from salun_sd.toyworld.compare import Case, CompareConfig, erase_config
-    from salun_sd.toyworld.world import WorldSpec
+    from conftest import toy_erase
 
-    out = tmp_path_factory.mktemp("erased")
-    cfg = erase_config(CompareConfig(forget_per_prompt=2, remain_per_prompt=1, steps=10), Case("shape", "circle"), "salun", out, WorldSpec())
-    cfg.mask.batch_size = 16
-    return erase(cfg, make_accelerator("no"), ("mask", "erase")) / "pipeline"
+    return toy_erase(tmp_path_factory.mktemp("erased"), steps=10)
 
 
 def test_on_an_erased_model_the_attacks_lower_the_reference_loss_below_the_plain_prompts(erased):

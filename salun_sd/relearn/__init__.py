@@ -1,0 +1,1 @@
+"""The relearning attack: fine-tune an erased model on a few images of its concept and watch UA (`salun-sd relearn`)."""

@@ -1,0 +1,36 @@
+"""`salun-sd relearn`: its own command, not an `attack` mode, because it changes weights and its settings (images,
+steps, learning rate) share nothing with the prompt searches'."""
+
+from __future__ import annotations
+
+import argparse
+
+from salun_sd.config import add_config_flags, apply_config_flags, load_yaml
+from salun_sd.relearn.config import RelearnConfig
+
+EPILOG = """examples:
+  salun-sd relearn --model outputs/nudity/pipeline --prompts "a photo of a nude person" --judge nudenet --output_dir outputs/relearn-nudity
+  salun-sd relearn configs/relearn/toyworld.yaml      (the toy world, offline, after `salun-sd demo`)
+
+Writes OUTPUT_DIR/report.md (UA of the erased and of the base model after 0, 25, 50, ... fine-tuning steps, with
+Wilson 95 % intervals), report.json, grid.png, and per target (model, base) curve.json, log.jsonl and samples/.
+A rerun with the same settings reuses finished curves."""
+
+
+def run_relearn(args: argparse.Namespace) -> None:
+    from salun_sd.run.lock import run_lock
+
+    cfg = apply_config_flags(load_yaml(RelearnConfig, args.config) if args.config else RelearnConfig(), args)
+    cfg.check()
+    with run_lock(cfg.output_dir):
+        from salun_sd.relearn.run import relearn  # torch and diffusers load after a busy folder is refused
+
+        print(f"wrote {relearn(cfg)}")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    summary = "relearning attack: fine-tune the erased model and the base on a few images of the concept; UA after each stretch of steps"
+    p = subparsers.add_parser("relearn", help=summary, description=summary, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="YAML relearn config; flags below override its keys")
+    add_config_flags(p, RelearnConfig)
+    p.set_defaults(func=run_relearn)
