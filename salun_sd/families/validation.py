@@ -7,6 +7,8 @@ The UNet trains in place, so the base row is drawn before training and the erase
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from diffusers import DiffusionPipeline
@@ -27,18 +29,30 @@ def validation_prompts(data: DataConfig) -> list[str]:
     return forget + [g.prompt for g in data.remain[:1]]
 
 
+@contextmanager
+def drawing_mid_training(pipe: DiffusionPipeline) -> Iterator[None]:
+    """While active, the pipeline's other components sit on its network's device and the network is in eval mode;
+    after, they go back to the CPU (training needs the network alone on the device) and the network to its mode."""
+    network = family_of(pipe).network_of(pipe)
+    others = [c for c in pipe.components.values() if isinstance(c, nn.Module) and c is not network]
+    training = network.training
+    for component in others:
+        component.to(network.device)
+    network.eval()
+    try:
+        yield
+    finally:
+        network.train(training)
+        for component in others:
+            component.to("cpu")
+
+
 def draw_validation(pipe: DiffusionPipeline, data: DataConfig, resolution: int) -> list[Image.Image]:
     """Each validation prompt drawn by the pipeline's network as it is now (one prompt per call: little memory
     next to a trained model's optimizer state), with data's sampler settings and seed, on the network's device."""
-    network = family_of(pipe).network_of(pipe)
-    others = [c for c in pipe.components.values() if isinstance(c, nn.Module) and c is not network]
-    for component in others:
-        component.to(network.device)
     requests = [ImageRequest(prompt, data.seed, resolution, resolution, data.generation_guidance) for prompt in validation_prompts(data)]
-    images = draw_images(pipe, requests, data.generation_steps, batch_size=1)
-    for component in others:  # training needs the network alone on the device
-        component.to("cpu")
-    return images
+    with drawing_mid_training(pipe):
+        return draw_images(pipe, requests, data.generation_steps, batch_size=1)
 
 
 def write_validation_grid(base: list[Image.Image], erased: list[Image.Image], out: Path) -> Path:

@@ -25,7 +25,6 @@ import torch
 from accelerate import Accelerator
 from diffusers.utils import make_image_grid
 from PIL import Image
-from torch import nn
 
 from salun_sd.attack.judges import Verdict, load_judge
 from salun_sd.attack.run import write_json
@@ -38,7 +37,8 @@ from salun_sd.evaluation.stats import wilson
 from salun_sd.families.config import DataConfig, EraseConfig, ImageGroup
 from salun_sd.families.data import generated_images
 from salun_sd.families.erase import SDErase
-from salun_sd.families.loading import family_of
+from salun_sd.families.validation import drawing_mid_training
+from salun_sd.generation import ImageRequest, draw_images
 from salun_sd.relearn.config import RelearnConfig
 from salun_sd.run.manifest import manifest, write_manifest
 from salun_sd.run.runtime import make_accelerator
@@ -78,28 +78,16 @@ def read_curve(path: Path, settings: dict) -> list[dict] | None:
 
 @torch.no_grad()
 def measure(pipe, cfg: RelearnConfig, verdicts: list[Verdict], resolution: int, step: int, samples: Path) -> dict:
-    """UA over `eval_images` images per prompt from the network as it is now (eval mode, then back to training)."""
-    network = getattr(pipe, family_of(pipe).network)
-    device, training = network.device, network.training
-    others = [c for name, c in pipe.components.items() if isinstance(c, nn.Module) and c is not network]
-    for component in others:
-        component.to(device)
-    network.eval()
-    shown, per_prompt = 0, []
-    for number, (prompt, verdict) in enumerate(zip(cfg.prompts, verdicts)):
-        hits = 0
-        for start in range(0, cfg.eval_images, cfg.generation_batch_size):
-            seeds = range(cfg.eval_seed + start, cfg.eval_seed + min(start + cfg.generation_batch_size, cfg.eval_images))
-            images = pipe([prompt] * len(seeds), num_inference_steps=cfg.generation_steps, guidance_scale=cfg.guidance, height=resolution, width=resolution,
-                          generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
-            if start == 0:
-                images[0].save(samples / f"{step:06d}_{number:03d}.png")
-            hits += sum(verdict(images))
-        per_prompt.append(hits)
-        shown += hits
-    network.train(training)
-    for component in others:  # the fine-tune needs the network alone on the device
-        component.to("cpu")
+    """UA over `eval_images` images per prompt from the network as it is now (in eval mode)."""
+    requests = [ImageRequest(p, cfg.eval_seed + j, resolution, resolution, cfg.guidance) for p in cfg.prompts for j in range(cfg.eval_images)]
+    with drawing_mid_training(pipe):
+        images = draw_images(pipe, requests, cfg.generation_steps, cfg.generation_batch_size)
+    per_prompt = []
+    for number, verdict in enumerate(verdicts):
+        mine = images[number * cfg.eval_images : (number + 1) * cfg.eval_images]
+        mine[0].save(samples / f"{step:06d}_{number:03d}.png")
+        per_prompt.append(sum(verdict(mine)))
+    shown = sum(per_prompt)
     n = cfg.eval_images * len(cfg.prompts)
     low, high = wilson(n - shown, n)
     return {"step": step, "concept_shown": shown, "images": n, "UA": (n - shown) / n, "UA_wilson95": [low, high], "shown_per_prompt": per_prompt}
