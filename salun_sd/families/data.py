@@ -30,7 +30,7 @@ from salun_sd.errors import UserError
 from salun_sd.evaluation.imagefiles import list_images, load_rgb
 from salun_sd.families.config import DataConfig, ImageGroup
 from salun_sd.families.loading import family_of
-from salun_sd.generation import ImageRequest, draw_batches
+from salun_sd.generation import ImageRequest, draw_images
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -54,7 +54,8 @@ def image_key(pipe: DiffusionPipeline, model_name: str, group: ImageGroup, cfg: 
         "resolution": resolution,
         "seed": cfg.seed,
         "noise": "salun_sd.generation: draw 0 of a CPU generator seeded seed + i",
-        "scheduler": {"class": type(pipe.scheduler).__name__, **dict(pipe.scheduler.config)},
+        # the config's "_" entries are diffusers' bookkeeping (e.g. a set of defaulted names, in no fixed order)
+        "scheduler": {"class": type(pipe.scheduler).__name__, **{k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}},
         "dtype": str(network.dtype),
         "device": device_name(network.device),
         "versions": {"diffusers": diffusers.__version__, "torch": torch.__version__},
@@ -71,8 +72,9 @@ def generated_images(
 ) -> list[Path]:
     """Draw `group.generate` images (image i from seed cfg.seed + i); files already on disk are reused.
 
-    With several processes, process r draws images r, r + processes, ...; an image does not depend on who drew it
-    or with which others, so the files are those of one process. The caller waits for the other processes.
+    An image does not depend on who drew it or with which others (float rounding of batched kernels apart), and
+    the batches are fixed too: batches of cfg.generation_batch_size, process r drawing batches r, r + processes, ...
+    So the files of several processes are those of one, bit for bit. The caller waits for the other processes.
     """
     key = image_key(pipe, model_name, group, cfg, resolution)
     folder = cache_root(cfg) / "images" / _key(key)
@@ -80,17 +82,16 @@ def generated_images(
     if rank == 0:
         (folder / "key.json").write_text(json.dumps(key, indent=1, default=str))
     paths = [folder / f"{i:05d}.png" for i in range(group.generate)]
-    todo = [i for i in range(rank, len(paths), processes) if not paths[i].is_file()]
-    requests = [ImageRequest(group.prompt, cfg.seed + i, resolution, resolution, cfg.generation_guidance) for i in todo]
+    bs = cfg.generation_batch_size
+    mine = [range(start, min(start + bs, len(paths))) for start in range(rank * bs, len(paths), processes * bs)]
+    todo = [chunk for chunk in ([i for i in batch if not paths[i].is_file()] for batch in mine) if chunk]
     share = f" (process {rank} of {processes})" if processes > 1 else ""
-    with tqdm(total=len(todo), desc=f"generating {group.prompt!r}{share}", disable=not todo) as progress:
-        for positions, images in draw_batches(pipe, requests, cfg.generation_steps, cfg.generation_batch_size):
-            for position, image in zip(positions, images):
-                path = paths[todo[position]]
-                tmp = path.with_suffix(".tmp.png")
-                image.save(tmp)
-                tmp.replace(path)
-            progress.update(len(positions))
+    for chunk in tqdm(todo, desc=f"generating {group.prompt!r}{share}", disable=not todo):
+        requests = [ImageRequest(group.prompt, cfg.seed + i, resolution, resolution, cfg.generation_guidance) for i in chunk]
+        for i, image in zip(chunk, draw_images(pipe, requests, cfg.generation_steps, batch_size=len(chunk))):
+            tmp = paths[i].with_suffix(".tmp.png")
+            image.save(tmp)
+            tmp.replace(paths[i])
     return paths
 
 
