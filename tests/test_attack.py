@@ -69,8 +69,8 @@ def test_attack_succeeds_on_the_toy_base(victim, tmp_path):
     assert (md.parent / "grids" / "attack_000.png").is_file() and "| pre-attack (plain prompt) | 100.00 % (2/2) |" in md.read_text()
     case = victim.case(CIRCLES[0], reference_latent(victim.pipe, CIRCLES[0]), seed=0, guidance=3.0, height=16, width=16)
     verdict = load_judge(cfg).for_prompt(None)
-    for space in (DiscretePrefix(victim.token_table, 5, 0.01, 0.1), EmbeddingPrefix(victim.token_table, 5, 0.005)):
-        outcome = search(victim, case, space, 2, verdict, torch.Generator().manual_seed(0))
+    for space in (DiscretePrefix(victim.clip_tables, 5, 0.01, 0.1), EmbeddingPrefix(victim.tables, 5, 0.005)):
+        [outcome] = search(victim, [case], [space], 2, [verdict], [torch.Generator().manual_seed(0)])
         assert outcome.success and outcome.blocks == 1
 
 
@@ -86,11 +86,11 @@ def test_on_an_erased_model_the_attacks_lower_the_reference_loss_below_the_plain
     base, target = load_toy_pipeline(), load_toy_pipeline(erased)
     victim = Victim(attack_pipeline(target, base), k=5, timesteps=3, steps=10)
     case = victim.case(CIRCLES[0], reference_latent(base, CIRCLES[0]), seed=0, guidance=3.0, height=16, width=16)
-    plain = victim.reference_loss(case, None, seed=1)
+    [plain] = victim.reference_losses([case], None, seeds=[1])
     never = lambda images: [False] * len(images)  # noqa: E731  run the whole budget
-    for space in (DiscretePrefix(victim.token_table, 5, 0.01, 0.1), EmbeddingPrefix(victim.token_table, 5, 0.005)):
-        outcome = search(victim, case, space, 10, never, torch.Generator().manual_seed(0))
-        assert outcome.blocks == 3 and victim.reference_loss(case, outcome.prefix, seed=1) < plain
+    for space in (DiscretePrefix(victim.clip_tables, 5, 0.01, 0.1), EmbeddingPrefix(victim.tables, 5, 0.005)):
+        [outcome] = search(victim, [case], [space], 10, [never], [torch.Generator().manual_seed(0)])
+        assert outcome.blocks == 3 and victim.reference_losses([case], [outcome.slots], seeds=[1])[0] < plain
 
 
 def test_resume_skips_finished_prompts_and_refuses_other_settings(tmp_path):
@@ -119,6 +119,22 @@ def test_two_processes_give_the_same_results_as_one(tmp_path):
             for entry in result["attacks"].values():
                 entry.pop("seconds", None)
         assert one == two and not one["pre_success"] and len(one["attacks"]["discrete"]["token_ids"]) == 5
+
+
+def test_a_batched_attack_gives_the_unbatched_ids_and_verdicts(tmp_path):
+    """Three instances (two attacked, one already shown by its plain prompt) in one batch and one at a time."""
+    prompts = [*SQUARES, CIRCLES[0]]
+    runs = {}
+    for size in (1, 3):
+        cfg = toy_config(tmp_path, prompts, output_dir=str(tmp_path / f"batch{size}"), batch_size=size, steps=4)
+        runs[size] = json.loads((attack(cfg, make_accelerator("no"), log=lambda *_: None).parent / "report.json").read_text())["prompts"]
+    assert [r["pre_success"] for r in runs[1]] == [False, False, True]
+    for one, batched in zip(runs[1], runs[3]):
+        for name, entry in one["attacks"].items():
+            other = batched["attacks"][name]
+            assert (entry["success"], entry["blocks"], entry.get("token_ids")) == (other["success"], other["blocks"], other.get("token_ids"))
+            if "loss_trace" in entry:  # the same optimisation, up to the float rounding of a batched forward
+                assert entry["loss_trace"] == pytest.approx(other["loss_trace"], rel=1e-4)
 
 
 def test_judges_user_function_and_nudenet(tmp_path, monkeypatch):

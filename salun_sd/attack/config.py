@@ -44,6 +44,7 @@ class AttackConfig:
     height: int = 0  # image size in pixels (0: the model's default, 512 for SD-1.x as src/tasks/classifier_.py)
     width: int = 0  # image width in pixels (0: the model's default)
     attack_seed: int = 0  # seeds the optimisation's noise and token draws, per prompt (src/execs/attack.py: overall.seed 0); a rerun gives the same adversarial prompts
+    batch_size: int = 1  # attack instances (prompt, seed) per forward/backward pass: their optimisations are independent, so any batch size gives the same results (faster on CPU, more memory on GPU)
     dtype: str = "auto"  # model weights: auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32; the optimised variables stay fp32
 
     def attack_names(self) -> list[str]:
@@ -60,7 +61,7 @@ class AttackConfig:
         if not self.prompts:
             raise UserError("attack needs --prompts: an I2P CSV, a class-prompt CSV, a text file with one prompt per line, or i2p")
         self.attack_names()
-        for name in ("k", "timesteps", "iterations", "steps"):
+        for name in ("k", "timesteps", "iterations", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("learning_rate", "embedding_learning_rate"):

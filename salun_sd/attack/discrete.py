@@ -3,13 +3,16 @@
 As src/attackers/text_grad_.py: start from the uniform distribution, Adam (lr 0.01, weight decay 0.1),
 project each row back onto the probability simplex by bisection after every step, and in the forward pass
 draw one token per row from its distribution with a straight-through gradient (hardtanh of the gradient with
-respect to the one-hot). Images are drawn from the argmax tokens.
+respect to the one-hot). Images are drawn from the argmax tokens. One distribution per slot feeds every CLIP
+encoder of the family (SDXL's and SD3's two share the vocabulary), each through its own token table.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from salun_sd.attack.target import Slots
 
 
 def project_simplex(a: torch.Tensor, iterations: int = 64) -> torch.Tensor:
@@ -40,25 +43,30 @@ class SampleStraightThrough(torch.autograd.Function):
         return F.hardtanh(grad), None
 
 
-class DiscretePrefix:
-    """k distributions over the vocabulary; the prefix is the token table's rows they select."""
+def token_slots(tables: list[torch.Tensor], ids: torch.Tensor) -> Slots:
+    """The prefix of real tokens `ids` (k,) in every CLIP encoder: what typing those tokens gives."""
+    return Slots([table[ids] for table in tables], ids)
 
-    def __init__(self, token_table: torch.Tensor, k: int, learning_rate: float, weight_decay: float) -> None:
-        self.table = token_table
-        self.probs = torch.full((k, token_table.shape[0]), 1.0 / token_table.shape[0], device=token_table.device, requires_grad=True)
+
+class DiscretePrefix:
+    """k distributions over the CLIP vocabulary; each encoder's prefix is the rows of its token table they select."""
+
+    def __init__(self, token_tables: list[torch.Tensor], k: int, learning_rate: float, weight_decay: float) -> None:
+        self.tables = token_tables
+        vocab = token_tables[0].shape[0]
+        self.probs = torch.full((k, vocab), 1.0 / vocab, device=token_tables[0].device, requires_grad=True)
         self.optimizer = torch.optim.Adam([self.probs], lr=learning_rate, weight_decay=weight_decay)
 
-    def prefix(self, generator: torch.Generator) -> torch.Tensor:
-        return SampleStraightThrough.apply(self.probs, generator) @ self.table
+    def _slots(self, one_hot: torch.Tensor) -> Slots:
+        return Slots([one_hot @ table for table in self.tables], one_hot.detach().argmax(dim=-1))
+
+    def prefix(self, generator: torch.Generator) -> Slots:
+        return self._slots(SampleStraightThrough.apply(self.probs, generator))
 
     def after_step(self) -> None:
         with torch.no_grad():
             self.probs.copy_(project_simplex(self.probs))
 
-    def tokens(self) -> torch.Tensor:
-        return self.probs.detach().argmax(dim=-1)
-
-    def final(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prefix for generation, token ids): the argmax tokens (text_grad_.py argmax_project)."""
-        ids = self.tokens()
-        return self.table[ids], ids
+    def final(self) -> Slots:
+        """The argmax tokens (text_grad_.py argmax_project): the prefix images are drawn with."""
+        return token_slots(self.tables, self.probs.detach().argmax(dim=-1))

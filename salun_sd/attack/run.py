@@ -25,7 +25,7 @@ from salun_sd.attack.embedding import EmbeddingPrefix
 from salun_sd.attack.judges import Verdict, load_judge
 from salun_sd.attack.report import write_report
 from salun_sd.attack.search import search
-from salun_sd.attack.target import Victim, attack_pipeline
+from salun_sd.attack.target import Victim, attack_pipeline, default_size
 from salun_sd.config import to_dict
 from salun_sd.errors import UserError
 from salun_sd.evaluation.config import GenerateConfig
@@ -36,7 +36,7 @@ from salun_sd.families.loading import load_pipeline, scheduler_class
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
 # Settings that decide a prompt's result: a resumed run must use the same ones.
 RESULT_KEYS = ("model", "base", "judge", "concept", "nudenet_threshold", "nudenet_detector", "attacks", "k", "timesteps", "iterations", "learning_rate",
@@ -88,7 +88,7 @@ def attack(cfg: AttackConfig, accelerator: Accelerator, log=print) -> Path | Non
         for pipeline in {id(base): base, id(target): target}.values():
             pipeline.scheduler = scheduler.from_config(pipeline.scheduler.config)
     pipe = attack_pipeline(target, base)
-    size = (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+    size = (default_size(pipe),) * 2
     sampling = GenerateConfig(steps=cfg.steps, seed=cfg.seed, guidance=cfg.guidance, height=cfg.height or None, width=cfg.width or None)
     jobs = plan_jobs(records, sampling, size, pipe.vae_scale_factor)
     if accelerator.is_main_process:
@@ -101,11 +101,14 @@ def attack(cfg: AttackConfig, accelerator: Accelerator, log=print) -> Path | Non
     accelerator.wait_for_everyone()
     todo = [job for job in jobs if not result_path(results, job).exists()]
     accelerator.wait_for_everyone()  # every process must see the same `todo` before any writes
-    victim = Victim(pipe, cfg.k, cfg.timesteps, cfg.steps)
+    victim = Victim(pipe, cfg.k, cfg.timesteps, cfg.steps, resolution=cfg.height or size[0])
     with accelerator.split_between_processes(todo) as mine:
-        bar = tqdm(mine, desc=f"attack -> {out}", unit="prompt", disable=not accelerator.is_local_main_process)
-        for job in bar:
-            write_json(result_path(results, job), attack_prompt(cfg, names, victim, base, job, judge.for_prompt(job.record), ref_dir, out / "images"))
+        bar = tqdm(total=len(mine), desc=f"attack -> {out}", unit="prompt", disable=not accelerator.is_local_main_process)
+        for start in range(0, len(mine), cfg.batch_size):
+            chunk = mine[start : start + cfg.batch_size]
+            for job, result in zip(chunk, attack_prompts(cfg, names, victim, base, chunk, [judge.for_prompt(j.record) for j in chunk], ref_dir, out / "images")):
+                write_json(result_path(results, job), result)
+            bar.update(len(chunk))
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
@@ -116,8 +119,9 @@ def attack(cfg: AttackConfig, accelerator: Accelerator, log=print) -> Path | Non
 
 
 @torch.no_grad()
-def reference(base: StableDiffusionPipeline, job: ImageJob, steps: int, ref_dir: Path) -> torch.Tensor:
-    """The base model's image of the prompt (cached as ref_dir/<job file>) and its latent: the VAE mean x scaling factor."""
+def reference(base: DiffusionPipeline, job: ImageJob, steps: int, ref_dir: Path) -> torch.Tensor:
+    """The base model's image of the prompt (cached as ref_dir/<job file>) and its latent: the VAE mean, shifted and scaled as the
+    family's training latents are (families/data.py)."""
     path = ref_dir / job.file
     if not path.exists():
         image = base(job.record.prompt, num_inference_steps=steps, guidance_scale=job.guidance, height=job.height, width=job.width,
@@ -126,40 +130,55 @@ def reference(base: StableDiffusionPipeline, job: ImageJob, steps: int, ref_dir:
     from salun_sd.evaluation.imagefiles import load_rgb
 
     pixels = base.image_processor.preprocess(load_rgb(path)).to(base.vae.device, base.vae.dtype)
-    return base.vae.encode(pixels).latent_dist.mean.float() * base.vae.config.scaling_factor
+    shift = base.vae.config.get("shift_factor") or 0.0  # None in SD-1/2/XL VAE configs
+    return (base.vae.encode(pixels).latent_dist.mean.float() - shift) * base.vae.config.scaling_factor
 
 
-def attack_prompt(cfg: AttackConfig, names: list[str], victim: Victim, base: StableDiffusionPipeline, job: ImageJob, verdict: Verdict,
-                  ref_dir: Path, images: Path) -> dict:
-    record = job.record
-    result = {"case_number": record.case_number, "prompt": record.prompt, "seed": job.seed, "guidance": job.guidance, "file": job.file}
-    words = victim.prompt_tokens(record.prompt)
-    if len(words) + cfg.k + 2 > victim.pipe.tokenizer.model_max_length:  # the official loader drops long prompts too (utils/datasets.py)
-        return {**result, "skipped": f"{len(words)} tokens + {cfg.k} prefix tokens do not fit the text encoder's {victim.pipe.tokenizer.model_max_length}"}
-    case = victim.case(record.prompt, reference(base, job, cfg.steps, ref_dir), job.seed, job.guidance, job.height, job.width)
-    plain = victim.image(case, None)
-    save_png(plain, images / "plain" / job.file)
-    result["pre_success"] = bool(verdict([plain])[0])
-    result["attacks"] = {}
-    loss_seed = cfg.attack_seed * 1_000_003 + record.case_number
-    plain_loss = None if result["pre_success"] else victim.reference_loss(case, None, loss_seed)
-    for name in names:
-        if result["pre_success"]:  # text_grad_.py returns before attacking when the plain prompt succeeds
-            save_png(plain, images / name / job.file)
-            result["attacks"][name] = {"success": True, "blocks": 0, "adversarial_prompt": record.prompt}
+def attack_prompts(cfg: AttackConfig, names: list[str], victim: Victim, base: DiffusionPipeline, jobs: list[ImageJob], verdicts: list[Verdict],
+                   ref_dir: Path, images: Path) -> list[dict]:
+    """One result per job; the jobs' plain images, optimisation steps and judged images run as batches (search.py)."""
+    results, cases, live = [], [], []
+    for n, job in enumerate(jobs):
+        record = job.record
+        results.append({"case_number": record.case_number, "prompt": record.prompt, "seed": job.seed, "guidance": job.guidance, "file": job.file})
+        words = victim.prompt_tokens(record.prompt)
+        if len(words) + cfg.k + 2 > victim.tokenizer.model_max_length:  # the official loader drops long prompts too (utils/datasets.py)
+            results[n]["skipped"] = f"{len(words)} tokens + {cfg.k} prefix tokens do not fit the text encoder's {victim.tokenizer.model_max_length}"
             continue
+        cases.append(victim.case(record.prompt, reference(base, job, cfg.steps, ref_dir), job.seed, job.guidance, job.height, job.width))
+        live.append(n)
+    if not live:
+        return results
+    plains = victim.images(cases, None)
+    loss_seeds = [cfg.attack_seed * 1_000_003 + jobs[n].record.case_number for n in live]
+    for n, plain in zip(live, plains):
+        save_png(plain, images / "plain" / jobs[n].file)
+        results[n]["pre_success"] = bool(verdicts[n]([plain])[0])
+        results[n]["attacks"] = {}
+    todo = [m for m, n in enumerate(live) if not results[n]["pre_success"]]
+    plain_losses = victim.reference_losses([cases[m] for m in todo], None, [loss_seeds[m] for m in todo])
+    for m, n in enumerate(live):
+        if results[n]["pre_success"]:  # text_grad_.py returns before attacking when the plain prompt succeeds
+            for name in names:
+                save_png(plains[m], images / name / jobs[n].file)
+                results[n]["attacks"][name] = {"success": True, "blocks": 0, "adversarial_prompt": jobs[n].record.prompt}
+    if not todo:
+        return results
+    for name in names:
         start = time.time()
-        generator = torch.Generator(victim.device).manual_seed(loss_seed * len(names) + names.index(name))
-        space = (DiscretePrefix(victim.token_table, cfg.k, cfg.learning_rate, cfg.weight_decay) if name == "discrete"
-                 else EmbeddingPrefix(victim.token_table, cfg.k, cfg.embedding_learning_rate))
-        outcome = search(victim, case, space, cfg.iterations, verdict, generator)
-        save_png(outcome.image, images / name / job.file)
-        entry = {"success": outcome.success, "blocks": outcome.blocks, "optimizer_steps": outcome.blocks * cfg.iterations, "loss_trace": outcome.loss_trace,
-                 "reference_loss_plain": plain_loss, "reference_loss_attacked": victim.reference_loss(case, outcome.prefix, loss_seed),
-                 "seconds": round(time.time() - start, 2)}
-        if outcome.ids is not None:
-            ids = outcome.ids.tolist()
-            entry["token_ids"] = ids
-            entry["adversarial_prompt"] = victim.pipe.tokenizer.decode(ids + words)
-        result["attacks"][name] = entry
-    return result
+        generators = [torch.Generator(victim.device).manual_seed(loss_seeds[m] * len(names) + names.index(name)) for m in todo]
+        spaces = [DiscretePrefix(victim.clip_tables, cfg.k, cfg.learning_rate, cfg.weight_decay) if name == "discrete"
+                  else EmbeddingPrefix(victim.tables, cfg.k, cfg.embedding_learning_rate) for _ in todo]
+        outcomes = search(victim, [cases[m] for m in todo], spaces, cfg.iterations, [verdicts[live[m]] for m in todo], generators)
+        attacked = victim.reference_losses([cases[m] for m in todo], [o.slots for o in outcomes], [loss_seeds[m] for m in todo])
+        seconds = round((time.time() - start) / len(todo), 2)  # the batch's time, shared by its instances
+        for m, outcome, plain_loss, attacked_loss in zip(todo, outcomes, plain_losses, attacked):
+            n = live[m]
+            save_png(outcome.image, images / name / jobs[n].file)
+            entry = {"success": outcome.success, "blocks": outcome.blocks, "optimizer_steps": outcome.blocks * cfg.iterations, "loss_trace": outcome.loss_trace,
+                     "reference_loss_plain": plain_loss, "reference_loss_attacked": attacked_loss, "seconds": seconds}
+            if outcome.slots.ids is not None:
+                entry["token_ids"] = outcome.slots.ids.tolist()
+                entry["adversarial_prompt"] = victim.decode(outcome.slots.ids, cases[m])
+            results[n]["attacks"][name] = entry
+    return results

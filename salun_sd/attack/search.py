@@ -1,61 +1,74 @@
 """The UnlearnDiffAtk schedule, shared by both search spaces: for each timestep of a fixed list, some
-optimiser steps on the diffusion loss at that timestep (fresh noise each step), then one image from the
-current prompt, judged; stop at the first success (src/attackers/text_grad_.py run, sequential mode)."""
+optimiser steps on the training loss at that timestep (fresh noise each step), then one image from the
+current prompt, judged; stop at the first success (src/attackers/text_grad_.py run, sequential mode).
+
+Many instances (prompt, seed) run together: one forward and backward per step for all that have not yet
+succeeded. Each has its own search space, optimiser and generator, and the batch's loss is the sum of the
+per-instance losses, so an instance's gradients, draws and result are those it would have alone.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from PIL import Image
 
-from salun_sd.attack.target import Case, Victim
+from salun_sd.attack.judges import Verdict
+from salun_sd.attack.target import Case, Slots, Victim
 
 
 class Prefix(Protocol):
     optimizer: torch.optim.Optimizer
 
-    def prefix(self, generator: torch.Generator) -> torch.Tensor: ...
+    def prefix(self, generator: torch.Generator) -> Slots: ...
 
     def after_step(self) -> None: ...
 
-    def final(self) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+    def final(self) -> Slots: ...
 
 
 @dataclass
 class Outcome:
     success: bool
     image: Image.Image
-    prefix: torch.Tensor  # (k, d): what the image was drawn with
-    ids: torch.Tensor | None  # (k,) token ids for the discrete attack
+    slots: Slots  # what the image was drawn with (the discrete attack's ids included)
     blocks: int  # timestep blocks run
     loss_trace: list[float]  # mean training loss per block
 
 
-def search(victim: Victim, case: Case, space: Prefix, iterations: int, judge: Callable[[list[Image.Image]], list[bool]], generator: torch.Generator) -> Outcome:
-    trace: list[float] = []
+def search(victim: Victim, cases: Sequence[Case], spaces: Sequence[Prefix], iterations: int, verdicts: Sequence[Verdict],
+           generators: Sequence[torch.Generator]) -> list[Outcome]:
+    """Attack every case in its own space; `verdicts[i]` judges case i's images, `generators[i]` makes its draws."""
+    traces: list[list[float]] = [[] for _ in cases]
+    outcomes: list[Outcome | None] = [None] * len(cases)
+    active = list(range(len(cases)))
     for block, t in enumerate(victim.timesteps, start=1):
-        total = 0.0
+        totals = [0.0] * len(active)
         for _ in range(iterations):
-            loss = victim.loss(case, space.prefix(generator), t, victim.noise(case, generator))
-            space.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            space.optimizer.step()
-            space.after_step()
-            total += loss.item()
-        trace.append(total / iterations)
-        prefix, ids = space.final()
-        image = victim.image(case, prefix, None if ids is None else with_slots(case.ids, ids))
-        success = judge([image])[0]
-        if success or block == len(victim.timesteps):
-            return Outcome(bool(success), image, prefix, ids, block, trace)
-    raise AssertionError("the schedule has at least one timestep")
-
-
-def with_slots(ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """The case's ids with the k slots after BOS set to `tokens`."""
-    out = ids.clone()
-    out[0, 1 : 1 + len(tokens)] = tokens.to(out.device)
-    return out
+            slots = [spaces[i].prefix(generators[i]) for i in active]  # each generator: its token draw, then its noise, as alone
+            noise = torch.cat([victim.noise(cases[i], generators[i]) for i in active])
+            losses = victim.losses([cases[i] for i in active], slots, [t] * len(active), noise)
+            for i in active:
+                spaces[i].optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            for n, i in enumerate(active):
+                spaces[i].optimizer.step()
+                spaces[i].after_step()
+                totals[n] += losses[n].item()
+        finals = [spaces[i].final() for i in active]
+        images = victim.images([cases[i] for i in active], finals)
+        still = []
+        for n, i in enumerate(active):
+            traces[i].append(totals[n] / iterations)
+            success = bool(verdicts[i]([images[n]])[0])
+            if success or block == len(victim.timesteps):
+                outcomes[i] = Outcome(success, images[n], finals[n], block, traces[i])
+            else:
+                still.append(i)
+        active = still
+        if not active:
+            break
+    return outcomes  # type: ignore[return-value]

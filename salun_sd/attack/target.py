@@ -1,50 +1,127 @@
-"""The attacked model as the attack sees it: the erased UNet behind the base model's text encoder.
+"""The attacked model as the attack sees it: the erased network behind the base model's text encoders, scored
+by the core's denoiser with the family's own training loss.
 
 UnlearnDiffAtk uses the erased model as its own classifier: a prompt that brings the concept back is one
-under which the erased UNet predicts the noise of a noised base-model image of the concept well. A prompt is
-`[BOS] prefix(k) prompt [EOS] pad...`; the k prefix slots take any embeddings (a token's, a mixture of
-tokens', or free ones), substituted at the token-embedding layer so the text encoder runs unchanged.
+under which the erased network denoises a noised base-model image of the concept well. The loss is
+`core.objectives.diffusion_loss` on the family's denoiser (ε, v, x0 or flow-matching target; the family's
+noising at the index t of its training schedule; SDXL's pooled embedding and time ids, FLUX's guidance
+embedding and packed latents), so it is the loss the erase trained and cannot drift from it.
+
+A prompt under attack is `[BOS] prefix(k) prompt [EOS] pad...` in every CLIP encoder: the prompt is encoded
+behind k placeholder words by the pipeline's own `encode_prompt`, and a hook on each encoder's token-embedding
+layer puts the prefix in those slots. One relaxed one-hot per slot feeds every CLIP encoder (they share the
+vocabulary; each through its own token table). T5 (SD3, FLUX) is outside that vocabulary: for the discrete
+attack it reads the prefix as text (the decoded tokens before the prompt, re-encoded at every step, no gradient
+through T5), so a typed prompt `<prefix text> <prompt>` gives T5 exactly what the search saw; the embedding
+attack puts its own free prefix in front of T5's tokens. Many (prompt, seed) instances run as one batch:
+their optimisations are independent (the loss is a sum of per-instance losses, each with its own draws).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image
+from torch import nn
+
+from salun_sd.core.objectives import Batch, diffusion_loss
+from salun_sd.errors import UserError
+from salun_sd.families.loading import family_of
+
+TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+PLACEHOLDER = "x"  # one CLIP token per word; its embeddings are replaced by the prefix
 
 
-def attack_pipeline(target: StableDiffusionPipeline, base: StableDiffusionPipeline) -> StableDiffusionPipeline:
-    """The target's UNet, VAE and scheduler with the base model's text encoder and tokenizer, as src/tasks/classifier_.py pairs them."""
-    pipe = StableDiffusionPipeline(**{**target.components, "text_encoder": base.text_encoder, "tokenizer": base.tokenizer}, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False).eval()
-    return pipe
+def attack_pipeline(target: DiffusionPipeline, base: DiffusionPipeline) -> DiffusionPipeline:
+    """The target's network, VAE and scheduler with the base model's text encoders and tokenizers, as
+    src/tasks/classifier_.py pairs them (the target pipeline object is reused)."""
+    if type(target) is not type(base):
+        raise UserError(f"the attacked model is a {family_of(target).name} pipeline but the base is a {family_of(base).name} one")
+    target.register_modules(**{name: getattr(base, name) for name in TEXT_COMPONENTS if name in target.components})
+    target.set_progress_bar_config(disable=True)
+    for module in target.components.values():
+        if isinstance(module, nn.Module):
+            module.requires_grad_(False).eval()
+    return target
+
+
+def default_size(pipe: DiffusionPipeline) -> int:
+    """The family's default image size in pixels: its network's sample size, else the pipeline's (FLUX)."""
+    network = getattr(pipe, family_of(pipe).network)
+    return (getattr(network.config, "sample_size", None) or pipe.default_sample_size) * pipe.vae_scale_factor
 
 
 def schedule(num_train_timesteps: int, n: int) -> list[int]:
-    """n evenly spaced timesteps starting at half a spacing (src/tasks/classifier_.py: sampled_t)."""
+    """n evenly spaced indices into the training schedule starting at half a spacing (src/tasks/classifier_.py:
+    sampled_t 10, 30, ..., 990 for DDPM); for SD3/FLUX the index selects the flow schedule's σ as training does."""
     step = max(1, num_train_timesteps // n)
     return list(range(step // 2, num_train_timesteps, step))[:n]
 
 
+Encode = Callable[[DiffusionPipeline, list[str], list[str], torch.device], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class TextStreams:
+    """A family's text encoders as the attack sees them, and its `encode_prompt` call. The returned keys are
+    the pipeline's own call arguments (prompt_embeds, pooled_prompt_embeds)."""
+
+    clip: tuple[str, ...]  # CLIP encoders: the discrete attack's vocabulary, prefix after BOS
+    t5: str | None  # the T5 encoder, if the family has one
+    encode: Encode  # (pipe, prompts for CLIP, prompts for T5, device) -> conditions
+
+
+def _sd(pipe, clip: list[str], t5: list[str], device) -> dict[str, torch.Tensor]:
+    return {"prompt_embeds": pipe.encode_prompt(clip, device, 1, False)[0]}
+
+
+def _sdxl(pipe, clip: list[str], t5: list[str], device) -> dict[str, torch.Tensor]:
+    embeds, _, pooled, _ = pipe.encode_prompt(clip, clip, device, 1, False)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+
+def _sd3(pipe, clip: list[str], t5: list[str], device) -> dict[str, torch.Tensor]:
+    embeds, _, pooled, _ = pipe.encode_prompt(clip, clip, t5, device=device, do_classifier_free_guidance=False)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+
+def _flux(pipe, clip: list[str], t5: list[str], device) -> dict[str, torch.Tensor]:
+    embeds, pooled, _ = pipe.encode_prompt(clip, t5, device=device)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+
+STREAMS = {
+    "SD-1.x/2.x": TextStreams(("text_encoder",), None, _sd),
+    "SDXL": TextStreams(("text_encoder", "text_encoder_2"), None, _sdxl),
+    "SD3": TextStreams(("text_encoder", "text_encoder_2"), "text_encoder_3", _sd3),
+    "FLUX.1": TextStreams(("text_encoder",), "text_encoder_2", _flux),
+}
+
+
+@dataclass
+class Slots:
+    """One instance's prefix: an embedding (k, d) per prefixed encoder, and for the discrete attack its token ids (k,)."""
+
+    embeddings: list[torch.Tensor]
+    ids: torch.Tensor | None = None
+
+
 @contextmanager
-def prefix_embeddings(text_encoder, prefix: torch.Tensor | None) -> Iterator[None]:
-    """While active, token positions 1..k of every prompt get `prefix` (k, d) instead of their token embeddings."""
-    if prefix is None:
-        yield
-        return
-    k = prefix.shape[0]
+def prefix_hook(encoder: nn.Module, prefix: torch.Tensor, start: int) -> Iterator[None]:
+    """While active, the encoder's token embeddings get `prefix` (B, k, d): CLIP's placeholders at positions
+    start..start+k are replaced (its pooled output reads the EOS position from the ids, which must not move);
+    at start 0 (T5, no BOS, no pooling) the prefix is put in front and the last k positions (padding) dropped."""
+    k = prefix.shape[1]
 
     def substitute(module, inputs, out):
-        return torch.cat([out[:, :1], prefix.to(out.dtype).expand(out.shape[0], -1, -1), out[:, 1 + k :]], dim=1)
+        p = prefix.to(out.dtype)
+        return torch.cat([out[:, :start], p, out[:, start + k :]] if start else [p, out[:, :-k]], dim=1)
 
-    handle = text_encoder.get_input_embeddings().register_forward_hook(substitute)
+    handle = encoder.get_input_embeddings().register_forward_hook(substitute)
     try:
         yield
     finally:
@@ -53,12 +130,11 @@ def prefix_embeddings(text_encoder, prefix: torch.Tensor | None) -> Iterator[Non
 
 @dataclass
 class Case:
-    """One prompt under attack: token ids with k prefix slots, the plain ids, the reference latent and how images are drawn."""
+    """One instance under attack: a prompt and image seed, the base model's reference latent, how images are drawn."""
 
     prompt: str
-    ids: torch.Tensor  # (1, 77): [BOS] slots(k) prompt [EOS] pad
-    plain_ids: torch.Tensor  # (1, 77): the prompt as the tokenizer gives it
-    x0: torch.Tensor  # (1, C, h, w): the reference image's latent (VAE mean x scaling factor, as classifier_.py img2latent)
+    words: list[int]  # the prompt's CLIP token ids, without BOS / EOS
+    x0: torch.Tensor  # (1, C, h, w): the reference image's latent (VAE mean, the family's shift and scale; classifier_.py img2latent)
     seed: int
     guidance: float
     height: int
@@ -66,65 +142,92 @@ class Case:
 
 
 class Victim:
-    """The diffusion loss of the attacked UNet under a prefix, and images drawn with a prefix."""
+    """The training loss of the attacked network under prefixes, and images drawn with them, for a batch of cases."""
 
-    def __init__(self, pipe: StableDiffusionPipeline, k: int, timesteps: int, steps: int) -> None:
+    def __init__(self, pipe: DiffusionPipeline, k: int, timesteps: int, steps: int, resolution: int | None = None) -> None:
+        family = family_of(pipe)
         self.pipe, self.k, self.steps = pipe, k, steps
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.timesteps = schedule(self.noise_scheduler.config.num_train_timesteps, timesteps)
-        self.token_table = pipe.text_encoder.get_input_embeddings().weight.detach().float()  # (vocab, d)
-        self.device = pipe.unet.device
-        tok = pipe.tokenizer
-        self.uncond = self.encode(tok("", padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids)
+        self.streams = STREAMS[family.name]
+        self.network = getattr(pipe, family.network)
+        self.device = self.network.device
+        size = resolution or default_size(pipe)
+        self.denoiser = family.denoiser(pipe, [], resolution=size).to(self.device)  # SDXL's time ids are those of training at this size
+        self.timesteps = schedule(self.denoiser.num_train_timesteps, timesteps)
+        self.clip = [getattr(pipe, name) for name in self.streams.clip if getattr(pipe, name, None) is not None]
+        self.t5 = getattr(pipe, self.streams.t5, None) if self.streams.t5 else None
+        # the discrete attack's token tables (one per CLIP encoder, same vocabulary) and every prefixed encoder's, for the embedding attack
+        self.clip_tables = [e.get_input_embeddings().weight.detach().float() for e in self.clip]
+        self.tables = self.clip_tables + ([self.t5.get_input_embeddings().weight.detach().float()] if self.t5 is not None else [])
+        self.placeholders = " ".join([PLACEHOLDER] * k)
+
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer
 
     def prompt_tokens(self, prompt: str) -> list[int]:
-        return self.pipe.tokenizer(prompt, add_special_tokens=False).input_ids
+        return self.tokenizer(prompt, add_special_tokens=False).input_ids
 
     def case(self, prompt: str, x0: torch.Tensor, seed: int, guidance: float, height: int, width: int) -> Case:
-        tok = self.pipe.tokenizer
         words = self.prompt_tokens(prompt)
-        n = tok.model_max_length
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        slots = [tok.bos_token_id, *[0] * self.k, *words, tok.eos_token_id]
-        plain = [tok.bos_token_id, *words, tok.eos_token_id]
-        as_ids = lambda ids: torch.tensor([ids + [pad] * (n - len(ids))])  # noqa: E731
-        return Case(prompt, as_ids(slots), as_ids(plain), x0.detach(), seed, guidance, height, width)
+        slotted = self.tokenizer(f"{self.placeholders} {prompt}").input_ids
+        if slotted[1 : 1 + self.k] != self.prompt_tokens(" ".join([PLACEHOLDER] * self.k)) or slotted[1 + self.k : -1] != words:
+            raise AssertionError(f"the placeholders do not tokenise to {self.k} slots before {prompt!r}")
+        return Case(prompt, words, x0.detach(), seed, guidance, height, width)
 
-    def encode(self, ids: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
-        with prefix_embeddings(self.pipe.text_encoder, prefix):
-            return self.pipe.text_encoder(ids.to(self.device))[0]
+    def text(self, cases: Sequence[Case], slots: Sequence[Slots] | None) -> dict[str, torch.Tensor]:
+        """The family's conditions for each case under its prefix (None: the plain prompts), with gradients to the prefix."""
+        plain = [c.prompt for c in cases]
+        if slots is None:
+            return self.streams.encode(self.pipe, plain, plain, self.device)
+        clip = [f"{self.placeholders} {c.prompt}" for c in cases]
+        # T5 reads the discrete prefix as text; the embedding prefix enters through its own slots
+        t5 = [self.decode(s.ids, c) for s, c in zip(slots, cases)] if slots[0].ids is not None else plain
+        prefixed = self.clip + ([self.t5] if self.t5 is not None and slots[0].ids is None else [])
+        with ExitStack() as stack:
+            for i, encoder in enumerate(prefixed):
+                prefix = torch.stack([s.embeddings[i] for s in slots]).to(self.device)
+                stack.enter_context(prefix_hook(encoder, prefix, start=1 if i < len(self.clip) else 0))
+            return self.streams.encode(self.pipe, clip, t5, self.device)
 
-    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            return self.noise_scheduler.get_velocity(x0, noise, t)
-        return noise
+    def decode(self, ids: torch.Tensor, case: Case) -> str:
+        """The prompt with the prefix tokens as text: the adversarial prompt a user would type."""
+        return self.tokenizer.decode(ids.tolist() + case.words)
 
-    def loss(self, case: Case, prefix: torch.Tensor | None, t: int | list[int], noise: torch.Tensor) -> torch.Tensor:
-        """MSE between the noise and the UNet's prediction on the noised reference latent (classifier_.py get_loss)."""
-        t = torch.tensor([t] if isinstance(t, int) else t, device=self.device)
-        x0 = case.x0.to(self.device, torch.float32).expand(len(t), -1, -1, -1)
-        noise = noise.to(self.device, torch.float32)
-        x_t = self.noise_scheduler.add_noise(x0, noise, t)
-        ids = case.ids if prefix is not None else case.plain_ids
-        cond = self.encode(ids, prefix).expand(len(t), -1, -1)
-        pred = self.pipe.unet(x_t.to(self.pipe.unet.dtype), t, encoder_hidden_states=cond).sample
-        return F.mse_loss(pred.float(), self.target(x0, noise, t))
+    def losses(self, cases: Sequence[Case], slots: Sequence[Slots] | None, t: Sequence[int], noise: torch.Tensor) -> torch.Tensor:
+        """Per case, the family's training loss (core.objectives.diffusion_loss) of the reference latent at timestep index t."""
+        dtype = self.network.dtype
+        x0 = torch.cat([c.x0 for c in cases]).to(self.device, dtype)
+        den = self.denoiser.with_text(self.text(cases, slots))
+        batch = Batch(x0, torch.arange(len(cases), device=self.device), noise.to(self.device, dtype), torch.tensor(list(t), device=self.device))
+        return diffusion_loss(den, self.network, batch)
 
     def noise(self, case: Case, generator: torch.Generator, n: int = 1) -> torch.Tensor:
         return torch.randn((n, *case.x0.shape[1:]), generator=generator, device=generator.device)
 
     @torch.no_grad()
-    def reference_loss(self, case: Case, prefix: torch.Tensor | None, seed: int, chunk: int = 8) -> float:
-        """The loss over the whole schedule with fixed noise: the same number for every prompt variant of a case."""
-        generator = torch.Generator(self.device).manual_seed(seed)
-        noise = self.noise(case, generator, len(self.timesteps))
-        parts = [self.loss(case, prefix, self.timesteps[i : i + chunk], noise[i : i + chunk]) * len(noise[i : i + chunk]) for i in range(0, len(noise), chunk)]
-        return float(sum(parts) / len(noise))
+    def reference_losses(self, cases: Sequence[Case], slots: Sequence[Slots] | None, seeds: Sequence[int], chunk: int = 8) -> list[float]:
+        """Per case, the loss over the whole schedule with noise fixed by its seed: the same number for every prompt variant of a case."""
+        out = []
+        for i, case in enumerate(cases):
+            noise = self.noise(case, torch.Generator(self.device).manual_seed(seeds[i]), len(self.timesteps))
+            parts = []
+            for j in range(0, len(noise), chunk):
+                n = len(noise[j : j + chunk])
+                parts.append(self.losses([case] * n, None if slots is None else [slots[i]] * n, self.timesteps[j : j + chunk], noise[j : j + chunk]))
+            out.append(float(torch.cat(parts).mean()))
+        return out
 
     @torch.no_grad()
-    def image(self, case: Case, prefix: torch.Tensor | None, ids: torch.Tensor | None = None) -> Image.Image:
-        """One image of the case's seed; `ids` replaces the slot ids (a discrete prompt), `prefix` the slot embeddings."""
-        ids = ids if ids is not None else (case.ids if prefix is not None else case.plain_ids)
-        cond = self.encode(ids, prefix)
-        return self.pipe(prompt_embeds=cond, negative_prompt_embeds=self.uncond, num_inference_steps=self.steps, guidance_scale=case.guidance,
-                         height=case.height, width=case.width, generator=torch.Generator("cpu").manual_seed(case.seed)).images[0]
+    def images(self, cases: Sequence[Case], slots: Sequence[Slots] | None) -> list[Image.Image]:
+        """One image per case from its seed, under its prefix (None: the plain prompts); one pipeline call per sampling setting."""
+        out: list[Image.Image | None] = [None] * len(cases)
+        groups: dict[tuple[float, int, int], list[int]] = {}
+        for i, c in enumerate(cases):
+            groups.setdefault((c.guidance, c.height, c.width), []).append(i)
+        for (guidance, height, width), members in groups.items():
+            text = self.text([cases[i] for i in members], None if slots is None else [slots[i] for i in members])
+            generators = [torch.Generator("cpu").manual_seed(cases[i].seed) for i in members]
+            drawn = self.pipe(**text, num_inference_steps=self.steps, guidance_scale=guidance, height=height, width=width, generator=generators).images
+            for i, image in zip(members, drawn):
+                out[i] = image
+        return out  # type: ignore[return-value]

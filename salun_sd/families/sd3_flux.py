@@ -16,6 +16,7 @@ cross-attention, so SD's rule `.attn2.` must not be used here.)
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -61,6 +62,13 @@ class PromptTableFlowDenoiser(FlowMatchDenoiser):
 
     def cond_id(self, prompt: str) -> int:
         return self.prompts.index(prompt)
+
+    def with_text(self, text: dict[str, torch.Tensor]) -> "PromptTableFlowDenoiser":
+        """A view whose condition id i is the i-th prompt of `text` (the pipeline's encode_prompt outputs, e.g. the
+        attack's prefixed prompts with gradients), so a caller uses the same predict and loss as training."""
+        view = copy.copy(self)
+        view.table = {**self.table, "embeddings": text["prompt_embeds"], "pooled": text["pooled_prompt_embeds"]}
+        return view
 
 
 class SD3Denoiser(PromptTableFlowDenoiser):

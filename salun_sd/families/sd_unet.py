@@ -5,6 +5,8 @@ Prompts are encoded once, so the text encoders are out of the training step (and
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
@@ -62,6 +64,13 @@ class TextConditionedDenoiser(Denoiser):
     def cond_id(self, prompt: str) -> int:
         return self.prompts.index(prompt)
 
+    def with_text(self, text: dict[str, torch.Tensor]) -> "TextConditionedDenoiser":
+        """A view whose condition id i is the i-th prompt of `text` (the pipeline's encode_prompt outputs, e.g. the
+        attack's prefixed prompts with gradients), so a caller uses the same predict and loss as training."""
+        view = copy.copy(self)
+        view.embeddings, view.concept_tokens = text["prompt_embeds"], None
+        return view
+
 
 @torch.no_grad()
 def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
@@ -100,6 +109,11 @@ class SDXLDenoiser(TextConditionedDenoiser):
     def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         added = {"text_embeds": self.pooled[cond], "time_ids": self.time_ids.expand(len(cond), -1)}
         return model(x_t, t, encoder_hidden_states=self.embeddings[cond], added_cond_kwargs=added).sample
+
+    def with_text(self, text: dict[str, torch.Tensor]) -> "SDXLDenoiser":
+        view = super().with_text(text)
+        view.pooled = text["pooled_prompt_embeds"]
+        return view
 
     def to(self, device: torch.device | str) -> "SDXLDenoiser":
         super().to(device)
