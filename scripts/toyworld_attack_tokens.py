@@ -22,9 +22,10 @@ import torch
 
 from salun_sd.attack.config import AttackConfig
 from salun_sd.attack.judges import load_judge
-from salun_sd.attack.run import reference
+from salun_sd.attack.run import references
 from salun_sd.attack.discrete import token_slots
-from salun_sd.attack.target import Victim, attack_pipeline, default_size
+from salun_sd.attack.target import Victim, attack_pipeline
+from salun_sd.families.loading import family_of
 from salun_sd.evaluation.config import GenerateConfig
 from salun_sd.evaluation.generate import plan_jobs
 from salun_sd.evaluation.prompts import load_prompts
@@ -38,12 +39,12 @@ def random_prefix_success(report: dict, pre_failed: list[dict]) -> int:
     base, target = load_toy_pipeline(cfg.base), load_toy_pipeline(cfg.model)
     victim = Victim(attack_pipeline(target, base), cfg.k, cfg.timesteps, cfg.steps)
     verdict = load_judge(cfg).for_prompt(None)
-    size = (default_size(target),) * 2
+    size = (family_of(target).default_size(target),) * 2
     jobs = {job.record.case_number: job for job in plan_jobs(load_prompts(cfg.prompts).records, GenerateConfig(steps=cfg.steps, seed=cfg.seed, guidance=cfg.guidance), size)}
     hits = 0
     for prompt in pre_failed:
         job = jobs[prompt["case_number"]]
-        case = victim.case(job.record.prompt, reference(base, job, cfg.steps, Path(cfg.reference_dir)), job.seed, job.guidance, job.height, job.width)
+        case = victim.case(job.request, references(base, [job], cfg.steps, Path(cfg.reference_dir))[0])
         generator = torch.Generator().manual_seed(1_000 + cfg.attack_seed * 1_000_003 + job.record.case_number)
         draws = [torch.randint(len(victim.clip_tables[0]), (cfg.k,), generator=generator) for _ in victim.timesteps]
         hits += any(verdict(victim.images([case], [token_slots(victim.clip_tables, ids)]))[0] for ids in draws)

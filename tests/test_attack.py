@@ -14,6 +14,7 @@ from salun_sd.attack.run import attack
 from salun_sd.attack.search import search
 from salun_sd.attack.target import Victim, attack_pipeline
 from salun_sd.errors import UserError
+from salun_sd.generation import ImageRequest
 from salun_sd.run.runtime import make_accelerator
 from salun_sd.toyworld.pipeline import PIPELINE_DIR, load_toy_pipeline
 
@@ -67,7 +68,7 @@ def test_attack_succeeds_on_the_toy_base(victim, tmp_path):
     report = json.loads((md.parent / "report.json").read_text())
     assert report["totals"]["pre_success"] == 2 and report["totals"]["discrete"]["asr"] == 1 and report["totals"]["embedding"]["asr"] == 1
     assert (md.parent / "grids" / "attack_000.png").is_file() and "| pre-attack (plain prompt) | 100.00 % (2/2) |" in md.read_text()
-    case = victim.case(CIRCLES[0], reference_latent(victim.pipe, CIRCLES[0]), seed=0, guidance=3.0, height=16, width=16)
+    case = victim.case(ImageRequest(CIRCLES[0], 0, 16, 16, 3.0), reference_latent(victim.pipe, CIRCLES[0]))
     verdict = load_judge(cfg).for_prompt(None)
     for space in (DiscretePrefix(victim.clip_tables, 5, 0.01, 0.1), EmbeddingPrefix(victim.tables, 5, 0.005)):
         [outcome] = search(victim, [case], [space], 2, [verdict], [torch.Generator().manual_seed(0)])
@@ -85,7 +86,7 @@ def erased(tmp_path_factory):
 def test_on_an_erased_model_the_attacks_lower_the_reference_loss_below_the_plain_prompts(erased):
     base, target = load_toy_pipeline(), load_toy_pipeline(erased)
     victim = Victim(attack_pipeline(target, base), k=5, timesteps=3, steps=10)
-    case = victim.case(CIRCLES[0], reference_latent(base, CIRCLES[0]), seed=0, guidance=3.0, height=16, width=16)
+    case = victim.case(ImageRequest(CIRCLES[0], 0, 16, 16, 3.0), reference_latent(base, CIRCLES[0]))
     [plain] = victim.reference_losses([case], None, seeds=[1])
     never = lambda images: [False] * len(images)  # noqa: E731  run the whole budget
     for space in (DiscretePrefix(victim.clip_tables, 5, 0.01, 0.1), EmbeddingPrefix(victim.tables, 5, 0.005)):

@@ -25,14 +25,15 @@ from salun_sd.attack.embedding import EmbeddingPrefix
 from salun_sd.attack.judges import Verdict, load_judge
 from salun_sd.attack.report import write_report
 from salun_sd.attack.search import search
-from salun_sd.attack.target import Victim, attack_pipeline, default_size
+from salun_sd.attack.target import Victim, attack_pipeline
 from salun_sd.config import to_dict
 from salun_sd.errors import UserError
 from salun_sd.evaluation.config import GenerateConfig
 from salun_sd.evaluation.generate import ImageJob, plan_jobs, record_plan, resolve_dtype, save_png
 from salun_sd.evaluation.prompts import filter_prompts, load_prompts
 from salun_sd.run.manifest import manifest, write_manifest
-from salun_sd.families.loading import load_pipeline, scheduler_class
+from salun_sd.families.loading import family_of, load_pipeline, scheduler_class
+from salun_sd.generation import draw_images
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -88,9 +89,10 @@ def attack(cfg: AttackConfig, accelerator: Accelerator, log=print) -> Path | Non
         for pipeline in {id(base): base, id(target): target}.values():
             pipeline.scheduler = scheduler.from_config(pipeline.scheduler.config)
     pipe = attack_pipeline(target, base)
-    size = (default_size(pipe),) * 2
+    family = family_of(pipe)
+    size = (family.default_size(pipe),) * 2
     sampling = GenerateConfig(steps=cfg.steps, seed=cfg.seed, guidance=cfg.guidance, height=cfg.height or None, width=cfg.width or None)
-    jobs = plan_jobs(records, sampling, size, pipe.vae_scale_factor)
+    jobs = plan_jobs(records, sampling, size, family.size_multiple(pipe))
     if accelerator.is_main_process:
         for folder in (results, *(out / "images" / n for n in ("plain", *names))):
             folder.mkdir(parents=True, exist_ok=True)
@@ -119,25 +121,26 @@ def attack(cfg: AttackConfig, accelerator: Accelerator, log=print) -> Path | Non
 
 
 @torch.no_grad()
-def reference(base: DiffusionPipeline, job: ImageJob, steps: int, ref_dir: Path) -> torch.Tensor:
-    """The base model's image of the prompt (cached as ref_dir/<job file>) and its latent: the VAE mean, shifted and scaled as the
-    family's training latents are (families/data.py)."""
-    path = ref_dir / job.file
-    if not path.exists():
-        image = base(job.record.prompt, num_inference_steps=steps, guidance_scale=job.guidance, height=job.height, width=job.width,
-                     generator=torch.Generator("cpu").manual_seed(job.seed)).images[0]
-        save_png(image, path)
+def references(base: DiffusionPipeline, jobs: list[ImageJob], steps: int, ref_dir: Path) -> list[torch.Tensor]:
+    """The base model's image of each job (cached as ref_dir/<job file>; the missing ones drawn in one batch) and its latent:
+    the VAE mean, shifted and scaled as the family's training latents are (families/data.py)."""
     from salun_sd.evaluation.imagefiles import load_rgb
 
-    pixels = base.image_processor.preprocess(load_rgb(path)).to(base.vae.device, base.vae.dtype)
+    missing = [job for job in jobs if not (ref_dir / job.file).exists()]
+    for job, image in zip(missing, draw_images(base, [job.request for job in missing], steps, batch_size=max(1, len(missing)))):
+        save_png(image, ref_dir / job.file)
     shift = base.vae.config.get("shift_factor") or 0.0  # None in SD-1/2/XL VAE configs
-    return (base.vae.encode(pixels).latent_dist.mean.float() - shift) * base.vae.config.scaling_factor
+    latents = []
+    for job in jobs:  # one at a time: a latent must not depend on the batch it was encoded in
+        pixels = base.image_processor.preprocess(load_rgb(ref_dir / job.file)).to(base.vae.device, base.vae.dtype)
+        latents.append((base.vae.encode(pixels).latent_dist.mean.float() - shift) * base.vae.config.scaling_factor)
+    return latents
 
 
 def attack_prompts(cfg: AttackConfig, names: list[str], victim: Victim, base: DiffusionPipeline, jobs: list[ImageJob], verdicts: list[Verdict],
                    ref_dir: Path, images: Path) -> list[dict]:
     """One result per job; the jobs' plain images, optimisation steps and judged images run as batches (search.py)."""
-    results, cases, live = [], [], []
+    results, live = [], []
     for n, job in enumerate(jobs):
         record = job.record
         results.append({"case_number": record.case_number, "prompt": record.prompt, "seed": job.seed, "guidance": job.guidance, "file": job.file})
@@ -145,10 +148,11 @@ def attack_prompts(cfg: AttackConfig, names: list[str], victim: Victim, base: Di
         if len(words) + cfg.k + 2 > victim.tokenizer.model_max_length:  # the official loader drops long prompts too (utils/datasets.py)
             results[n]["skipped"] = f"{len(words)} tokens + {cfg.k} prefix tokens do not fit the text encoder's {victim.tokenizer.model_max_length}"
             continue
-        cases.append(victim.case(record.prompt, reference(base, job, cfg.steps, ref_dir), job.seed, job.guidance, job.height, job.width))
         live.append(n)
     if not live:
         return results
+    x0 = references(base, [jobs[n] for n in live], cfg.steps, ref_dir)
+    cases = [victim.case(jobs[n].request, latent) for n, latent in zip(live, x0)]
     plains = victim.images(cases, None)
     loss_seeds = [cfg.attack_seed * 1_000_003 + jobs[n].record.case_number for n in live]
     for n, plain in zip(live, plains):

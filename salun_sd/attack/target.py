@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers import DiffusionPipeline
@@ -31,6 +31,7 @@ from torch import nn
 from salun_sd.core.objectives import Batch, diffusion_loss
 from salun_sd.errors import UserError
 from salun_sd.families.loading import family_of
+from salun_sd.generation import ImageRequest, draw_images
 
 TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 PLACEHOLDER = "x"  # one CLIP token per word; its embeddings are replaced by the prefix
@@ -47,12 +48,6 @@ def attack_pipeline(target: DiffusionPipeline, base: DiffusionPipeline) -> Diffu
         if isinstance(module, nn.Module):
             module.requires_grad_(False).eval()
     return target
-
-
-def default_size(pipe: DiffusionPipeline) -> int:
-    """The family's default image size in pixels: its network's sample size, else the pipeline's (FLUX)."""
-    network = getattr(pipe, family_of(pipe).network)
-    return (getattr(network.config, "sample_size", None) or pipe.default_sample_size) * pipe.vae_scale_factor
 
 
 def schedule(num_train_timesteps: int, n: int) -> list[int]:
@@ -135,10 +130,7 @@ class Case:
     prompt: str
     words: list[int]  # the prompt's CLIP token ids, without BOS / EOS
     x0: torch.Tensor  # (1, C, h, w): the reference image's latent (VAE mean, the family's shift and scale; classifier_.py img2latent)
-    seed: int
-    guidance: float
-    height: int
-    width: int
+    request: ImageRequest  # how its images are drawn: seed, size, guidance (the generation layer's key)
 
 
 class Victim:
@@ -148,9 +140,9 @@ class Victim:
         family = family_of(pipe)
         self.pipe, self.k, self.steps = pipe, k, steps
         self.streams = STREAMS[family.name]
-        self.network = getattr(pipe, family.network)
+        self.network = family.network_of(pipe)
         self.device = self.network.device
-        size = resolution or default_size(pipe)
+        size = resolution or family.default_size(pipe)
         self.denoiser = family.denoiser(pipe, [], resolution=size).to(self.device)  # SDXL's time ids are those of training at this size
         self.timesteps = schedule(self.denoiser.num_train_timesteps, timesteps)
         self.clip = [getattr(pipe, name) for name in self.streams.clip if getattr(pipe, name, None) is not None]
@@ -167,12 +159,13 @@ class Victim:
     def prompt_tokens(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=False).input_ids
 
-    def case(self, prompt: str, x0: torch.Tensor, seed: int, guidance: float, height: int, width: int) -> Case:
+    def case(self, request: ImageRequest, x0: torch.Tensor) -> Case:
+        prompt = request.prompt
         words = self.prompt_tokens(prompt)
         slotted = self.tokenizer(f"{self.placeholders} {prompt}").input_ids
         if slotted[1 : 1 + self.k] != self.prompt_tokens(" ".join([PLACEHOLDER] * self.k)) or slotted[1 + self.k : -1] != words:
             raise AssertionError(f"the placeholders do not tokenise to {self.k} slots before {prompt!r}")
-        return Case(prompt, words, x0.detach(), seed, guidance, height, width)
+        return Case(prompt, words, x0.detach(), request)
 
     def text(self, cases: Sequence[Case], slots: Sequence[Slots] | None) -> dict[str, torch.Tensor]:
         """The family's conditions for each case under its prefix (None: the plain prompts), with gradients to the prefix."""
@@ -217,17 +210,13 @@ class Victim:
             out.append(float(torch.cat(parts).mean()))
         return out
 
-    @torch.no_grad()
     def images(self, cases: Sequence[Case], slots: Sequence[Slots] | None) -> list[Image.Image]:
-        """One image per case from its seed, under its prefix (None: the plain prompts); one pipeline call per sampling setting."""
-        out: list[Image.Image | None] = [None] * len(cases)
-        groups: dict[tuple[float, int, int], list[int]] = {}
-        for i, c in enumerate(cases):
-            groups.setdefault((c.guidance, c.height, c.width), []).append(i)
-        for (guidance, height, width), members in groups.items():
-            text = self.text([cases[i] for i in members], None if slots is None else [slots[i] for i in members])
-            generators = [torch.Generator("cpu").manual_seed(cases[i].seed) for i in members]
-            drawn = self.pipe(**text, num_inference_steps=self.steps, guidance_scale=guidance, height=height, width=width, generator=generators).images
-            for i, image in zip(members, drawn):
-                out[i] = image
-        return out  # type: ignore[return-value]
+        """One image per case (its request's seed, size and guidance) under its prefix (None: the plain prompts), through the generation layer."""
+        requests = [replace(c.request) for c in cases]  # distinct objects: a batch's requests name their cases
+        position = {id(r): i for i, r in enumerate(requests)}
+
+        def prompt_inputs(batch: list[ImageRequest]) -> dict[str, torch.Tensor]:
+            members = [position[id(r)] for r in batch]
+            return self.text([cases[i] for i in members], None if slots is None else [slots[i] for i in members])
+
+        return draw_images(self.pipe, requests, self.steps, batch_size=len(cases), prompt_inputs=prompt_inputs)
