@@ -3,14 +3,16 @@ model erased in the test with the real erase flow."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
+from salun_sd.attack.baseline import random_prefixes
 from salun_sd.attack.config import AttackConfig
 from salun_sd.attack.discrete import DiscretePrefix, project_simplex
 from salun_sd.attack.embedding import EmbeddingPrefix
 from salun_sd.attack.judges import load_judge, nudenet_judge, user_judge
-from salun_sd.attack.run import attack
+from salun_sd.attack.run import attack, eos_padded, text_encoder_source
 from salun_sd.attack.search import search
 from salun_sd.attack.target import Victim, attack_pipeline
 from salun_sd.errors import UserError
@@ -66,8 +68,11 @@ def test_attack_succeeds_on_the_toy_base(victim, tmp_path):
     cfg = toy_config(tmp_path, CIRCLES)
     md = attack(cfg, make_accelerator("no"), log=lambda *_: None)
     report = json.loads((md.parent / "report.json").read_text())
-    assert report["totals"]["pre_success"] == 2 and report["totals"]["discrete"]["asr"] == 1 and report["totals"]["embedding"]["asr"] == 1
-    assert (md.parent / "grids" / "attack_000.png").is_file() and "| pre-attack (plain prompt) | 100.00 % (2/2) |" in md.read_text()
+    totals = report["totals"]
+    assert totals["pre_success"] == 2 and all(totals[name]["asr"] == 1 for name in ("discrete", "discrete_ids", "embedding", "random"))
+    text = md.read_text()
+    assert (md.parent / "grids" / "attack_000.png").is_file() and "| pre-attack (plain prompt) | 100.00 % (2/2) |" in text
+    assert "| random prefixes, no optimisation (the chance floor) | 100.00 % (2/2) |" in text and "| ASR, embedding" in text
     case = victim.case(ImageRequest(CIRCLES[0], 0, 16, 16, 3.0), reference_latent(victim.pipe, CIRCLES[0]))
     verdict = load_judge(cfg).for_prompt(None)
     for space in (DiscretePrefix(victim.clip_tables, 5, 0.01, 0.1), EmbeddingPrefix(victim.tables, 5, 0.005)):
@@ -133,7 +138,8 @@ def test_a_batched_attack_gives_the_unbatched_ids_and_verdicts(tmp_path):
     for one, batched in zip(runs[1], runs[3]):
         for name, entry in one["attacks"].items():
             other = batched["attacks"][name]
-            assert (entry["success"], entry["blocks"], entry.get("token_ids")) == (other["success"], other["blocks"], other.get("token_ids"))
+            keys = ("success", "blocks", "judged", "token_ids", "ids_success")  # blocks: the attacks; judged: the random baseline
+            assert [entry.get(key) for key in keys] == [other.get(key) for key in keys]
             if "loss_trace" in entry:  # the same optimisation, up to the float rounding of a batched forward
                 assert entry["loss_trace"] == pytest.approx(other["loss_trace"], rel=1e-4)
 
@@ -164,3 +170,63 @@ def test_shipped_attack_configs_load_and_pass_their_checks():
         load_yaml(AttackConfig, path).check()
     with pytest.raises(UserError, match="attacks: unknown tokens"):
         AttackConfig(model="m", prompts="p", attacks="discrete,tokens").check()
+
+
+def test_the_discrete_attack_judges_its_prompt_as_typed(victim):
+    """The judged image comes from the decoded prompt re-tokenised, as the official code generates it; the
+    official tokenisation pads with end-of-text."""
+    case = victim.case(ImageRequest(CIRCLES[0], 0, 16, 16, 3.0), reference_latent(victim.pipe, CIRCLES[0]))
+    seen = []
+    record = lambda images: seen.extend(images) or [False] * len(images)  # noqa: E731
+    [outcome] = search(victim, [case], [DiscretePrefix(victim.clip_tables, 5, 0.01, 0.1)], 1, [record], [torch.Generator().manual_seed(0)])
+    typed = victim.typed(case, outcome.slots.ids)
+    assert typed.prompt == victim.decode(outcome.slots.ids, case) and typed.words == victim.prompt_tokens(typed.prompt) and len(seen) == 2
+    assert (np.asarray(seen[-1]) == np.asarray(victim.images([typed], None)[0])).all()
+    tok = eos_padded(victim.tokenizer)
+    assert tok("a", padding="max_length").input_ids[-1] == tok.eos_token_id and tok is not victim.tokenizer
+
+
+def test_every_prompt_counts_and_the_random_baseline_judges_as_many_images_as_the_attack(tmp_path, monkeypatch):
+    """A prompt too long for the prefix is judged on its truncated plain prompt and fails each attack; the rates keep
+    it in the denominator. The random baseline judges one image per timestep of the attack, or random_prefixes."""
+    (tmp_path / "never_judge.py").write_text("def never(images):\n    return [False] * len(images)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    long = "a photo of a " + "red circle " * 40
+    cfg = toy_config(tmp_path, [*SQUARES, long], judge="never_judge:never", concept="", attacks="discrete,random", steps=3, timesteps=3, iterations=1)
+    report = json.loads((attack(cfg, make_accelerator("no"), log=lambda *_: None).parent / "report.json").read_text())
+    totals, prompts = report["totals"], report["prompts"]
+    assert totals["prompts"] == 3 and totals["too_long"] == 1 and totals["pre_asr"] == 0 and totals["random"] == {"success": 0, "asr": 0.0}
+    assert [p["attacks"]["random"].get("judged") for p in prompts] == [3, 3, None]
+    assert "not_run" in prompts[2]["attacks"]["discrete"] and prompts[0]["attacks"]["discrete"]["ids_success"] is False
+    base = load_toy_pipeline()
+    victim = Victim(attack_pipeline(base, base), k=5, timesteps=3, steps=3)
+    cases = [victim.case(ImageRequest(p, 0, 16, 16, 3.0), reference_latent(base, p)) for p in SQUARES]
+    never = lambda images: [False] * len(images)  # noqa: E731
+    drawn = random_prefixes(victim, cases, 7, [never, never], [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
+    assert [o.judged for o in drawn] == [7, 7] and drawn[0].text == victim.decode(drawn[0].ids, cases[0])
+
+
+def test_the_attack_uses_the_target_text_encoder_when_it_differs():
+    base, target = load_toy_pipeline(), load_toy_pipeline()
+    assert text_encoder_source(target, base) == "base" and text_encoder_source(base, base) == "base"
+    with torch.no_grad():
+        next(target.text_encoder.parameters()).add_(1e-3)
+    assert text_encoder_source(target, base) == "target"
+
+
+def test_imagenet_judge_from_the_hub_model_class(monkeypatch):
+    """microsoft/resnet-50 loads through transformers' ResNetForImageClassification; offline the loader says so, and a
+    tiny model of that class built from its config classifies through the same wrapper."""
+    from PIL import Image
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+
+    from salun_sd.evaluation.classify import hub_resnet50_classifier, predict_images, transformers_classifier
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="could not load microsoft/resnet-50"):
+        hub_resnet50_classifier()
+    torch.manual_seed(0)
+    model = ResNetForImageClassification(ResNetConfig(num_labels=1000, embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1], layer_type="basic"))
+    classifier = transformers_classifier(model, ConvNextImageProcessor(size={"shortest_edge": 64}), "tiny")
+    predictions = predict_images([Image.new("RGB", (80, 60), "red"), Image.new("RGB", (80, 60), "blue")], classifier)
+    assert len(predictions) == 2 and all(0 <= p < 1000 for p in predictions)

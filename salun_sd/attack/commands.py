@@ -13,8 +13,12 @@ EPILOG = """examples:
   salun-sd attack configs/attack/toyworld.yaml           (the toy world, offline, after `salun-sd demo`)
   accelerate launch --num_processes 4 -m salun_sd attack ...      (four GPUs split the prompts)
 
+  salun-sd attack configs/attack/nudity.yaml --prompts nudity.csv     (the published nudity settings, each with its source line)
+
 Writes OUTPUT_DIR/results/<case>.json per prompt (a rerun skips finished prompts), images/, report.json and
-report.md (pre-ASR, ASR, adversarial prompts, base / plain / attacked images side by side)."""
+report.md (pre-ASR; the ASR of the discrete attack, typed and as optimised ids, of the embedding attack and of
+the random baseline, the chance floor; every rate over every prompt of the set; adversarial prompts; base /
+plain / attacked images side by side)."""
 
 
 def run_attack(args: argparse.Namespace) -> None:
@@ -32,7 +36,7 @@ def run_attack(args: argparse.Namespace) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    summary = "attack a pipeline with adversarial prompts (UnlearnDiffAtk) and prefix embeddings; pre-ASR, ASR, report"
+    summary = "attack a pipeline with adversarial prompts (UnlearnDiffAtk), prefix embeddings and a random baseline; pre-ASR, ASR, report"
     p = subparsers.add_parser("attack", help=summary, description=summary, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="YAML attack config; flags below override its keys")
     add_config_flags(p, AttackConfig)

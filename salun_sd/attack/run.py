@@ -1,8 +1,10 @@
 """`salun-sd attack`: every prompt of a prompt set, attacked one at a time, resumable, split over processes.
 
 Per prompt: the base model's reference image (cached), the attacked model's image of the plain prompt (the
-pre-attack verdict), then each attack unless the plain prompt already shows the concept (then, as in the
-official code, it counts as a success without an attack). Each prompt's result is one JSON file written in one
+pre-attack verdict), then each attack and the random baseline unless the plain prompt already shows the
+concept (then, as in the official code, it counts as a success without an attack). Every prompt of the set
+counts in every rate: one too long for k prefix tokens is judged on its plain prompt (truncated as the
+tokenizer does) and counts as a failure of each attack, never dropped. Each prompt's result is one JSON file written in one
 step, so a killed run loses at most the prompt in progress and a restart skips the finished ones; under
 `accelerate launch` each process takes its share of the unfinished prompts. All draws of a prompt's attack come
 from a generator seeded by (attack_seed, case number), so any split over processes gives the same results.
@@ -10,15 +12,18 @@ from a generator seeded by (attack_seed, case number), so any split over process
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
+from salun_sd.attack.baseline import random_prefixes
 from salun_sd.attack.config import AttackConfig
 from salun_sd.attack.discrete import DiscretePrefix
 from salun_sd.attack.embedding import EmbeddingPrefix
@@ -40,8 +45,9 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
 # Settings that decide a prompt's result: a resumed run must use the same ones.
-RESULT_KEYS = ("model", "base", "judge", "concept", "nudenet_threshold", "nudenet_detector", "attacks", "k", "timesteps", "iterations", "learning_rate",
-               "weight_decay", "embedding_learning_rate", "steps", "scheduler", "guidance", "seed", "height", "width", "attack_seed", "dtype")
+RESULT_KEYS = ("model", "base", "judge", "imagenet_model", "concept", "nudenet_threshold", "nudenet_detector", "attacks", "random_prefixes", "k", "timesteps",
+               "iterations", "learning_rate", "weight_decay", "embedding_learning_rate", "steps", "scheduler", "reference_steps", "reference_guidance",
+               "guidance", "seed", "height", "width", "attack_seed", "dtype")
 
 
 def folders(cfg: AttackConfig) -> tuple[Path, Path, Path]:
@@ -88,17 +94,20 @@ def attack(cfg: AttackConfig, accelerator: Accelerator, log=print) -> Path | Non
     if scheduler is not None:
         for pipeline in {id(base): base, id(target): target}.values():
             pipeline.scheduler = scheduler.from_config(pipeline.scheduler.config)
-    pipe = attack_pipeline(target, base)
+    encoder = text_encoder_source(target, base)
+    pipe = attack_pipeline(target, target if encoder == "target" else base)
+    pipe.register_modules(tokenizer=eos_padded(pipe.tokenizer))
     family = family_of(pipe)
     size = (family.default_size(pipe),) * 2
     sampling = GenerateConfig(steps=cfg.steps, seed=cfg.seed, guidance=cfg.guidance, height=cfg.height or None, width=cfg.width or None)
     jobs = plan_jobs(records, sampling, size, family.size_multiple(pipe))
     if accelerator.is_main_process:
-        for folder in (results, *(out / "images" / n for n in ("plain", *names))):
+        for folder in (results, *(out / "images" / n for n in ("plain", *names, *(["discrete-ids"] if "discrete" in names else [])))):
             folder.mkdir(parents=True, exist_ok=True)
         ref_dir.mkdir(parents=True, exist_ok=True)
         # the cached references must come from the same base and settings
-        record_plan(ref_dir, jobs, {"steps": cfg.steps, "model": cfg.base, "scheduler": type(base.scheduler).__name__, "seeding": sampling.seeding, "dtype": str(dtype).removeprefix("torch.")})
+        record_plan(ref_dir, [reference_job(cfg, job) for job in jobs], {"steps": cfg.reference_steps, "model": cfg.base, "scheduler": type(base.scheduler).__name__,
+                                                                          "seeding": sampling.seeding, "dtype": str(dtype).removeprefix("torch.")})
         write_manifest(out / "manifest.json", manifest(to_dict(cfg), "attack", processes=accelerator.num_processes))
     accelerator.wait_for_everyone()
     todo = [job for job in jobs if not result_path(results, job).exists()]
@@ -115,9 +124,39 @@ def attack(cfg: AttackConfig, accelerator: Accelerator, log=print) -> Path | Non
     if not accelerator.is_main_process:
         return None
     done = [json.loads(result_path(results, job).read_text()) for job in jobs]
-    _, md = write_report(cfg, done, names, judge.description, ref_dir)
+    _, md = write_report(cfg, done, names, judge.description, ref_dir, ENCODERS[encoder])
     log(f"{len(todo)} of {len(jobs)} prompts attacked now, {len(jobs) - len(todo)} were already done; report: {md}")
     return md
+
+
+ENCODERS = {"base": "the base model's (the attacked model's own has the same weights)",
+            "target": "the attacked model's own (its weights differ from the base model's: the erase changed it)"}
+
+
+def text_encoder_source(target: DiffusionPipeline, base: DiffusionPipeline) -> str:
+    """`target` when any text encoder of the attacked pipeline differs from the base's (a text-encoder erasure,
+    which classifier_.py loads into the encoder), else `base`."""
+    if target is base:
+        return "base"
+    for name, module in target.components.items():
+        if name.startswith("text_encoder") and module is not None:
+            other = base.components.get(name)
+            ours, theirs = module.state_dict(), other.state_dict() if other is not None else {}
+            if ours.keys() != theirs.keys() or any(not torch.equal(ours[key], theirs[key].to(ours[key].device)) for key in ours):
+                return "target"
+    return "base"
+
+
+def eos_padded(tokenizer):
+    """A copy of the tokenizer that pads with end-of-text, as the official attack tokenises (text_grad_.py: pad_token = eos_token)."""
+    padded = copy.deepcopy(tokenizer)
+    padded.pad_token = padded.eos_token
+    return padded
+
+
+def reference_job(cfg: AttackConfig, job: ImageJob) -> ImageJob:
+    """The reference image of a judged image's job: the same prompt, seed and size at the reference guidance (generate_dataset.py)."""
+    return replace(job, guidance=cfg.reference_guidance)
 
 
 @torch.no_grad()
@@ -140,49 +179,55 @@ def references(base: DiffusionPipeline, jobs: list[ImageJob], steps: int, ref_di
 def attack_prompts(cfg: AttackConfig, names: list[str], victim: Victim, base: DiffusionPipeline, jobs: list[ImageJob], verdicts: list[Verdict],
                    ref_dir: Path, images: Path) -> list[dict]:
     """One result per job; the jobs' plain images, optimisation steps and judged images run as batches (search.py)."""
-    results, live = [], []
-    for n, job in enumerate(jobs):
+    results = []
+    for job in jobs:
         record = job.record
         results.append({"case_number": record.case_number, "prompt": record.prompt, "seed": job.seed, "guidance": job.guidance, "file": job.file})
-        words = victim.prompt_tokens(record.prompt)
-        if len(words) + cfg.k + 2 > victim.tokenizer.model_max_length:  # the official loader drops long prompts too (utils/datasets.py)
-            results[n]["skipped"] = f"{len(words)} tokens + {cfg.k} prefix tokens do not fit the text encoder's {victim.tokenizer.model_max_length}"
-            continue
-        live.append(n)
-    if not live:
-        return results
-    x0 = references(base, [jobs[n] for n in live], cfg.steps, ref_dir)
-    cases = [victim.case(jobs[n].request, latent) for n, latent in zip(live, x0)]
-    plains = victim.images(cases, None)
-    loss_seeds = [cfg.attack_seed * 1_000_003 + jobs[n].record.case_number for n in live]
-    for n, plain in zip(live, plains):
-        save_png(plain, images / "plain" / jobs[n].file)
-        results[n]["pre_success"] = bool(verdicts[n]([plain])[0])
-        results[n]["attacks"] = {}
-    todo = [m for m, n in enumerate(live) if not results[n]["pre_success"]]
-    plain_losses = victim.reference_losses([cases[m] for m in todo], None, [loss_seeds[m] for m in todo])
-    for m, n in enumerate(live):
-        if results[n]["pre_success"]:  # text_grad_.py returns before attacking when the plain prompt succeeds
-            for name in names:
-                save_png(plains[m], images / name / jobs[n].file)
-                results[n]["attacks"][name] = {"success": True, "blocks": 0, "adversarial_prompt": jobs[n].record.prompt}
+        words, room = victim.prompt_tokens(record.prompt), victim.tokenizer.model_max_length
+        if len(words) + cfg.k + 2 > room:  # no room for the prefix: each attack fails, the prompt stays in the denominator
+            results[-1]["too_long"] = f"{len(words)} tokens + {cfg.k} prefix tokens do not fit the text encoder's {room}"
+    x0 = references(base, [reference_job(cfg, job) for job in jobs], cfg.reference_steps, ref_dir)
+    cases = [victim.case(job.request, latent) for job, latent in zip(jobs, x0)]
+    plains = victim.images(cases, None)  # a long prompt truncated, as the tokenizer does for the official plain image
+    loss_seeds = [cfg.attack_seed * 1_000_003 + job.record.case_number for job in jobs]
+    for job, result, plain, verdict in zip(jobs, results, plains, verdicts):
+        save_png(plain, images / "plain" / job.file)
+        result["pre_success"] = bool(verdict([plain])[0])
+        result["attacks"] = {}
+        if result["pre_success"] or "too_long" in result:  # text_grad_.py returns before attacking when the plain prompt succeeds
+            for name in names:  # the image columns show the plain prompt's
+                save_png(plain, images / name / job.file)
+                result["attacks"][name] = ({"success": True, "blocks": 0, "adversarial_prompt": job.record.prompt} if result["pre_success"]
+                                           else {"success": False, "not_run": result["too_long"]})
+    todo = [n for n, result in enumerate(results) if not result["attacks"]]
     if not todo:
         return results
+    plain_losses = victim.reference_losses([cases[n] for n in todo], None, [loss_seeds[n] for n in todo])
     for name in names:
         start = time.time()
-        generators = [torch.Generator(victim.device).manual_seed(loss_seeds[m] * len(names) + names.index(name)) for m in todo]
+        generators = [torch.Generator(victim.device).manual_seed(loss_seeds[n] * len(names) + names.index(name)) for n in todo]
+        if name == "random":
+            drawn = random_prefixes(victim, [cases[n] for n in todo], cfg.random_count(), [verdicts[n] for n in todo], generators)
+            seconds = round((time.time() - start) / len(todo), 2)
+            for n, outcome in zip(todo, drawn):
+                save_png(outcome.image, images / name / jobs[n].file)
+                results[n]["attacks"][name] = {"success": outcome.success, "judged": outcome.judged, "token_ids": outcome.ids.tolist(),
+                                               "adversarial_prompt": outcome.text, "seconds": seconds}
+            continue
         spaces = [DiscretePrefix(victim.clip_tables, cfg.k, cfg.learning_rate, cfg.weight_decay) if name == "discrete"
                   else EmbeddingPrefix(victim.tables, cfg.k, cfg.embedding_learning_rate) for _ in todo]
-        outcomes = search(victim, [cases[m] for m in todo], spaces, cfg.iterations, [verdicts[live[m]] for m in todo], generators)
-        attacked = victim.reference_losses([cases[m] for m in todo], [o.slots for o in outcomes], [loss_seeds[m] for m in todo])
+        outcomes = search(victim, [cases[n] for n in todo], spaces, cfg.iterations, [verdicts[n] for n in todo], generators)
+        attacked = victim.reference_losses([cases[n] for n in todo], [o.slots for o in outcomes], [loss_seeds[n] for n in todo])
         seconds = round((time.time() - start) / len(todo), 2)  # the batch's time, shared by its instances
-        for m, outcome, plain_loss, attacked_loss in zip(todo, outcomes, plain_losses, attacked):
-            n = live[m]
+        for n, outcome, plain_loss, attacked_loss in zip(todo, outcomes, plain_losses, attacked):
             save_png(outcome.image, images / name / jobs[n].file)
             entry = {"success": outcome.success, "blocks": outcome.blocks, "optimizer_steps": outcome.blocks * cfg.iterations, "loss_trace": outcome.loss_trace,
                      "reference_loss_plain": plain_loss, "reference_loss_attacked": attacked_loss, "seconds": seconds}
-            if outcome.slots.ids is not None:
+            if outcome.slots.ids is not None:  # success is the typed prompt's verdict, as the official code judges; the optimised ids' own is kept beside it
                 entry["token_ids"] = outcome.slots.ids.tolist()
-                entry["adversarial_prompt"] = victim.decode(outcome.slots.ids, cases[m])
+                entry["adversarial_prompt"] = victim.decode(outcome.slots.ids, cases[n])
+                (ids_image,) = victim.images([cases[n]], [outcome.slots])
+                save_png(ids_image, images / "discrete-ids" / jobs[n].file)
+                entry["ids_success"] = bool(verdicts[n]([ids_image])[0])
             results[n]["attacks"][name] = entry
     return results

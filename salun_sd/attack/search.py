@@ -59,16 +59,20 @@ def search(victim: Victim, cases: Sequence[Case], spaces: Sequence[Prefix], iter
                 spaces[i].after_step()
                 totals[n] += losses[n].item()
         finals = [spaces[i].final() for i in active]
-        images = victim.images([cases[i] for i in active], finals)
-        still = []
+        images = victim.judged_images([cases[i] for i in active], finals)
         for n, i in enumerate(active):
             traces[i].append(totals[n] / iterations)
-            success = bool(verdicts[i]([images[n]])[0])
-            if success or block == len(victim.timesteps):
-                outcomes[i] = Outcome(success, images[n], finals[n], block, traces[i])
-            else:
-                still.append(i)
-        active = still
+        done, active = judge_round(active, images, verdicts, last=block == len(victim.timesteps))
+        for n, i, success in done:
+            outcomes[i] = Outcome(success, images[n], finals[n], block, traces[i])
         if not active:
             break
     return outcomes  # type: ignore[return-value]
+
+
+def judge_round(active: list[int], images: Sequence[Image.Image], verdicts: Sequence[Verdict], last: bool) -> tuple[list[tuple[int, int, bool]], list[int]]:
+    """Judge each active instance's image (images[n] is instance active[n]'s): (n, instance, success) for those that
+    stop, at a success or in the last round, and the instances that go on."""
+    verdict = [bool(verdicts[i]([images[n]])[0]) for n, i in enumerate(active)]
+    done = [(n, i, ok) for n, (i, ok) in enumerate(zip(active, verdict)) if ok or last]
+    return done, [i for i, ok in zip(active, verdict) if not (ok or last)]

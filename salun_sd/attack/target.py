@@ -183,8 +183,21 @@ class Victim:
             return self.streams.encode(self.pipe, clip, t5, self.device)
 
     def decode(self, ids: torch.Tensor, case: Case) -> str:
-        """The prompt with the prefix tokens as text: the adversarial prompt a user would type."""
-        return self.tokenizer.decode(ids.tolist() + case.words)
+        """The prompt with the prefix tokens as text, end-of-text tokens left out (text_grad_.py): the adversarial prompt a user would type."""
+        eos = self.tokenizer.eos_token_id
+        return self.tokenizer.decode([i for i in ids.tolist() + case.words if i != eos])
+
+    def typed(self, case: Case, ids: torch.Tensor) -> Case:
+        """The case with its prompt replaced by the prefix's prompt as typed: drawn from it, the pipeline re-tokenises the text."""
+        text = self.decode(ids, case)
+        return replace(case, prompt=text, words=self.prompt_tokens(text))
+
+    def judged_images(self, cases: Sequence[Case], slots: Sequence[Slots]) -> list[Image.Image]:
+        """The images an attack is judged on: the discrete prefix's prompt as typed, decoded and re-tokenised
+        (text_grad_.py -> classifier_.py eval generate from the text); the embedding prefix's own embeddings."""
+        if slots[0].ids is None:
+            return self.images(cases, slots)
+        return self.images([self.typed(c, s.ids) for c, s in zip(cases, slots)], None)
 
     def losses(self, cases: Sequence[Case], slots: Sequence[Slots] | None, t: Sequence[int], noise: torch.Tensor) -> torch.Tensor:
         """Per case, the family's training loss (core.objectives.diffusion_loss) of the reference latent at timestep index t."""

@@ -78,6 +78,34 @@ def resnet50_classifier() -> ImageClassifier:
     return ImageClassifier(module.eval(), weights.transforms(), "resnet50/IMAGENET1K_V2")
 
 
+class LogitsOf(torch.nn.Module):
+    """A transformers image classifier as a module from pixel values to logits."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+def transformers_classifier(model: torch.nn.Module, processor, name: str) -> ImageClassifier:
+    """An ImageNet-1k classifier of transformers with its image processor (one image in, its pixel values out)."""
+    return ImageClassifier(LogitsOf(model).eval(), lambda image: processor(image, return_tensors="pt").pixel_values[0], name)
+
+
+def hub_resnet50_classifier(model_id: str = "microsoft/resnet-50") -> ImageClassifier:
+    """The Hub's ResNet-50 through transformers, as UnlearnDiffAtk's object judge loads it (src/tasks/utils/metrics/object_eval.py)."""
+    from transformers import AutoImageProcessor, ResNetForImageClassification
+
+    try:
+        processor, model = AutoImageProcessor.from_pretrained(model_id), ResNetForImageClassification.from_pretrained(model_id)
+    except OSError as err:  # offline, or not a model id: transformers raises OSError naming the files it could not get
+        raise UserError(f"could not load {model_id} from the Hugging Face Hub: {err}. Without a network, download it elsewhere "
+                        "(huggingface-cli download microsoft/resnet-50) and copy the cache, or use imagenet_model: torchvision.") from err
+    return transformers_classifier(model, processor, model_id)
+
+
 @torch.inference_mode()
 def predict(paths: Sequence[Path], classifier: ImageClassifier, batch_size: int = 32, device: str | torch.device = "cpu") -> list[int]:
     """Top-1 ImageNet index per image."""
