@@ -34,6 +34,7 @@ from salun_sd.core.draws import draw_example_noise
 from salun_sd.errors import UserError
 from salun_sd.core.objectives import guided_forget_loss
 from salun_sd.core.sharding import Mask, gather_mask, local, shard_for_fsdp
+from salun_sd.run.files import atomic
 
 
 def accumulate_saliency(
@@ -183,12 +184,9 @@ def mask_summary(mask: Mask) -> dict[str, float]:
 
 def save_mask(mask: Mask, path: str | Path, info: dict[str, object]) -> None:
     """Save as safetensors of bool tensors; `info` and the per-block summary go into the metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"info": json.dumps(info), "summary": json.dumps(mask_summary(mask))}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({n: m.to("cpu", torch.bool).contiguous() for n, m in mask.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic(path) as tmp:
+        save_file({n: m.to("cpu", torch.bool).contiguous() for n, m in mask.items()}, str(tmp), metadata=metadata)
 
 
 def open_mask(path: str | Path):

@@ -32,6 +32,7 @@ from salun_sd.core.denoiser import ConceptData, Denoiser
 from salun_sd.core.draws import draw_batch
 from salun_sd.errors import UserError
 from salun_sd.core.objectives import Method, get_method
+from salun_sd.run.files import publish, remove, staging
 from salun_sd.run.runtime import pause_if_asked
 from salun_sd.core.saliency import Mask
 from salun_sd.core.sharding import local, shard_for_fsdp, shard_like
@@ -258,17 +259,17 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 def save_checkpoint(accelerator: Accelerator, root: Path, step: int, total_limit: int) -> Path:
     """Accelerate's full state (model, optimizer, RNG) written to a temporary folder, then renamed into place."""
-    final, tmp = root / checkpoint_name(step), root / f".tmp-{checkpoint_name(step)}"
+    final = root / checkpoint_name(step)
+    tmp = staging(final, shared=True)  # every process writes its part into it
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.replace(final)
+        publish(tmp, final)
         for old in list_checkpoints(root)[:-total_limit] if total_limit > 0 else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

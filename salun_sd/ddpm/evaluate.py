@@ -9,7 +9,6 @@ or on the classifier's penultimate features (offline).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from salun_sd.ddpm.sample import class_labels, sample, save_samples
 from salun_sd.core.denoiser import ConceptData
 from salun_sd.errors import UserError
 from salun_sd.evaluation.fid import FidStats, frechet_distance, inception_fid
+from salun_sd.run.files import write_json
 
 
 class Features:
@@ -90,5 +90,5 @@ def evaluate_model(cfg: DDPMConfig, model_dir: Path, classifier: SmallResNet, fe
         "sample": asdict(scfg),
         "weights": cfg.weights,
     }
-    (model_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    write_json(model_dir / "eval.json", result)
     return result

@@ -82,8 +82,9 @@ def run_generate(args: argparse.Namespace) -> None:
     from salun_sd.evaluation.prompts import filter_prompts, load_prompts
     from salun_sd.families.loading import family_of, load_pipeline, scheduler_class
     from salun_sd.generation import use_scheduler
+    from salun_sd.run.files import write_json
     from salun_sd.run.lock import run_lock
-    from salun_sd.run.manifest import manifest, write_manifest
+    from salun_sd.run.manifest import manifest
 
     cfg: GenerateConfig = load_config(args)
     require(cfg, "generate", ("model", "prompts", "output_dir"))
@@ -100,7 +101,7 @@ def run_generate(args: argparse.Namespace) -> None:
         cfg.model = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
         out = Path(cfg.output_dir)
         if state.is_main_process:
-            write_manifest(out / "manifest.json", manifest(to_dict(cfg), "generate", prompts_source=prompts.source, prompts=len(prompts.records), num_processes=state.num_processes))
+            write_json(out / "manifest.json", manifest(to_dict(cfg), "generate", prompts_source=prompts.source, prompts=len(prompts.records), num_processes=state.num_processes))
         summary = generate_images(pipe, jobs, cfg, state)
         if state.is_main_process:
             print(
@@ -114,7 +115,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from salun_sd.evaluation.fid import reference_stats
     from salun_sd.evaluation.report import metric_table, write_report
     from salun_sd.evaluation.suite import ImageSet, check_settings, evaluate_sets
-    from salun_sd.run.manifest import manifest, write_manifest
+    from salun_sd.run.files import write_json
+    from salun_sd.run.manifest import manifest
     from salun_sd.run.runtime import device
 
     cfg: EvaluateConfig = load_config(args)
@@ -130,7 +132,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
             print(f"reference statistics saved to {cfg.save_reference_stats}")
     results = evaluate_sets(sets, cfg, scorers, reference)
     json_path, md_path = write_report(results, cfg.output_dir, cfg.grid_pairs)
-    write_manifest(Path(cfg.output_dir) / "manifest.json", manifest(to_dict(cfg), "evaluate"))
+    write_json(Path(cfg.output_dir) / "manifest.json", manifest(to_dict(cfg), "evaluate"))
     print(metric_table(results))
     print(f"\nreport: {md_path}\nall numbers: {json_path}")
 

@@ -23,6 +23,7 @@ from salun_sd.attack.config import AttackConfig
 from salun_sd.evaluation.fid import FidStats, frechet_distance
 from salun_sd.core.config import MaskConfig, TrainConfig
 from salun_sd.families.config import DataConfig, EraseConfig, ImageGroup
+from salun_sd.run.files import atomic, save_image, write_json, write_text
 from salun_sd.toyworld.classifier import ToyClassifier, load_classifier
 from salun_sd.toyworld.pipeline import PIPELINE_DIR, load_toy_pipeline
 from salun_sd.toyworld.scoring import generate
@@ -153,7 +154,7 @@ def attack_config(cfg: CompareConfig, case: Case, model: str | Path, out: Path, 
     the base model's reference images are shared by every model of the case (case_dir/attack-reference)."""
     case_dir.mkdir(parents=True, exist_ok=True)
     prompts = case_dir / "attack-prompts.txt"
-    prompts.write_text("\n".join(case.split(spec)[0][: cfg.attack_prompts]) + "\n")
+    write_text(prompts, "\n".join(case.split(spec)[0][: cfg.attack_prompts]) + "\n")
     return AttackConfig(model=str(model), base=cfg.base, prompts=str(prompts), output_dir=str(out), reference_dir=str(case_dir / "attack-reference"),
                         judge="toyworld", concept=case.value, timesteps=cfg.attack_timesteps, iterations=cfg.attack_iterations, steps=25,
                         scheduler="", guidance=cfg.guidance, seed=20_000 + cfg.seed, attack_seed=cfg.seed)
@@ -182,7 +183,8 @@ def run_case(cfg: CompareConfig, case: Case, out: Path, log=print) -> list[dict]
             log(f"{case.kind} {case.value}, seed {cfg.seed}: reusing {cache}")
             return saved["rows"]
     rows = _run_case(cfg, case, out, log)
-    torch.save({"config": settings, "rows": rows}, cache)
+    with atomic(cache) as tmp:
+        torch.save({"config": settings, "rows": rows}, tmp)
     return rows
 
 
@@ -232,7 +234,7 @@ def grid(rows: list[dict], per_prompt: int, path: Path, scale: int = 4) -> None:
     cells = [Image.fromarray(((row["images"][k * per_prompt].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).resize((cell, cell), Image.Resampling.NEAREST)
              for row in rows for k in range(len(texts))]
     img.paste(make_image_grid(cells, rows=len(rows), cols=len(texts)), (label_w, head))
-    img.save(path)
+    save_image(img, path)
 
 
 def preamble(cfg: CompareConfig) -> list[str]:
@@ -310,11 +312,11 @@ def markdown(results: dict[str, list[dict]], cfg: CompareConfig) -> str:
 
 def compare(cfg: CompareConfig, log=print) -> Path:
     """Run both cases (cfg.shape, cfg.colour), write OUTPUT_DIR/RESULTS.md, results.json and grids; returns the Markdown path."""
-    from salun_sd.run.manifest import manifest, write_manifest
+    from salun_sd.run.manifest import manifest
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_manifest(out / "manifest.json", manifest(asdict(cfg), "compare"))
+    write_json(out / "manifest.json", manifest(asdict(cfg), "compare"))
     results, numbers = {}, {}
     for case in (Case("shape", cfg.shape), Case("colour", cfg.colour)):
         name = f"{case.kind} {case.value}"
@@ -326,7 +328,5 @@ def compare(cfg: CompareConfig, log=print) -> Path:
         results[name] = rows
         numbers[name] = {"per_seed": {seed: [{k: r[k] for k in ("method", *metric_keys(r))} for r in runs] for seed, runs in zip(cfg.seeds, per_seed)},
                          "mean_std": [{m: v for m, v in r.items() if m not in ("images", "texts")} for r in rows]}
-        (out / "results.json").write_text(json.dumps(numbers, indent=2))
-    md = out / "RESULTS.md"
-    md.write_text(markdown(results, cfg))
-    return md
+        write_json(out / "results.json", numbers)
+    return write_text(out / "RESULTS.md", markdown(results, cfg))
