@@ -20,7 +20,7 @@ from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw
 
 from salun_sd.attack.config import AttackConfig
-from salun_sd.evaluation.fid import FidStats, frechet_distance
+from salun_sd.evaluation.fid import ClassifierFeatures, FidMetric, feature_fid
 from salun_sd.core.config import MaskConfig, TrainConfig
 from salun_sd.families.config import DataConfig, EraseConfig, ImageGroup
 from salun_sd.run.files import atomic, save_image, write_json, write_text
@@ -119,20 +119,18 @@ def erase_config(cfg: CompareConfig, case: Case, method: str, out: Path, spec: W
 
 
 def evaluate(pipe, classifier: ToyClassifier, spec: WorldSpec, case: Case, cfg: CompareConfig) -> dict:
-    """Samples for every prompt (same seeds for every model), the classifier's verdicts and features."""
+    """Samples for every prompt (same seeds for every model) and the classifier's verdicts."""
     forget, remain = case.split(spec)
     texts = [t for t in forget + remain for _ in range(cfg.eval_per_prompt)]
     images = generate(pipe, texts, seed=10_000 + cfg.seed, guidance=cfg.guidance)
     s, c = (v.numpy() for v in classifier.predict(images))
-    with torch.no_grad():
-        feats = torch.cat([classifier.features(images[i : i + 512]) for i in range(0, len(images), 512)]).double().numpy()
     want = [parse(t, spec) for t in texts]
     ws, wc = np.array([w[1] for w in want]), np.array([w[0] for w in want])
     nf = len(forget) * cfg.eval_per_prompt
     target = spec.shapes.index(case.value) if case.kind == "shape" else spec.colours.index(case.value)
     erased_hit = (s[:nf] if case.kind == "shape" else c[:nf]) == target
     both = (s[nf:] == ws[nf:]) & (c[nf:] == wc[nf:])
-    return {"UA": float(1 - erased_hit.mean()), "remaining_acc": float(both.mean()), "remain_features": feats[nf:], "images": images, "texts": texts}
+    return {"UA": float(1 - erased_hit.mean()), "remaining_acc": float(both.mean()), "remain_images": images[nf:], "images": images, "texts": texts}
 
 
 def parse(text: str, spec: WorldSpec) -> tuple[int, int]:
@@ -142,8 +140,11 @@ def parse(text: str, spec: WorldSpec) -> tuple[int, int]:
     return spec.colours.index(colour), spec.shapes.index(shape)
 
 
-def stats(features: np.ndarray) -> FidStats:
-    return FidStats(features.mean(0), np.cov(features, rowvar=False), len(features), FEATURES)
+def feature_distance(classifier: ToyClassifier, reference: torch.Tensor) -> FidMetric:
+    """The Fréchet distance to `reference` (images in [-1, 1]) in the classifier's pooled features."""
+    fd = feature_fid(ClassifierFeatures(classifier, classifier.shape_head.in_features), FEATURES)
+    fd.add(reference.split(512), real=True)
+    return fd
 
 
 ATTACK_METRICS = ("pre_ASR", "ASR_discrete", "ASR_embedding")
@@ -197,7 +198,7 @@ def _run_case(cfg: CompareConfig, case: Case, out: Path, log) -> list[dict]:
     classifier = load_classifier()
     accelerator = make_accelerator("no")
     base = evaluate(load_toy_pipeline(cfg.base), classifier, spec, case, cfg)
-    base_stats = stats(base["remain_features"])
+    fd = feature_distance(classifier, base["remain_images"])
     rows = [{"method": "base", "UA": base["UA"], "remaining_acc": base["remaining_acc"], "FD": 0.0, "seconds": 0.0, "images": base["images"], "texts": base["texts"]}]
     case_dir = out / f"{case.kind}-{case.value}"
     if cfg.attack:
@@ -209,7 +210,7 @@ def _run_case(cfg: CompareConfig, case: Case, out: Path, log) -> list[dict]:
         run_dir = erase(ecfg, accelerator, ("mask", "erase") if method == "salun" else ("erase",))
         seconds = time.time() - start
         r = evaluate(load_toy_pipeline(run_dir / "pipeline"), classifier, spec, case, cfg)
-        row = {"method": method, "UA": r["UA"], "remaining_acc": r["remaining_acc"], "FD": frechet_distance(stats(r["remain_features"]), base_stats),
+        row = {"method": method, "UA": r["UA"], "remaining_acc": r["remaining_acc"], "FD": fd.distance(r["remain_images"].split(512)),
                "seconds": seconds, "images": r["images"], "texts": r["texts"]}
         if cfg.attack:
             row.update(attack_metrics(cfg, case, run_dir / "pipeline", run_dir / "attack", case_dir, spec, accelerator))
