@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import RandomCNN, random_clip
 from salun_sd.errors import UserError
-from salun_sd.evaluation.classify import IMAGENETTE_IMAGENET_INDEX, ImageClassifier, imagenet_categories, imagenet_index, unlearning_accuracy
+from salun_sd.evaluation.classify import IMAGENETTE_IMAGENET_INDEX, ImageClassifier, imagenet_categories, imagenet_index, imagenet_unlearning_accuracy, unlearning_accuracy
 from salun_sd.evaluation.clip_score import clip_score_metrics
 from salun_sd.evaluation.fid import feature_fid, image_batches, inception_fid, reference_stats
 from salun_sd.evaluation.nudity import EXPOSED_CLASSES, detect, detect_images, exposed_parts, nudenet_detector, nudity_metrics
@@ -217,11 +217,21 @@ def test_unlearning_accuracy(tmp_path):
         for i, fill in enumerate(fills):
             paths.append(tmp_path / label / f"{i:05d}_0_0.png")
             Image.new("RGB", (8, 8), fill).save(paths[-1])
-        results[label] = unlearning_accuracy(paths, classes, "tench", classifier, batch_size=2)
+        results[label] = imagenet_unlearning_accuracy(paths, classes, "tench", classifier, batch_size=2)
     assert results["before"]["ua"] == 0.0 and results["before"]["remaining_accuracy"] == 1.0
     assert results["after"]["ua"] == pytest.approx(2 / 3)
     assert results["after"]["remaining_accuracy"] == 1.0
     assert results["after"]["per_class"]["tench"]["top1"] == pytest.approx(1 / 3)
     assert results["after"]["forget_imagenet_index"] == 0
     with pytest.raises(UserError, match="no image was generated for the forgotten class 'parachute'"):
-        unlearning_accuracy(paths, classes, "parachute", classifier)
+        imagenet_unlearning_accuracy(paths, classes, "parachute", classifier)
+
+
+def test_unlearning_accuracy_of_pairs_forgets_every_pair_of_the_erased_shape():
+    """The toy world's labels: (colour, shape). Erasing circles: a red circle drawn blue is still a circle."""
+    targets = [("red", "circle"), ("blue", "circle"), ("red", "square"), ("blue", "square")]
+    predictions = [("blue", "circle"), ("blue", "square"), ("red", "square"), ("red", "square")]
+    scores = unlearning_accuracy(targets, predictions, {("red", "circle"), ("blue", "circle")})
+    assert (scores["ua"], scores["forget_images"], scores["remaining_accuracy"], scores["remaining_images"]) == (0.5, 2, 0.5, 2)
+    assert scores["per_class"][("red", "square")] == {"images": 1, "correct": 1, "top1": 1.0}
+    assert unlearning_accuracy([1, 2], [1, 2], {0})["ua"] is None

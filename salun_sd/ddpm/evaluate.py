@@ -23,6 +23,7 @@ from salun_sd.ddpm.model import load_denoiser
 from salun_sd.ddpm.sample import class_labels, sample, save_samples
 from salun_sd.core.denoiser import ConceptData
 from salun_sd.errors import UserError
+from salun_sd.evaluation.classify import unlearning_accuracy
 from salun_sd.evaluation.fid import ClassifierFeatures, feature_fid, inception_fid
 from salun_sd.run.files import write_json
 
@@ -67,15 +68,15 @@ def evaluate_model(cfg: DDPMConfig, model_dir: Path, classifier: SmallResNet, fe
     images = to_uint8(images).float() / 127.5 - 1  # score exactly what was saved
     pred = predict(classifier, images)[0]
     forget = labels == cfg.forget_class
-    per_class = {int(c): (pred[labels == c] == c).float().mean().item() for c in labels.unique()}
+    scores = unlearning_accuracy(labels.tolist(), pred.tolist(), {cfg.forget_class})
     result = {
         "model": str(model_dir),
         "forget_class": cfg.forget_class,
-        "ua": (pred[forget] != cfg.forget_class).float().mean().item(),
-        "remaining_accuracy": (pred[~forget] == labels[~forget]).float().mean().item(),
+        "ua": scores["ua"],
+        "remaining_accuracy": scores["remaining_accuracy"],
         "fid": features.distance(images[~forget]),
         "fid_features": features.kind,
-        "per_class_accuracy": per_class,
+        "per_class_accuracy": {c: entry["top1"] for c, entry in scores["per_class"].items()},
         "samples_per_class": cfg.evaluate.samples_per_class,
         "sampling_seconds": sampling_s,
         "sample": asdict(scfg),

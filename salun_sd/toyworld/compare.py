@@ -20,6 +20,7 @@ from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw
 
 from salun_sd.attack.config import AttackConfig
+from salun_sd.evaluation.classify import unlearning_accuracy
 from salun_sd.evaluation.fid import ClassifierFeatures, FidMetric, feature_fid
 from salun_sd.core.config import MaskConfig, TrainConfig
 from salun_sd.families.config import DataConfig, EraseConfig, ImageGroup
@@ -123,14 +124,11 @@ def evaluate(pipe, classifier: ToyClassifier, spec: WorldSpec, case: Case, cfg: 
     forget, remain = case.split(spec)
     texts = [t for t in forget + remain for _ in range(cfg.eval_per_prompt)]
     images = generate(pipe, texts, seed=10_000 + cfg.seed, guidance=cfg.guidance)
-    s, c = (v.numpy() for v in classifier.predict(images))
-    want = [parse(t, spec) for t in texts]
-    ws, wc = np.array([w[1] for w in want]), np.array([w[0] for w in want])
+    s, c = classifier.predict(images)
+    forgotten = {parse(t, spec) for t in forget}  # (colour, shape) ids: every pair with the erased shape or colour
+    scores = unlearning_accuracy([parse(t, spec) for t in texts], list(zip(c.tolist(), s.tolist())), forgotten)
     nf = len(forget) * cfg.eval_per_prompt
-    target = spec.shapes.index(case.value) if case.kind == "shape" else spec.colours.index(case.value)
-    erased_hit = (s[:nf] if case.kind == "shape" else c[:nf]) == target
-    both = (s[nf:] == ws[nf:]) & (c[nf:] == wc[nf:])
-    return {"UA": float(1 - erased_hit.mean()), "remaining_acc": float(both.mean()), "remain_images": images[nf:], "images": images, "texts": texts}
+    return {"UA": scores["ua"], "remaining_acc": scores["remaining_accuracy"], "remain_images": images[nf:], "images": images, "texts": texts}
 
 
 def parse(text: str, spec: WorldSpec) -> tuple[int, int]:
