@@ -65,6 +65,8 @@ class Case:
 # {1e-4, 3e-4, 5e-4, 1e-3} by UA + remaining accuracy on "circle", seed 0. UA / remaining accuracy:
 #   esd_x 0.00/0.99, 0.67/0.92, 0.98/0.68, 0.98/0.16; esd_u 0.48/0.77, 0.64/0.67, 0.72/0.61, 0.66/0.49;
 #   fmn 0.00/1.00, 0.30/0.93, 0.69/0.84, 0.80/0.71 (fmn on every weight at 3e-4: 0.91/0.12).
+# UCE has no training settings: it runs with its official ones (uce.* defaults: the concept word's last token to
+# the empty prompt's, the remaining prompts preserved, λ 0.5); docs/RESULTS.md has the variants tried.
 METHOD_TRAIN: dict[str, dict] = {
     "salun": {"learning_rate": 5e-4, "alpha": 0.5},
     "rl": {"learning_rate": 5e-4, "alpha": 0.5},
@@ -73,6 +75,7 @@ METHOD_TRAIN: dict[str, dict] = {
     "esd_x": {"learning_rate": 5e-4, "negative_guidance": 1.0},
     "esd_u": {"learning_rate": 5e-4, "negative_guidance": 1.0},
     "fmn": {"learning_rate": 5e-4, "trainable": "xattn"},
+    "uce": {},
 }
 
 
