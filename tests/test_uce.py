@@ -24,8 +24,8 @@ from salun_sd.errors import UserError
 from salun_sd.families.config import EraseConfig, SingleFileConfig, UCEConfig
 from salun_sd.families.erase import SDErase, erase
 from salun_sd.families.sd_unet import encode_prompts, sdxl_text_states
-from salun_sd.families.tiny import tiny_pipeline, tiny_sdxl_pipeline
-from salun_sd.families.tiny_flow import tiny_flux_pipeline, tiny_sd3_pipeline
+from salun_sd.families.tiny import tiny_pipeline
+from tiny_families import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sdxl_pipeline
 from salun_sd.families.uce import Concept, erase_pair, projections, uce_edit
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "methods" / "uce.yaml"

@@ -19,10 +19,14 @@ examples:
   salun-sd generate --model erased/ --prompts unsafe-prompts4703.csv --category sexual --protocol salun --output_dir erased_sexual
   salun-sd generate --model erased/ --prompts imagenette.csv --images_per_prompt 50 --output_dir erased_classes
   salun-sd generate eval.yaml --model erased/                     (settings from a YAML file, flags override its keys)
+  salun-sd generate --model sd-v1-4.ckpt --single_file.config ./stable-diffusion-v1-4 --prompts prompts.txt --output_dir base
+  salun-sd generate --model outputs/flux/pipeline --prompts prompts.txt --output_dir flux_erased   (SDXL, SD3, FLUX.1 alike)
   accelerate launch --num_processes 4 -m salun_sd generate ...   (four GPUs split the prompts)
   torchrun --nproc_per_node 2 -m salun_sd generate ...            (the same on a CPU-only machine)
 
-Images are named {case_number:05d}_{seed}_{k}.png and metadata.jsonl records each image's prompt
+Models: SD-1.x/2.x, SDXL, SD3 (with or without T5) and FLUX.1 folders or Hub IDs, and SD-1.x/2.x/SDXL single
+files. Each image starts from its own CPU noise (its seed), so it does not depend on the batch size, the number of
+processes or the device. Images are named {case_number:05d}_{seed}_{k}.png and metadata.jsonl records each image's prompt
 and settings; manifest.json records the run. Running the same command again skips the images that
 already exist. --protocol salun reproduces the official SalUn scripts (LMSDiscreteScheduler, 100 steps,
 guidance 7.5 and 512x512 for every prompt, fp32, one generator per prompt seeded with evaluation_seed);
