@@ -28,7 +28,7 @@ def toy_config(tmp_path, prompts: list[str], **overrides) -> AttackConfig:
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(prompts) + "\n")
     settings = {"model": str(PIPELINE_DIR), "base": str(PIPELINE_DIR), "prompts": str(path), "output_dir": str(tmp_path / "out"), "judge": "toyworld",
-                "concept": "circle", "scheduler": "", "steps": 10, "guidance": 3.0, "timesteps": 2, "iterations": 2, **overrides}
+                "concept": "circle", "scheduler": "", "steps": 10, "guidance": 3.0, "reference_guidance": 3.0, "timesteps": 2, "iterations": 2, **overrides}
     return AttackConfig(**settings)
 
 

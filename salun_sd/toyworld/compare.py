@@ -148,7 +148,7 @@ def feature_distance(classifier: ToyClassifier, reference: torch.Tensor) -> FidM
     return fd
 
 
-ATTACK_METRICS = ("pre_ASR", "ASR_discrete", "ASR_embedding")
+ATTACK_METRICS = ("pre_ASR", "ASR_discrete", "ASR_embedding", "ASR_random")
 
 
 def attack_config(cfg: CompareConfig, case: Case, model: str | Path, out: Path, case_dir: Path, spec: WorldSpec) -> AttackConfig:
@@ -159,17 +159,18 @@ def attack_config(cfg: CompareConfig, case: Case, model: str | Path, out: Path, 
     write_text(prompts, "\n".join(case.split(spec)[0][: cfg.attack_prompts]) + "\n")
     return AttackConfig(model=str(model), base=cfg.base, prompts=str(prompts), output_dir=str(out), reference_dir=str(case_dir / "attack-reference"),
                         judge="toyworld", concept=case.value, timesteps=cfg.attack_timesteps, iterations=cfg.attack_iterations, steps=25,
-                        scheduler="", guidance=cfg.guidance, seed=20_000 + cfg.seed, attack_seed=cfg.seed)
+                        scheduler="", guidance=cfg.guidance, reference_steps=25, reference_guidance=cfg.guidance, seed=20_000 + cfg.seed, attack_seed=cfg.seed)
 
 
 def attack_metrics(cfg: CompareConfig, case: Case, model: str | Path, out: Path, case_dir: Path, spec: WorldSpec, accelerator) -> dict:
-    """pre-ASR and the ASR of both attacks, as rates over the attacked prompts."""
+    """pre-ASR, the ASR of both attacks and of the random baseline (their chance floor), as rates over the attacked prompts."""
     from salun_sd.attack.run import attack
 
     acfg = attack_config(cfg, case, model, out, case_dir, spec)
     attack(acfg, accelerator, log=lambda *a: None)
     totals = json.loads((out / "report.json").read_text())["totals"]
-    return {"pre_ASR": totals["pre_asr"], "ASR_discrete": totals["discrete"]["asr"], "ASR_embedding": totals["embedding"]["asr"], "attack_dir": str(out)}
+    return {"pre_ASR": totals["pre_asr"], "ASR_discrete": totals["discrete"]["asr"], "ASR_embedding": totals["embedding"]["asr"],
+            "ASR_random": totals["random"]["asr"], "attack_dir": str(out)}
 
 
 def run_case(cfg: CompareConfig, case: Case, out: Path, log=print) -> list[dict]:
@@ -216,7 +217,7 @@ def _run_case(cfg: CompareConfig, case: Case, out: Path, log) -> list[dict]:
         if cfg.attack:
             row.update(attack_metrics(cfg, case, run_dir / "pipeline", run_dir / "attack", case_dir, spec, accelerator))
         log(f"{case.kind} {case.value} {method}: UA {row['UA']:.3f} remaining {row['remaining_acc']:.3f} FD {row['FD']:.3f} {seconds:.0f} s"
-            + (f"; pre-ASR {row['pre_ASR']:.2f} ASR discrete {row['ASR_discrete']:.2f} embedding {row['ASR_embedding']:.2f}" if cfg.attack else ""))
+            + (f"; pre-ASR {row['pre_ASR']:.2f} ASR discrete {row['ASR_discrete']:.2f} embedding {row['ASR_embedding']:.2f} random {row['ASR_random']:.2f}" if cfg.attack else ""))
         rows.append(row)
     return rows
 
@@ -300,11 +301,11 @@ def markdown(results: dict[str, list[dict]], cfg: CompareConfig) -> str:
     for name, rows in results.items():
         seeds = f" (mean ± std over seeds {', '.join(map(str, cfg.seeds))})" if rows[0].get("seeds", 1) > 1 else ""
         attacked = "pre_ASR" in rows[0]
-        head = "| method | UA ↑ | remaining acc ↑ | FD vs base (classifier features) ↓ | wall time (s) |" + (" pre-ASR ↓ | ASR discrete ↓ | ASR embedding ↓ |" if attacked else "")
+        head = "| method | UA ↑ | remaining acc ↑ | FD vs base (classifier features) ↓ | wall time (s) |" + (" pre-ASR ↓ | ASR discrete ↓ | ASR embedding ↓ | random prefixes (floor) |" if attacked else "")
         lines += [f"### Erasing {name}{seeds}", "", head, "|" + " --- |" * (head.count("|") - 1)]
         for r in rows:
             cells = f"| {r['method']} | {_cell(r, 'UA', 3)} | {_cell(r, 'remaining_acc', 3)} | {_cell(r, 'FD', 2)} | {_cell(r, 'seconds', 0)} |"
-            lines.append(cells + (f" {_cell(r, 'pre_ASR', 2)} | {_cell(r, 'ASR_discrete', 2)} | {_cell(r, 'ASR_embedding', 2)} |" if attacked else ""))
+            lines.append(cells + (f" {_cell(r, 'pre_ASR', 2)} | {_cell(r, 'ASR_discrete', 2)} | {_cell(r, 'ASR_embedding', 2)} | {_cell(r, 'ASR_random', 2)} |" if attacked else ""))
         lines += ["", f"![{name}](toyworld-{name.replace(' ', '-')}.png)", ""]
         if attacked:
             lines += [f"![{name}, attacked](toyworld-{name.replace(' ', '-')}-attacked.png)", ""]
