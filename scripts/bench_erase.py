@@ -46,6 +46,7 @@ except ImportError as err:
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the toy-width transformer layouts the tests build (tiny_families.py)
 
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -59,7 +60,7 @@ from salun_sd.core.saliency import _kth_largest, saliency_masks
 from salun_sd.families.sd_unet import SDXLDenoiser, TextConditionedDenoiser
 from salun_sd.families.config import EraseConfig
 from salun_sd.families.sd3_flux import FLOW_SCOPES, FluxDenoiser, SD3Denoiser
-from salun_sd.families.tiny_flow import TINY_FLUX_TRANSFORMER, TINY_SD3_TRANSFORMER
+from tiny_families import TINY_FLUX_TRANSFORMER, TINY_SD3_TRANSFORMER
 from reference_models import (
     FLUX_DEV_CONFIG, FLUX_SCHEDULER_CONFIG, SD3_SCHEDULER_CONFIG, SD14_UNET_CONFIG, SD35_LARGE_CONFIG, SD35_MEDIUM_CONFIG, SDXL_UNET_CONFIG, sd14_noise_scheduler,
 )

@@ -1,7 +1,7 @@
 """Measure Stable Diffusion generation speed (images/s) on whatever device this machine has.
 
 Evaluation time goes into generation (I2P alone is 4,703 prompts), so this measures the pipeline
-call that `salun-sd generate` makes: a full-size SD-1.x UNet, VAE and CLIP text encoder built from
+call that `salun-sd generate` makes (through salun_sd.generation): a full-size SD-1.x UNet, VAE and CLIP text encoder built from
 their configs with random weights (the cost of a step does not depend on the weight values; no
 download), classifier-free guidance, fp16 on GPU. `--tiny` uses the offline tiny pipeline instead,
 a CPU smoke test of the same code path.
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling scripts,
 from bench_erase import device_name, synchronize
 from reference_models import SD14_TEXT_CONFIG, SD14_UNET_CONFIG, SD14_VAE_CONFIG
 from salun_sd.evaluation.generate import resolve_dtype
+from salun_sd.generation import ImageRequest, draw_images
 from salun_sd.run.runtime import device as pick_device
 from salun_sd.families.tiny import tiny_pipeline
 
@@ -73,11 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
     pipe.set_progress_bar_config(disable=True)
     build_s = time.perf_counter() - start
 
-    prompts = ["a photograph of an astronaut riding a horse"] * args.batch_size
-
-    def call(seed: int) -> None:
-        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(args.batch_size)]
-        pipe(prompt=prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, height=height, width=width, generator=generators)
+    def call(repeat: int) -> None:  # one batched pipeline call, as `salun-sd generate` makes it
+        requests = [ImageRequest("a photograph of an astronaut riding a horse", repeat * args.batch_size + i, height, width, args.guidance) for i in range(args.batch_size)]
+        draw_images(pipe, requests, args.steps, args.batch_size)
 
     with torch.inference_mode():
         call(0)  # warm-up: kernels, allocator, lazy init

@@ -24,6 +24,7 @@ from salun_sd.ddpm.classifier import load_classifier, predict
 from salun_sd.ddpm.config import DDPMConfig
 from salun_sd.ddpm.data import load_split
 from salun_sd.ddpm.evaluate import Features
+from salun_sd.evaluation.classify import unlearning_accuracy
 from salun_sd.run.manifest import git_revision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,12 +42,11 @@ def real_reference(cfg: DDPMConfig) -> dict:
     classifier, _ = load_classifier(cfg.classifier_dir())
     features = Features("classifier", classifier)
     test, train = load_split(cfg.data, "test"), load_split(cfg.data, "train", exclude_class=cfg.forget_class)
-    pred = predict(classifier, test.x0)[0]
-    forget = test.cond == cfg.forget_class
-    features.set_reference(test.x0[~forget])
+    scores = unlearning_accuracy(test.cond.tolist(), predict(classifier, test.x0)[0].tolist(), {cfg.forget_class})
+    features.set_reference(test.x0[test.cond != cfg.forget_class])
     return {
-        "ua": (pred[forget] != cfg.forget_class).float().mean().item(),
-        "remaining_accuracy": (pred[~forget] == test.cond[~forget]).float().mean().item(),
+        "ua": scores["ua"],
+        "remaining_accuracy": scores["remaining_accuracy"],
         "fid": features.distance(train.x0),
     }
 

@@ -28,7 +28,7 @@ def toy_config(tmp_path, prompts: list[str], **overrides) -> AttackConfig:
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(prompts) + "\n")
     settings = {"model": str(PIPELINE_DIR), "base": str(PIPELINE_DIR), "prompts": str(path), "output_dir": str(tmp_path / "out"), "judge": "toyworld",
-                "concept": "circle", "scheduler": "", "steps": 10, "guidance": 3.0, "timesteps": 2, "iterations": 2, **overrides}
+                "concept": "circle", "scheduler": "", "steps": 10, "guidance": 3.0, "reference_guidance": 3.0, "timesteps": 2, "iterations": 2, **overrides}
     return AttackConfig(**settings)
 
 
@@ -182,8 +182,11 @@ def test_the_discrete_attack_judges_its_prompt_as_typed(victim):
     typed = victim.typed(case, outcome.slots.ids)
     assert typed.prompt == victim.decode(outcome.slots.ids, case) and typed.words == victim.prompt_tokens(typed.prompt) and len(seen) == 2
     assert (np.asarray(seen[-1]) == np.asarray(victim.images([typed], None)[0])).all()
-    tok = eos_padded(victim.tokenizer)
-    assert tok("a", padding="max_length").input_ids[-1] == tok.eos_token_id and tok is not victim.tokenizer
+    other = eos_padded(victim.tokenizer)
+    other.pad_token = "photo"  # a tokenizer that pads with a word, as SD-2's pads with "!"
+    tok = eos_padded(other)
+    assert tok("a", padding="max_length").input_ids[-1] == tok.eos_token_id != other("a", padding="max_length").input_ids[-1]
+    assert tok is not other and other.pad_token == "photo"
 
 
 def test_every_prompt_counts_and_the_random_baseline_judges_as_many_images_as_the_attack(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ from salun_sd.core.erase_flow import check_config
 from salun_sd.families.erase import SDErase
 from salun_sd.families.sd3_flux import sd3_denoiser
 from salun_sd.families.tiny import tiny_pipeline
-from salun_sd.families.tiny_flow import tiny_sd3_pipeline
+from tiny_families import tiny_sd3_pipeline
 from salun_sd.core.trainer import unlearn
 
 METHOD_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "methods").glob("*.yaml"))

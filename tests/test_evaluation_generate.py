@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import cpu_env
+from salun_sd.cli import main
 from salun_sd.errors import UserError
 from salun_sd.evaluation.config import GenerateConfig
 from salun_sd.evaluation.generate import generate_images, plan_jobs
@@ -94,8 +95,8 @@ def test_image_zero_is_the_plain_one_image_call(pipe, tmp_path):
     assert np.abs(saved - np.asarray(alone, dtype=np.int16)).max() <= 1
 
 
-def test_cli_generate_text_list_in_two_processes_splits_the_work(tmp_path):
-    """torchrun with two CPU processes: every image once, metadata for all, nothing left over."""
+def test_cli_generate_text_list_in_two_processes_splits_the_work_and_makes_the_one_process_images(tmp_path):
+    """torchrun with two CPU processes: every image once, metadata for all, nothing left over, the images of one process."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"prompt number {i}" for i in range(5)))
     out = tmp_path / "out"
@@ -108,6 +109,11 @@ def test_cli_generate_text_list_in_two_processes_splits_the_work(tmp_path):
     assert len(list(out.glob("*.png"))) == 10
     lines = (out / "metadata.jsonl").read_text().splitlines()
     assert sorted(json.loads(line)["file"] for line in lines) == sorted(p.name for p in out.glob("*.png"))
+    # The same images as one process drawing batches of 4 (an image depends on its seed alone; float rounding of
+    # batched kernels apart, at most one level of 8 bits).
+    main(["generate", "--model", "tiny", "--prompts", str(prompts), "--output_dir", str(tmp_path / "one"), "--steps", "2", "--images_per_prompt", "2", "--batch_size", "4"])
+    for path in out.glob("*.png"):
+        assert np.abs(np.asarray(Image.open(path), dtype=np.int16) - np.asarray(Image.open(tmp_path / "one" / path.name), dtype=np.int16)).max() <= 1
 
 
 def test_bench_script_tiny_mode_reports_images_per_second(monkeypatch, capsys):

@@ -10,9 +10,9 @@ from PIL import Image
 
 from conftest import RandomCNN, random_clip
 from salun_sd.errors import UserError
-from salun_sd.evaluation.classify import IMAGENETTE_IMAGENET_INDEX, ImageClassifier, imagenet_categories, imagenet_index, unlearning_accuracy
+from salun_sd.evaluation.classify import IMAGENETTE_IMAGENET_INDEX, ImageClassifier, imagenet_categories, imagenet_index, imagenet_unlearning_accuracy, unlearning_accuracy
 from salun_sd.evaluation.clip_score import clip_score_metrics
-from salun_sd.evaluation.fid import FidStats, feature_fid, frechet_distance, image_batches, inception_fid, reference_stats
+from salun_sd.evaluation.fid import feature_fid, image_batches, inception_fid, reference_stats
 from salun_sd.evaluation.nudity import EXPOSED_CLASSES, detect, detect_images, exposed_parts, nudenet_detector, nudity_metrics
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
@@ -143,19 +143,10 @@ def test_fid_of_a_set_with_itself_is_zero_and_of_different_sets_positive(noise_s
     assert cnn.distance(image_batches(dark, batch_size=5)) == pytest.approx(0, abs=1e-6)
     to_bright = cnn.distance(image_batches(bright))
     assert to_bright > 0.01 and cnn.distance(image_batches(photos)) > 0.01  # photos: five sizes, one batch each
-    # torchmetrics' distance is the Fréchet distance of the statistics (ours is kept for classifier features).
-    bright_stats = reference_stats(noise_sets[1], feature_fid(RandomCNN(), name="random-cnn-8"))
-    assert frechet_distance(stats, bright_stats) == pytest.approx(to_bright, rel=1e-4)
-
-
-def test_frechet_distance_matches_the_sqrtm_formula():
-    rng = np.random.default_rng(1)
-    a, b = rng.normal(size=(50, 6)), rng.normal(1.0, 2.0, size=(40, 6))
-    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    ma, mb = a.mean(0), b.mean(0)
-    expected = ((ma - mb) ** 2).sum() + np.trace(sa + sb - 2 * scipy.linalg.sqrtm(sa @ sb).real)
-    got = frechet_distance(FidStats(ma, sa, 50, "x"), FidStats(mb, sb, 40, "x"))
-    assert got == pytest.approx(expected, rel=1e-9)
+    # the distance is the Fréchet formula on the two sets' statistics
+    b = reference_stats(noise_sets[1], feature_fid(RandomCNN(), name="random-cnn-8"))
+    expected = ((stats.mu - b.mu) ** 2).sum() + np.trace(stats.sigma + b.sigma - 2 * scipy.linalg.sqrtm(stats.sigma @ b.sigma).real)
+    assert to_bright == pytest.approx(expected, rel=1e-4)
 
 
 def test_fid_statistics_round_trip_and_reference_checks(noise_sets, cnn, tmp_path):
@@ -226,11 +217,21 @@ def test_unlearning_accuracy(tmp_path):
         for i, fill in enumerate(fills):
             paths.append(tmp_path / label / f"{i:05d}_0_0.png")
             Image.new("RGB", (8, 8), fill).save(paths[-1])
-        results[label] = unlearning_accuracy(paths, classes, "tench", classifier, batch_size=2)
+        results[label] = imagenet_unlearning_accuracy(paths, classes, "tench", classifier, batch_size=2)
     assert results["before"]["ua"] == 0.0 and results["before"]["remaining_accuracy"] == 1.0
     assert results["after"]["ua"] == pytest.approx(2 / 3)
     assert results["after"]["remaining_accuracy"] == 1.0
     assert results["after"]["per_class"]["tench"]["top1"] == pytest.approx(1 / 3)
     assert results["after"]["forget_imagenet_index"] == 0
     with pytest.raises(UserError, match="no image was generated for the forgotten class 'parachute'"):
-        unlearning_accuracy(paths, classes, "parachute", classifier)
+        imagenet_unlearning_accuracy(paths, classes, "parachute", classifier)
+
+
+def test_unlearning_accuracy_of_pairs_forgets_every_pair_of_the_erased_shape():
+    """The toy world's labels: (colour, shape). Erasing circles: a red circle drawn blue is still a circle."""
+    targets = [("red", "circle"), ("blue", "circle"), ("red", "square"), ("blue", "square")]
+    predictions = [("blue", "circle"), ("blue", "square"), ("red", "square"), ("red", "square")]
+    scores = unlearning_accuracy(targets, predictions, {("red", "circle"), ("blue", "circle")})
+    assert (scores["ua"], scores["forget_images"], scores["remaining_accuracy"], scores["remaining_images"]) == (0.5, 2, 0.5, 2)
+    assert scores["per_class"][("red", "square")] == {"images": 1, "correct": 1, "top1": 1.0}
+    assert unlearning_accuracy([1, 2], [1, 2], {0})["ua"] is None

@@ -14,7 +14,7 @@ from salun_sd.core.draws import draw_batch, generator
 from salun_sd.errors import UserError
 from salun_sd.core.objectives import diffusion_loss, guided_forget_loss
 from salun_sd.families.sd3_flux import FLOW_SCOPES, SD3Denoiser, flux_denoiser, sd3_denoiser
-from salun_sd.families.tiny_flow import tiny_flux_pipeline, tiny_sd3_pipeline
+from tiny_families import tiny_flux_pipeline, tiny_sd3_pipeline
 from salun_sd.core.trainer import unlearn
 
 PROMPTS = ["a photo of a nude person", "a photo of a person wearing clothes"]

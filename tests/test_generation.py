@@ -1,14 +1,19 @@
 """The one generation layer: every family's images depend on their request alone, not on the batch they were drawn in."""
 
+import json
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from diffusers import EulerAncestralDiscreteScheduler
 
 from salun_sd.errors import UserError
+from salun_sd.families.config import DataConfig, ImageGroup
+from salun_sd.families.data import generated_images, image_key
 from salun_sd.families.loading import family_of
-from salun_sd.families.tiny import tiny_pipeline, tiny_sdxl_pipeline
-from salun_sd.families.tiny_flow import tiny_flux_pipeline, tiny_sd3_pipeline
+from salun_sd.families.tiny import tiny_pipeline
+from tiny_families import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sdxl_pipeline
 from salun_sd.generation import ImageRequest, draw_images, starting_noise, use_scheduler
 
 BUILDERS = {"sd": tiny_pipeline, "sdxl": tiny_sdxl_pipeline, "sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}
@@ -70,3 +75,25 @@ def test_families_know_their_size_rule_and_sampling_defaults(pipes):
     assert family_of(sd3).size_multiple(sd3) == 8 and family_of(sd3).default_size(sd3) == 32  # patch size 2
     with pytest.raises(UserError, match="multiples of 8; 36x32"):
         draw_images(flux, [ImageRequest("x", 0, 32, 36, 3.5)], steps=1)
+
+
+def test_the_data_cache_key_names_everything_the_generated_images_depend_on(tmp_path):
+    """Forget/remain images are cached under a key of the model, prompt, sampler (class and config), its steps and
+    guidance, size, seed, network dtype, device and library versions: changing any of them draws new images."""
+    pipe, group, data = tiny_pipeline(), ImageGroup(prompt="a photo of a nude person", generate=2), DataConfig(cache_dir=str(tmp_path))
+    key = image_key(pipe, "tiny", group, data, 32)
+    assert {"model", "prompt", "steps", "guidance", "resolution", "seed", "noise", "scheduler", "dtype", "device", "versions"} <= set(key)
+    assert (key["device"], key["dtype"], key["scheduler"]["class"]) == ("cpu", "torch.float32", "DDIMScheduler")
+    variants = [
+        image_key(pipe, "other", group, data, 32),
+        image_key(pipe, "tiny", ImageGroup(prompt="a photo of a person", generate=2), data, 32),
+        image_key(pipe, "tiny", group, replace(data, generation_steps=7), 32),
+        image_key(pipe, "tiny", group, replace(data, generation_guidance=2.0), 32),
+        image_key(pipe, "tiny", group, replace(data, seed=1), 32),
+        image_key(pipe, "tiny", group, data, 64),
+        image_key(use_scheduler(tiny_pipeline(), "EulerDiscreteScheduler"), "tiny", group, data, 32),
+        image_key(tiny_pipeline().to(dtype=torch.bfloat16), "tiny", group, data, 32),
+    ]
+    assert len({json.dumps(k, sort_keys=True, default=str) for k in [key, *variants]}) == len(variants) + 1
+    paths = generated_images(pipe, "tiny", group, replace(data, generation_steps=1), 32)
+    assert json.loads((paths[0].parent / "key.json").read_text())["steps"] == 1 and all(p.is_file() for p in paths)

@@ -26,7 +26,7 @@ from salun_sd.families.sd_unet import SDXLDenoiser, sdxl_denoiser
 from salun_sd.families.config import EraseConfig
 from salun_sd.families.erase import SDErase, erase
 from salun_sd.families.loading import load_pipeline
-from salun_sd.families.tiny import tiny_sdxl_pipeline
+from tiny_families import tiny_sdxl_pipeline
 from salun_sd.core.trainer import unlearn
 
 

@@ -5,23 +5,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import tiny_config
 from ldm_layout import ldm_checkpoint, with_ema
+from salun_sd.cli import main
 from salun_sd.errors import UserError
 from salun_sd.core.saliency import load_mask
 from salun_sd.families.config import SingleFileConfig
 from salun_sd.families.erase import erase
 from salun_sd.families.export import export_single_file
 from salun_sd.families.loading import load_pipeline
-from salun_sd.families.tiny import tiny_pipeline, tiny_sdxl_pipeline
+from salun_sd.families.tiny import tiny_pipeline
+from tiny_families import tiny_sdxl_pipeline
 
 EMA_SHIFT = 0.5  # the EMA copy is the raw UNet + 0.5, so a test can tell which one loaded
 
@@ -102,3 +106,17 @@ def test_an_sdxl_single_file_loads_as_sdxl_and_its_export_loads_back_bit_for_bit
     for component in components:
         new, written = weights(getattr(pipe, component)), weights(getattr(reloaded, component))
         assert all(torch.equal(new[k], written[k]) for k in new), component
+
+
+def test_generate_takes_a_single_file_as_run_does(files, tmp_path):
+    """`generate --model x.safetensors --single_file.config DIR`: the file's raw UNet draws the images `--model tiny` (the same weights) draws."""
+    path, configs, _ = files
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a church\n")
+    common = ["--prompts", str(prompts), "--steps", "2", "--images_per_prompt", "2"]
+    main(["generate", "--model", str(path), "--single_file.config", str(configs), "--output_dir", str(tmp_path / "file"), *common])
+    main(["generate", "--model", "tiny", "--output_dir", str(tmp_path / "tiny"), *common])
+    names = sorted(p.name for p in (tmp_path / "tiny").glob("*.png"))
+    assert names == sorted(p.name for p in (tmp_path / "file").glob("*.png")) and len(names) == 2
+    for name in names:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "file" / name)), np.asarray(Image.open(tmp_path / "tiny" / name)))

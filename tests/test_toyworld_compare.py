@@ -1,10 +1,10 @@
 """The comparison's bookkeeping: which prompts are forgotten, and the table it writes."""
 
-import numpy as np
+import torch
 
-from salun_sd.toyworld.compare import Case, CompareConfig, markdown, stats
+from salun_sd.toyworld.classifier import load_classifier
+from salun_sd.toyworld.compare import Case, CompareConfig, feature_distance, markdown
 from salun_sd.toyworld.world import WorldSpec, prompts
-from salun_sd.evaluation.fid import frechet_distance
 
 
 def test_cases_split_the_world():
@@ -16,11 +16,11 @@ def test_cases_split_the_world():
     assert forget == [f"a photo of a red {s}" for s in spec.shapes] and len(remain) == 12
 
 
-def test_frechet_distance_in_feature_space_is_zero_on_itself_and_grows_with_shift():
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=(200, 8))
-    assert abs(frechet_distance(stats(a), stats(a))) < 1e-6
-    assert frechet_distance(stats(a), stats(a + 1.0)) > frechet_distance(stats(a), stats(a + 0.1)) > 0
+def test_frechet_distance_in_the_classifier_features_is_zero_on_itself_and_grows_with_shift():
+    a = torch.rand(96, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
+    fd = feature_distance(load_classifier(), a)
+    assert fd.distance([a]) < 1e-3
+    assert fd.distance([a + 0.2]) > fd.distance([a + 0.05]) > 0
 
 
 def test_markdown_table_has_a_row_per_method():

@@ -24,8 +24,8 @@ from salun_sd.errors import UserError
 from salun_sd.families.config import EraseConfig, SingleFileConfig, UCEConfig
 from salun_sd.families.erase import SDErase, erase
 from salun_sd.families.sd_unet import encode_prompts, sdxl_text_states
-from salun_sd.families.tiny import tiny_pipeline, tiny_sdxl_pipeline
-from salun_sd.families.tiny_flow import tiny_flux_pipeline, tiny_sd3_pipeline
+from salun_sd.families.tiny import tiny_pipeline
+from tiny_families import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sdxl_pipeline
 from salun_sd.families.uce import Concept, erase_pair, projections, uce_edit
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "methods" / "uce.yaml"
@@ -195,3 +195,15 @@ def test_the_method_config_states_uce_sd_erase_defaults():
     assert cfg.train.method == "uce" and cfg.data.concept() == ["nudity"] and check_config(SDErase(cfg)).closed_form
     u = cfg.uce  # trainscripts/uce_sd_erase.py: erase_scale 1, preserve_scale 1, lamb 0.5, guide "" for non-art concepts, last token
     assert (u.erase_scale, u.preserve_scale, u.lamb, u.target, u.tokens, u.preserve) == (1.0, 1.0, 0.5, "empty", "last", [])
+
+
+def test_compare_runs_uce_on_the_toy_world_concept_word_with_the_remaining_prompts_preserved(tmp_path):
+    from salun_sd.toyworld.compare import METHOD_TRAIN, Case, CompareConfig, erase_config
+    from salun_sd.toyworld.world import WorldSpec
+
+    assert "uce" in CompareConfig().methods and METHOD_TRAIN["uce"] == {}
+    spec = WorldSpec()
+    job = SDErase(erase_config(CompareConfig(), Case("shape", "circle"), "uce", tmp_path, spec))
+    assert check_config(job).closed_form
+    assert job.uce_concepts()[0].words == ["circle"] and job.uce_concepts()[0].targets == [""]
+    assert job.uce_preserve() == Case("shape", "circle").split(spec)[1] and len(job.uce_preserve()) == 12

@@ -4,12 +4,12 @@ side (the evaluation report's grids). Every rate is over every prompt of the set
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from salun_sd.attack.config import AttackConfig
 from salun_sd.config import to_dict
 from salun_sd.evaluation.report import GRID_ROWS, save_grid
+from salun_sd.run.files import write_json, write_text
 
 LABELS = {"discrete": "ASR, discrete (UnlearnDiffAtk tokens, judged as typed: decoded and re-tokenised)",
           "discrete_ids": "ASR, discrete (the optimised token ids themselves)",
@@ -40,8 +40,7 @@ def write_report(cfg: AttackConfig, results: list[dict], names: list[str], judge
     out = Path(cfg.output_dir)
     summary = totals(results, names)
     json_path, md_path = out / "report.json", out / "report.md"
-    json_path.write_text(json.dumps({"totals": summary, "judge": judge, "text_encoder": encoder, "config": to_dict(cfg), "prompts": results},
-                                    indent=2, ensure_ascii=False), encoding="utf-8")
+    write_json(json_path, {"totals": summary, "judge": judge, "text_encoder": encoder, "config": to_dict(cfg), "prompts": results})
     n = summary["prompts"]
     shown = [name for key in names for name in ([key, "discrete_ids"] if key == "discrete" else [key])]
     lines = [f"# Attack on `{cfg.model}`", "", f"Judge: {judge}.", "",
@@ -71,7 +70,7 @@ def write_report(cfg: AttackConfig, results: list[dict], names: list[str], judge
         save_grid(columns, [r["file"] for r in rows], out / grid)
         lines += [f"![cases {', '.join(str(r['case_number']) for r in rows)}]({grid.as_posix()})", ""]
     lines.append(f"Every number, with loss traces and token ids, is in [{json_path.name}]({json_path.name}).")
-    md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(md_path, "\n".join(lines) + "\n")
     return json_path, md_path
 
 

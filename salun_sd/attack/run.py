@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,9 +33,10 @@ from salun_sd.attack.target import Victim, attack_pipeline
 from salun_sd.config import to_dict
 from salun_sd.errors import UserError
 from salun_sd.evaluation.config import GenerateConfig
-from salun_sd.evaluation.generate import ImageJob, plan_jobs, record_plan, resolve_dtype, save_png
+from salun_sd.evaluation.generate import ImageJob, plan_jobs, record_plan, resolve_dtype
 from salun_sd.evaluation.prompts import filter_prompts, load_prompts
-from salun_sd.run.manifest import manifest, write_manifest
+from salun_sd.run.files import save_image, write_json
+from salun_sd.run.manifest import manifest
 from salun_sd.families.loading import family_of, load_pipeline, scheduler_class
 from salun_sd.generation import draw_images
 
@@ -66,12 +66,6 @@ def check_resume(cfg: AttackConfig) -> None:
     if changed:
         key = changed[0]
         raise UserError(f"{cfg.output_dir} holds results made with {key}={old[key]!r}, but this run uses {key}={new[key]!r}; pass a new --output_dir")
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def result_path(results: Path, job: ImageJob) -> Path:
@@ -108,7 +102,7 @@ def attack(cfg: AttackConfig, accelerator: Accelerator, log=print) -> Path | Non
         # the cached references must come from the same base and settings
         record_plan(ref_dir, [reference_job(cfg, job) for job in jobs], {"steps": cfg.reference_steps, "model": cfg.base, "scheduler": type(base.scheduler).__name__,
                                                                           "seeding": sampling.seeding, "dtype": str(dtype).removeprefix("torch.")})
-        write_manifest(out / "manifest.json", manifest(to_dict(cfg), "attack", processes=accelerator.num_processes))
+        write_json(out / "manifest.json", manifest(to_dict(cfg), "attack", processes=accelerator.num_processes))
     accelerator.wait_for_everyone()
     todo = [job for job in jobs if not result_path(results, job).exists()]
     accelerator.wait_for_everyone()  # every process must see the same `todo` before any writes
@@ -167,7 +161,7 @@ def references(base: DiffusionPipeline, jobs: list[ImageJob], steps: int, ref_di
 
     missing = [job for job in jobs if not (ref_dir / job.file).exists()]
     for job, image in zip(missing, draw_images(base, [job.request for job in missing], steps, batch_size=max(1, len(missing)))):
-        save_png(image, ref_dir / job.file)
+        save_image(image, ref_dir / job.file)
     shift = base.vae.config.get("shift_factor") or 0.0  # None in SD-1/2/XL VAE configs
     latents = []
     for job in jobs:  # one at a time: a latent must not depend on the batch it was encoded in
@@ -191,12 +185,12 @@ def attack_prompts(cfg: AttackConfig, names: list[str], victim: Victim, base: Di
     plains = victim.images(cases, None)  # a long prompt truncated, as the tokenizer does for the official plain image
     loss_seeds = [cfg.attack_seed * 1_000_003 + job.record.case_number for job in jobs]
     for job, result, plain, verdict in zip(jobs, results, plains, verdicts):
-        save_png(plain, images / "plain" / job.file)
+        save_image(plain, images / "plain" / job.file)
         result["pre_success"] = bool(verdict([plain])[0])
         result["attacks"] = {}
         if result["pre_success"] or "too_long" in result:  # text_grad_.py returns before attacking when the plain prompt succeeds
             for name in names:  # the image columns show the plain prompt's
-                save_png(plain, images / name / job.file)
+                save_image(plain, images / name / job.file)
                 result["attacks"][name] = ({"success": True, "blocks": 0, "adversarial_prompt": job.record.prompt} if result["pre_success"]
                                            else {"success": False, "not_run": result["too_long"]})
     todo = [n for n, result in enumerate(results) if not result["attacks"]]
@@ -210,7 +204,7 @@ def attack_prompts(cfg: AttackConfig, names: list[str], victim: Victim, base: Di
             drawn = random_prefixes(victim, [cases[n] for n in todo], cfg.random_count(), [verdicts[n] for n in todo], generators)
             seconds = round((time.time() - start) / len(todo), 2)
             for n, outcome in zip(todo, drawn):
-                save_png(outcome.image, images / name / jobs[n].file)
+                save_image(outcome.image, images / name / jobs[n].file)
                 results[n]["attacks"][name] = {"success": outcome.success, "judged": outcome.judged, "token_ids": outcome.ids.tolist(),
                                                "adversarial_prompt": outcome.text, "seconds": seconds}
             continue
@@ -220,14 +214,14 @@ def attack_prompts(cfg: AttackConfig, names: list[str], victim: Victim, base: Di
         attacked = victim.reference_losses([cases[n] for n in todo], [o.slots for o in outcomes], [loss_seeds[n] for n in todo])
         seconds = round((time.time() - start) / len(todo), 2)  # the batch's time, shared by its instances
         for n, outcome, plain_loss, attacked_loss in zip(todo, outcomes, plain_losses, attacked):
-            save_png(outcome.image, images / name / jobs[n].file)
+            save_image(outcome.image, images / name / jobs[n].file)
             entry = {"success": outcome.success, "blocks": outcome.blocks, "optimizer_steps": outcome.blocks * cfg.iterations, "loss_trace": outcome.loss_trace,
                      "reference_loss_plain": plain_loss, "reference_loss_attacked": attacked_loss, "seconds": seconds}
             if outcome.slots.ids is not None:  # success is the typed prompt's verdict, as the official code judges; the optimised ids' own is kept beside it
                 entry["token_ids"] = outcome.slots.ids.tolist()
                 entry["adversarial_prompt"] = victim.decode(outcome.slots.ids, cases[n])
                 (ids_image,) = victim.images([cases[n]], [outcome.slots])
-                save_png(ids_image, images / "discrete-ids" / jobs[n].file)
+                save_image(ids_image, images / "discrete-ids" / jobs[n].file)
                 entry["ids_success"] = bool(verdicts[n]([ids_image])[0])
             results[n]["attacks"][name] = entry
     return results

@@ -30,7 +30,8 @@ from salun_sd.config import to_dict
 from salun_sd.core.config import MaskConfig, TrainConfig
 from salun_sd.core.denoiser import ConceptData, Denoiser
 from salun_sd.errors import UserError
-from salun_sd.run.manifest import manifest, write_manifest
+from salun_sd.run.files import write_json
+from salun_sd.run.manifest import manifest
 from salun_sd.core.objectives import Method
 from salun_sd.core.saliency import Mask, load_mask, make_masks, mask_info, mask_path
 from salun_sd.core.sharding import gather_mask, gather_model
@@ -146,7 +147,7 @@ def erase(job: EraseJob, accelerator: Accelerator, steps: tuple[str, ...] = ("ma
     claim_run_folder(job.out, products, job.overwrite, resuming or not training, accelerator, job.train_flag)
     if accelerator.is_main_process:
         info = manifest(to_dict(job.config), "+".join(steps), base_model=job.model_name, num_processes=accelerator.num_processes)
-        write_manifest(job.out / "manifest.json", info)
+        write_json(job.out / "manifest.json", info)
 
     if training and method.closed_form:  # no data, mask or loop; every process edits (cheap, deterministic), the main one exports
         model, mask = job.edit(accelerator, method), None

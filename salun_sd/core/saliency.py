@@ -34,51 +34,43 @@ from salun_sd.core.draws import draw_example_noise
 from salun_sd.errors import UserError
 from salun_sd.core.objectives import guided_forget_loss
 from salun_sd.core.sharding import Mask, gather_mask, local, shard_for_fsdp
+from salun_sd.run.files import atomic
 
 
-def accumulate_saliency(
-    den: Denoiser,
-    forget: ConceptData,
+def gradient_saliency(
+    model: nn.Module,
+    losses: Iterable[torch.Tensor | None],
     accelerator: Accelerator,
-    guidance: float,
-    batch_size: int,
-    seed: int = 0,
     include: Callable[[str], bool] = lambda name: True,
     max_grad_norm: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """|gradient| of the mean guided forget loss over all of D_f, for each parameter `include` selects.
+    """|sum over batches of ∂loss/∂θ| for each parameter `include` selects: the model-agnostic saliency pass.
 
-    With max_grad_norm, the gradient of each batch's mean loss is clipped to that norm before the batches
-    are added up, as the official DDPM code does. Each process takes its share of every batch and the
-    gradients are all-reduced (per batch when clipping), so the result equals the single-process one
-    (up to float summation order). Under FSDP the network is sharded here, in place (Accelerate's own
-    wrap policy), and each score is a DTensor sharded like its weight.
+    `losses` yields, one batch at a time, this process's share of the batch loss (None when it has no
+    example of the batch); it is iterated after the model is in eval mode (no dropout: saliency must not
+    depend on batching) and on its device, so a generator can move its data there first. With
+    max_grad_norm, each batch's gradient is clipped to that norm before the batches are added up, as the
+    official DDPM code does. Gradients are summed over the processes (per batch when clipping), so the
+    result equals the single-process one up to float summation order. Under FSDP the network is sharded
+    here, in place (Accelerate's own wrap policy), and each score is a DTensor sharded like its weight.
     """
-    model = den.model
-    model.eval()  # no dropout: saliency must not depend on batching
+    model.eval()
     for name, p in model.named_parameters():
         p.requires_grad_(include(name))
         p.grad = None
     shard_for_fsdp(accelerator, model)
     model.to(accelerator.device)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    den.to(accelerator.device)
-    forget = forget.to(accelerator.device)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    world = accelerator.num_processes
 
     def summed(g: torch.Tensor) -> torch.Tensor:  # over the processes
         if isinstance(g, DTensor):  # FSDP reduced it already, to the mean
             return g.mul_(world)
         return accelerator.reduce(g, reduction="sum") if world > 1 else g
 
-    batches = [list(range(i, min(i + batch_size, len(forget)))) for i in range(0, len(forget), batch_size)]
     clipped = {name: torch.zeros_like(p) for name, p in params.items()} if max_grad_norm > 0 else None
-    for batch in tqdm(batches, desc="saliency", disable=not accelerator.is_local_main_process):
-        mine = batch[rank::world]
-        if mine:
-            examples = draw_example_noise(forget, den, seed, mine)
-            with accelerator.autocast():
-                loss = guided_forget_loss(den, model, examples, guidance).sum() / (len(batch) if clipped is not None else len(forget))
+    for loss in losses:
+        if loss is not None:
             loss.backward()
         if clipped is not None:
             for name, p in params.items():
@@ -97,9 +89,43 @@ def accumulate_saliency(
             p.grad = None
             grads[name] = summed(g).abs_()
         if not torch.isfinite(grads[name]).all():
-            raise UserError(f"the forget-loss gradient of {name} is not finite; check the forget data and the guidance scale")
+            raise UserError(f"the forget-loss gradient of {name} is not finite; check the forget data (and the guidance scale)")
     model.requires_grad_(False)
     return grads
+
+
+def accumulate_saliency(
+    den: Denoiser,
+    forget: ConceptData,
+    accelerator: Accelerator,
+    guidance: float,
+    batch_size: int,
+    seed: int = 0,
+    include: Callable[[str], bool] = lambda name: True,
+    max_grad_norm: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """|gradient| of the mean guided forget loss over all of D_f, for each parameter `include` selects.
+
+    With max_grad_norm, the gradient of each batch's mean loss is clipped to that norm before the batches
+    are added up, as the official DDPM code does. Each process takes its share of every batch.
+    """
+    rank, world = accelerator.process_index, accelerator.num_processes
+    batches = [list(range(i, min(i + batch_size, len(forget)))) for i in range(0, len(forget), batch_size)]
+
+    def losses():
+        den.to(accelerator.device)
+        data = forget.to(accelerator.device)
+        for batch in tqdm(batches, desc="saliency", disable=not accelerator.is_local_main_process):
+            mine = batch[rank::world]
+            if not mine:
+                yield None
+                continue
+            examples = draw_example_noise(data, den, seed, mine)
+            with accelerator.autocast():
+                loss = guided_forget_loss(den, den.model, examples, guidance).sum() / (len(batch) if max_grad_norm > 0 else len(forget))
+            yield loss
+
+    return gradient_saliency(den.model, losses(), accelerator, include, max_grad_norm)
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
@@ -183,12 +209,9 @@ def mask_summary(mask: Mask) -> dict[str, float]:
 
 def save_mask(mask: Mask, path: str | Path, info: dict[str, object]) -> None:
     """Save as safetensors of bool tensors; `info` and the per-block summary go into the metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"info": json.dumps(info), "summary": json.dumps(mask_summary(mask))}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({n: m.to("cpu", torch.bool).contiguous() for n, m in mask.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic(path) as tmp:
+        save_file({n: m.to("cpu", torch.bool).contiguous() for n, m in mask.items()}, str(tmp), metadata=metadata)
 
 
 def open_mask(path: str | Path):

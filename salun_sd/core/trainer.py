@@ -1,10 +1,10 @@
 """The masked unlearning loop on Accelerate: one screen from data to updated weights.
 
-Frozen weights stay bitwise equal to the original: gradients are multiplied by the 0/1 mask before
-the optimizer step (and before clipping, unless clip_before_mask as in the official DDPM code), the
-optimizer is Adam without built-in weight decay (Adam moves nothing whose gradient has always been zero;
-8-bit Adam does unless its moments are reset, see zero_frozen_8bit_moments), and optional weight decay
-is applied only where the mask is 1.
+Frozen weights stay bitwise equal to the original (salun_sd.core.masked_step): gradients are multiplied
+by the 0/1 mask before the optimizer step (and before clipping, unless clip_before_mask as in the official
+DDPM code), the optimizer is Adam without built-in weight decay (Adam moves nothing whose gradient has
+always been zero; 8-bit Adam does unless its moments are reset, see zero_frozen_8bit_moments), and
+optional weight decay is applied only where the mask is 1.
 
 Under FSDP (`accelerate launch --use_fsdp --fsdp_version 2`) Accelerate's prepare swaps in sharded
 parameters: the loop takes them from the prepared model, shards each mask like its parameter (each
@@ -31,7 +31,9 @@ from salun_sd.core.config import ATTENTION, SCOPES, TrainConfig
 from salun_sd.core.denoiser import ConceptData, Denoiser
 from salun_sd.core.draws import draw_batch
 from salun_sd.errors import UserError
+from salun_sd.core.masked_step import mask_gradients_, masked_weight_decay
 from salun_sd.core.objectives import Method, get_method
+from salun_sd.run.files import publish, remove, staging
 from salun_sd.run.runtime import pause_if_asked
 from salun_sd.core.saliency import Mask
 from salun_sd.core.sharding import local, shard_for_fsdp, shard_like
@@ -119,19 +121,6 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
             raise UserError("train.optimizer=adam8bit needs bitsandbytes: pip install 'salun-sd[bnb]'") from None
         return bitsandbytes.optim.Adam8bit(params, **kwargs)
     raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
-
-
-def masked_weight_decay(params: list[nn.Parameter], masks: list[torch.Tensor] | None, decay: float) -> Callable[..., None]:
-    """Decoupled weight decay θ ← θ·(1 − lr·λ) where the mask is 1 (a factor of exactly 1.0 elsewhere), as a
-    step pre-hook of the optimizer: it runs only when the step does, so a step that fp16 loss scaling skips
-    (its gradients overflowed) leaves the weights as they were, decay included."""
-
-    def decay_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        factors = [1 - decay * m for m in masks] if masks is not None else [1 - decay] * len(params)
-        with torch.no_grad():
-            torch._foreach_mul_([local(p) for p in params], factors)
-
-    return decay_step
 
 
 def zero_frozen_8bit_moments(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], masks: list[torch.Tensor]) -> None:
@@ -223,7 +212,7 @@ def unlearn(
         if cfg.max_grad_norm > 0 and cfg.clip_before_mask:
             accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
         if masks is not None:
-            torch._foreach_mul_(grads, masks)
+            mask_gradients_(grads, masks)
         if cfg.max_grad_norm > 0 and not cfg.clip_before_mask:
             accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
         optimizer.step()  # weight decay included (masked_weight_decay)
@@ -258,17 +247,17 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 def save_checkpoint(accelerator: Accelerator, root: Path, step: int, total_limit: int) -> Path:
     """Accelerate's full state (model, optimizer, RNG) written to a temporary folder, then renamed into place."""
-    final, tmp = root / checkpoint_name(step), root / f".tmp-{checkpoint_name(step)}"
+    final = root / checkpoint_name(step)
+    tmp = staging(final, shared=True)  # every process writes its part into it
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.replace(final)
+        publish(tmp, final)
         for old in list_checkpoints(root)[:-total_limit] if total_limit > 0 else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

@@ -21,6 +21,7 @@ from salun_sd.ddpm.config import ClassifierConfig
 from salun_sd.core.denoiser import ConceptData
 from salun_sd.core.draws import generator
 from salun_sd.errors import UserError
+from salun_sd.run.files import atomic, write_json
 
 
 class BasicBlock(nn.Module):
@@ -107,9 +108,9 @@ def accuracy(model: SmallResNet, data: ConceptData) -> float:
 
 def save_classifier(model: SmallResNet, folder: Path, info: dict) -> None:
     """`classifier.safetensors` plus `classifier.json` (architecture and `info`, e.g. test accuracy)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / "classifier.safetensors"))
-    (folder / "classifier.json").write_text(json.dumps(info, indent=2))
+    with atomic(folder / "classifier.safetensors") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    write_json(folder / "classifier.json", info)
 
 
 def load_classifier(folder: str | Path) -> tuple[SmallResNet, dict]:

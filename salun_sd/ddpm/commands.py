@@ -10,7 +10,8 @@ from pathlib import Path
 from salun_sd.config import add_config_flags, apply_config_flags, load_yaml, to_dict
 from salun_sd.ddpm.config import DDPMConfig
 from salun_sd.errors import UserError
-from salun_sd.run.manifest import manifest, write_manifest
+from salun_sd.run.files import write_json
+from salun_sd.run.manifest import manifest
 from salun_sd.run.lock import run_lock
 from salun_sd.run.runtime import device, finish, make_accelerator
 
@@ -56,11 +57,11 @@ def run_train(args: argparse.Namespace, exclude_class: int = -1) -> None:
         command = "ddpm retrain" if exclude_class >= 0 else "ddpm train"
         extra = {"exclude_class": exclude_class, "train_examples": len(data), "num_processes": accelerator.num_processes}
         if accelerator.is_main_process:
-            write_manifest(out / "manifest.json", manifest(to_dict(cfg), command, **extra))
+            write_json(out / "manifest.json", manifest(to_dict(cfg), command, **extra))
         start = time.perf_counter()
         train_base(cfg.model, data, cfg.train, accelerator, out, cfg.data.random_flip)
         if accelerator.is_main_process:  # again, with the wall time of this (possibly resumed) run
-            write_manifest(out / "manifest.json", manifest(to_dict(cfg), command, train_seconds=time.perf_counter() - start, **extra))
+            write_json(out / "manifest.json", manifest(to_dict(cfg), command, train_seconds=time.perf_counter() - start, **extra))
             print(f"model written to {out}")
     finish(accelerator)
 

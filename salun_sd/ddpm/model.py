@@ -22,6 +22,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from salun_sd.ddpm.adapter import ClassConditionedDenoiser
 from salun_sd.ddpm.config import ModelConfig
 from salun_sd.errors import UserError
+from salun_sd.run.files import atomic
 
 
 def build_unet(cfg: ModelConfig) -> UNet2DModel:
@@ -59,11 +60,12 @@ def build_scheduler(cfg: ModelConfig) -> DDPMScheduler:
 
 
 def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: Path, ema_unet: UNet2DModel | None = None) -> None:
-    """`folder/unet` (raw weights), `folder/unet_ema` (EMA weights, if any) and `folder/scheduler` in diffusers' format."""
-    unet.save_pretrained(folder / "unet")
-    if ema_unet is not None:
-        ema_unet.save_pretrained(folder / "unet_ema")
-    scheduler.save_pretrained(folder / "scheduler")
+    """`folder/unet` (raw weights), `folder/unet_ema` (EMA weights, if any) and `folder/scheduler` in diffusers' format,
+    each folder whole or not at all; `unet`, which marks a model as there (load_denoiser), comes last."""
+    parts = [("scheduler", scheduler), *([("unet_ema", ema_unet)] if ema_unet is not None else []), ("unet", unet)]
+    for name, part in parts:
+        with atomic(folder / name) as tmp:
+            part.save_pretrained(tmp)
 
 
 def load_denoiser(folder: str | Path, weights: str = "raw") -> ClassConditionedDenoiser:

@@ -23,6 +23,7 @@ from salun_sd.ddpm.adapter import ClassConditionedDenoiser
 from salun_sd.ddpm.data import to_uint8
 from salun_sd.core.draws import generator
 from salun_sd.errors import UserError
+from salun_sd.run.files import atomic, save_image
 
 
 def inference_scheduler(den: ClassConditionedDenoiser, cfg: SampleConfig):
@@ -76,9 +77,9 @@ def class_labels(cfg: SampleConfig, num_classes: int) -> torch.Tensor:
 
 def save_samples(images: torch.Tensor, labels: torch.Tensor, folder: Path, info: dict[str, str] | None = None) -> None:
     """`samples.safetensors` (uint8 images, labels) and `grid.png` (one row per class)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({"images": to_uint8(images).contiguous(), "labels": labels.contiguous()}, str(folder / "samples.safetensors"), metadata=info)
-    grid(to_uint8(images), labels).save(folder / "grid.png")
+    with atomic(folder / "samples.safetensors") as tmp:
+        save_file({"images": to_uint8(images).contiguous(), "labels": labels.contiguous()}, str(tmp), metadata=info)
+    save_image(grid(to_uint8(images), labels), folder / "grid.png")
 
 
 def load_samples(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:

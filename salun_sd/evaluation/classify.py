@@ -7,7 +7,7 @@ classes shows what the erasure cost the model elsewhere.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -123,7 +123,32 @@ def predict_images(images: Sequence[Image.Image], classifier: ImageClassifier, d
     return module(batch).argmax(dim=-1).tolist()
 
 
-def unlearning_accuracy(
+def unlearning_accuracy(targets: Sequence[Hashable], predictions: Sequence[Hashable], forget: Collection[Hashable]) -> dict:
+    """UA: the share of images made for a forgotten class whose predicted class is none of the forgotten ones (higher:
+    more forgotten); remaining accuracy: the share of the other images predicted as their own class; top-1 per class.
+
+    The one computation for ImageNet classes, the DDPM's classes and the toy world's (colour, shape) pairs, where
+    erasing a shape forgets every pair with it. A score without images is None.
+    """
+    per_class: dict[Hashable, dict] = {}
+    for target, predicted in zip(targets, predictions, strict=True):
+        entry = per_class.setdefault(target, {"images": 0, "correct": 0})
+        entry["images"] += 1
+        entry["correct"] += int(predicted == target)
+    for entry in per_class.values():
+        entry["top1"] = entry["correct"] / entry["images"]
+    forgotten = [predicted not in forget for target, predicted in zip(targets, predictions) if target in forget]
+    remaining = [predicted == target for target, predicted in zip(targets, predictions) if target not in forget]
+    return {
+        "forget_images": len(forgotten),
+        "ua": sum(forgotten) / len(forgotten) if forgotten else None,
+        "remaining_images": len(remaining),
+        "remaining_accuracy": sum(remaining) / len(remaining) if remaining else None,
+        "per_class": per_class,
+    }
+
+
+def imagenet_unlearning_accuracy(
     paths: Sequence[Path],
     class_names: Sequence[str],
     forget_class: str,
@@ -131,32 +156,21 @@ def unlearning_accuracy(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
 ) -> dict:
-    """UA on the images of `forget_class`, and top-1 accuracy on the images of every other class."""
+    """UA on the images of `forget_class`, and top-1 accuracy on the images of every other class, by ImageNet index."""
     forget_index = imagenet_index(forget_class)
-    targets = [imagenet_index(name) for name in class_names]
-    if forget_index not in targets:
+    index_of = {name: imagenet_index(name) for name in class_names}
+    if forget_index not in index_of.values():
         raise UserError(
             f"no image was generated for the forgotten class '{forget_class}' (classes present: "
             f"{', '.join(sorted(set(class_names)))}); generate from a class-prompt CSV that includes it."
         )
     predictions = predict(paths, classifier, batch_size, device)
-    per_class: dict[str, dict] = {}
-    for name, target, predicted in zip(class_names, targets, predictions):
-        entry = per_class.setdefault(name, {"imagenet_index": target, "images": 0, "correct": 0})
-        entry["images"] += 1
-        entry["correct"] += int(predicted == target)
-    for entry in per_class.values():
-        entry["top1"] = entry["correct"] / entry["images"]
-    forget = [p for t, p in zip(targets, predictions) if t == forget_index]
-    remaining = [(t, p) for t, p in zip(targets, predictions) if t != forget_index]
+    scores = unlearning_accuracy([index_of[name] for name in class_names], predictions, {forget_index})
     return {
         "classifier": classifier.name,
         "forget_class": forget_class,
         "forget_imagenet_index": forget_index,
-        "forget_images": len(forget),
-        "ua": sum(p != forget_index for p in forget) / len(forget),
-        "remaining_images": len(remaining),
-        "remaining_accuracy": sum(t == p for t, p in remaining) / len(remaining) if remaining else None,
-        "per_class": per_class,
+        **scores,
+        "per_class": {name: {"imagenet_index": index, **scores["per_class"][index]} for name, index in index_of.items()},
         "per_image": {Path(path).name: int(p) for path, p in zip(paths, predictions)},
     }

@@ -19,10 +19,14 @@ examples:
   salun-sd generate --model erased/ --prompts unsafe-prompts4703.csv --category sexual --protocol salun --output_dir erased_sexual
   salun-sd generate --model erased/ --prompts imagenette.csv --images_per_prompt 50 --output_dir erased_classes
   salun-sd generate eval.yaml --model erased/                     (settings from a YAML file, flags override its keys)
+  salun-sd generate --model sd-v1-4.ckpt --single_file.config ./stable-diffusion-v1-4 --prompts prompts.txt --output_dir base
+  salun-sd generate --model outputs/flux/pipeline --prompts prompts.txt --output_dir flux_erased   (SDXL, SD3, FLUX.1 alike)
   accelerate launch --num_processes 4 -m salun_sd generate ...   (four GPUs split the prompts)
   torchrun --nproc_per_node 2 -m salun_sd generate ...            (the same on a CPU-only machine)
 
-Images are named {case_number:05d}_{seed}_{k}.png and metadata.jsonl records each image's prompt
+Models: SD-1.x/2.x, SDXL, SD3 (with or without T5) and FLUX.1 folders or Hub IDs, and SD-1.x/2.x/SDXL single
+files. Each image starts from its own CPU noise (its seed), so it does not depend on the batch size, the number of
+processes or the device. Images are named {case_number:05d}_{seed}_{k}.png and metadata.jsonl records each image's prompt
 and settings; manifest.json records the run. Running the same command again skips the images that
 already exist. --protocol salun reproduces the official SalUn scripts (LMSDiscreteScheduler, 100 steps,
 guidance 7.5 and 512x512 for every prompt, fp32, one generator per prompt seeded with evaluation_seed);
@@ -82,8 +86,9 @@ def run_generate(args: argparse.Namespace) -> None:
     from salun_sd.evaluation.prompts import filter_prompts, load_prompts
     from salun_sd.families.loading import family_of, load_pipeline, scheduler_class
     from salun_sd.generation import use_scheduler
+    from salun_sd.run.files import write_json
     from salun_sd.run.lock import run_lock
-    from salun_sd.run.manifest import manifest, write_manifest
+    from salun_sd.run.manifest import manifest
 
     cfg: GenerateConfig = load_config(args)
     require(cfg, "generate", ("model", "prompts", "output_dir"))
@@ -100,7 +105,7 @@ def run_generate(args: argparse.Namespace) -> None:
         cfg.model = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
         out = Path(cfg.output_dir)
         if state.is_main_process:
-            write_manifest(out / "manifest.json", manifest(to_dict(cfg), "generate", prompts_source=prompts.source, prompts=len(prompts.records), num_processes=state.num_processes))
+            write_json(out / "manifest.json", manifest(to_dict(cfg), "generate", prompts_source=prompts.source, prompts=len(prompts.records), num_processes=state.num_processes))
         summary = generate_images(pipe, jobs, cfg, state)
         if state.is_main_process:
             print(
@@ -114,7 +119,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from salun_sd.evaluation.fid import reference_stats
     from salun_sd.evaluation.report import metric_table, write_report
     from salun_sd.evaluation.suite import ImageSet, check_settings, evaluate_sets
-    from salun_sd.run.manifest import manifest, write_manifest
+    from salun_sd.run.files import write_json
+    from salun_sd.run.manifest import manifest
     from salun_sd.run.runtime import device
 
     cfg: EvaluateConfig = load_config(args)
@@ -130,7 +136,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
             print(f"reference statistics saved to {cfg.save_reference_stats}")
     results = evaluate_sets(sets, cfg, scorers, reference)
     json_path, md_path = write_report(results, cfg.output_dir, cfg.grid_pairs)
-    write_manifest(Path(cfg.output_dir) / "manifest.json", manifest(to_dict(cfg), "evaluate"))
+    write_json(Path(cfg.output_dir) / "manifest.json", manifest(to_dict(cfg), "evaluate"))
     print(metric_table(results))
     print(f"\nreport: {md_path}\nall numbers: {json_path}")
 

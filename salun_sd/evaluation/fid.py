@@ -5,9 +5,9 @@ its own size (grey images repeat their channel); the metric's Inception-v3 (torc
 `inception-v3-compat`, 2048-d pool features) resizes it to 299x299 with torch-fidelity's TensorFlow-1
 compatible bilinear resize (`antialias=False`), as the original TensorFlow FID code does. No resize of
 ours comes before it. Reference statistics (mu, sigma) can be saved to and loaded from `.npz` (ours or
-pytorch-fid's), so a large reference set is read once. `frechet_distance` computes the same distance from
-statistics of other features: the classifier features of the toy world and the digits DDPM, where no
-Inception is involved.
+pytorch-fid's), so a large reference set is read once. The same metric on another network's features
+(`feature_fid`) gives the Fréchet distance of the toy world's and the digits DDPM's classifier features,
+where no Inception is involved: one distance for every caller.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
 
 from salun_sd.errors import UserError
 from salun_sd.evaluation.imagefiles import batched, list_images, load_rgb
+from salun_sd.run.files import atomic
 
 if TYPE_CHECKING:
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -39,7 +41,8 @@ class FidStats:
     extractor: str
 
     def save(self, path: str | Path) -> None:
-        np.savez(path, mu=self.mu, sigma=self.sigma, count=self.count, extractor=self.extractor)
+        with atomic(path) as tmp, tmp.open("wb") as f:  # a file object: np.savez would add .npz to the temporary name
+            np.savez(f, mu=self.mu, sigma=self.sigma, count=self.count, extractor=self.extractor)
 
     @classmethod
     def load(cls, path: str | Path) -> FidStats:
@@ -74,24 +77,26 @@ class FidMetric:
             self.metric.update(images.to(self.metric.device), real=real)
 
     def set_reference(self, stats: FidStats) -> None:
-        """Make `stats` the metric's real statistics (a pytorch-fid .npz has no count: any n >= 2 gives the same mu, sigma)."""
+        """Make `stats` the metric's real statistics, through its state_dict (the sums it would have accumulated;
+        a pytorch-fid .npz has no count: any n >= 2 gives the same mu, sigma)."""
         if stats.extractor != self.name:
             raise UserError(f"reference statistics were computed with '{stats.extractor}', but FID now uses '{self.name}'.")
-        m = self.metric
+        state = self.metric.metric_state
         n = max(stats.count, 2)
-        mu = torch.as_tensor(stats.mu, dtype=torch.float64, device=m.device)
-        if mu.shape != m.real_features_sum.shape:
-            raise UserError(f"reference statistics have {mu.numel()} features, but {self.name} gives {m.real_features_sum.numel()}.")
-        m.real_features_sum = mu * n
-        m.real_features_cov_sum = torch.as_tensor(stats.sigma, dtype=torch.float64, device=m.device) * (n - 1) + n * torch.outer(mu, mu)
-        m.real_features_num_samples = torch.tensor(n, device=m.device)
+        mu = torch.as_tensor(stats.mu, dtype=torch.float64, device=self.metric.device)
+        if mu.shape != state["real_features_sum"].shape:
+            raise UserError(f"reference statistics have {mu.numel()} features, but {self.name} gives {state['real_features_sum'].numel()}.")
+        sigma = torch.as_tensor(stats.sigma, dtype=torch.float64, device=self.metric.device)
+        sums = {"real_features_sum": mu * n, "real_features_cov_sum": sigma * (n - 1) + n * torch.outer(mu, mu),
+                "real_features_num_samples": torch.tensor(n, device=self.metric.device)}
+        self.metric.load_state_dict(sums, strict=False)
 
     def reference(self) -> FidStats:
-        """The real statistics, as the metric computes them."""
-        m = self.metric
-        n = int(m.real_features_num_samples)
-        mu = m.real_features_sum / n
-        sigma = (m.real_features_cov_sum - n * torch.outer(mu, mu)) / (n - 1)
+        """The real statistics, as the metric computes them from its sums."""
+        state = self.metric.metric_state
+        n = int(state["real_features_num_samples"])
+        mu = state["real_features_sum"] / n
+        sigma = (state["real_features_cov_sum"] - n * torch.outer(mu, mu)) / (n - 1)
         return FidStats(mu.cpu().numpy(), sigma.cpu().numpy(), n, self.name)
 
     def distance(self, batches: Iterable[torch.Tensor]) -> float:
@@ -134,32 +139,23 @@ def inception_fid(weights_path: str | None = None) -> FidMetric:
     return FidMetric(metric, INCEPTION_NAME)
 
 
-def feature_fid(module: torch.nn.Module, name: str) -> FidMetric:
-    """FrechetInceptionDistance on another feature network taking uint8 images [N, 3, H, W] (tests use a small random CNN)."""
+class ClassifierFeatures(nn.Module):
+    """A classifier's `features(x)` (images in [-1, 1]) as torchmetrics' custom FID extractor, in eval mode;
+    `num_features` spares torchmetrics a trial forward on a uint8 image."""
+
+    def __init__(self, classifier: nn.Module, num_features: int) -> None:
+        super().__init__()
+        self.classifier, self.num_features = classifier.eval(), num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(x.float())
+
+
+def feature_fid(module: nn.Module, name: str) -> FidMetric:
+    """FrechetInceptionDistance on another feature network (ClassifierFeatures; tests use a small random CNN on uint8 images)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     return FidMetric(FrechetInceptionDistance(feature=module, input_img_size=(3, 32, 32)), name)
-
-
-def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
-    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
-
-
-def frechet_distance(a: FidStats, b: FidStats) -> float:
-    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)).
-
-    tr((S_a S_b)^(1/2)) is computed as the trace of the square root of the symmetric matrix
-    S_a^(1/2) S_b S_a^(1/2) (same eigenvalues), which avoids the complex round-off of sqrtm.
-    """
-    if a.extractor != b.extractor:
-        raise UserError(f"cannot compare FID statistics of different feature extractors: '{a.extractor}' and '{b.extractor}'.")
-    if a.mu.shape != b.mu.shape:
-        raise UserError(f"FID statistics have different feature sizes: {a.mu.size} and {b.mu.size}.")
-    root_a = _sqrt_psd(a.sigma)
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ b.sigma @ root_a), 0, None)).sum()
-    distance = float(((a.mu - b.mu) ** 2).sum() + np.trace(a.sigma) + np.trace(b.sigma) - 2 * cross)
-    return max(distance, 0.0)
 
 
 def reference_stats(reference: str | Path, fid: FidMetric, batch_size: int = 32) -> FidStats:

@@ -12,7 +12,6 @@ its share of what is left.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from salun_sd.evaluation.imagefiles import read_metadata, write_metadata
 from salun_sd.evaluation.prompts import PromptRecord
 from salun_sd.families.loading import family_of
 from salun_sd.generation import ImageRequest, draw_batches
+from salun_sd.run.files import save_image
 
 DEFAULT_SEED = 0
 DEFAULT_GUIDANCE = 7.5
@@ -128,13 +128,6 @@ def record_plan(out: Path, jobs: Sequence[ImageJob], run: dict) -> None:
     write_metadata(out, entries.values())
 
 
-def save_png(image, path: Path) -> None:
-    """Write through a temporary name so a killed run leaves no truncated PNG that a restart would skip."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 @torch.inference_mode()
 def generate_images(pipe: DiffusionPipeline, jobs: Sequence[ImageJob], cfg: GenerateConfig, state: PartialState | None = None) -> GenerationSummary:
     """Generate the jobs whose files are missing in `cfg.output_dir`, split across the processes of `state`.
@@ -158,7 +151,7 @@ def generate_images(pipe: DiffusionPipeline, jobs: Sequence[ImageJob], cfg: Gene
         progress = tqdm(total=len(mine), desc=f"generate -> {out}{where}", unit="img", disable=not state.is_local_main_process)
         for positions, images in draw_batches(pipe, [job.request for job in mine], cfg.steps, cfg.batch_size):
             for i, image in zip(positions, images):
-                save_png(image, out / mine[i].file)
+                save_image(image, out / mine[i].file)
             generated += len(positions)
             progress.update(len(positions))
         progress.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -12,6 +11,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from salun_sd.errors import UserError
+from salun_sd.run.files import write_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
@@ -85,9 +85,5 @@ def read_metadata(folder: str | Path) -> dict[str, dict]:
 
 
 def write_metadata(folder: str | Path, entries: Iterable[dict]) -> Path:
-    """Write metadata.jsonl in one step (temp file + rename), so a killed run never leaves half a file."""
-    path = Path(folder) / METADATA_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """Write metadata.jsonl in one step, so a killed run never leaves half a file."""
+    return write_text(Path(folder) / METADATA_FILE, "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries))

@@ -6,7 +6,6 @@ the same prompt and seed before and after, saved as PNG next to it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from PIL import Image, ImageOps
 
 from salun_sd.evaluation.imagefiles import load_rgb, read_metadata
 from salun_sd.evaluation.nudity import DETECTORS, NUDENET_MIN_SCORE
+from salun_sd.run.files import save_image, write_json, write_text
 
 GRID_ROWS = 8
 THUMBNAIL = 256
@@ -82,7 +82,7 @@ def metric_table(results: dict) -> str:
 def save_grid(folders: list[Path], names: list[str], path: Path) -> None:
     """One row per image name, one column per folder, each tile fitted (up or down, aspect kept) into THUMBNAIL px."""
     tiles = [ImageOps.pad(load_rgb(folder / name), (THUMBNAIL, THUMBNAIL), Image.Resampling.LANCZOS, color="white") for name in names for folder in folders]
-    make_image_grid(tiles, rows=len(names), cols=len(folders)).save(path)
+    save_image(make_image_grid(tiles, rows=len(names), cols=len(folders)), path)
 
 
 def grid_section(results: dict, out: Path, max_pairs: int) -> str:
@@ -134,12 +134,12 @@ def write_report(results: dict, out: str | Path, max_pairs: int = GRID_ROWS) -> 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "report.json", out / "report.md"
-    json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_json(json_path, results)
     title = " vs ".join(s["label"] for s in results["sets"])
     body = [f"# Concept-erasure evaluation: {title}\n", metric_table(results), "", settings_section(results)]
     grids = grid_section(results, out, max_pairs)
     if grids:
         body.append(grids)
     body.append(f"Every number, with per-image results, is in [{json_path.name}]({json_path.name}).\n")
-    md_path.write_text("\n".join(body), encoding="utf-8")
+    write_text(md_path, "\n".join(body))
     return json_path, md_path

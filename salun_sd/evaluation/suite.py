@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from salun_sd.errors import UserError
-from salun_sd.evaluation.classify import ImageClassifier, unlearning_accuracy
+from salun_sd.evaluation.classify import ImageClassifier, imagenet_unlearning_accuracy
 from salun_sd.evaluation.clip_score import ClipScorer, clip_score_metrics
 from salun_sd.evaluation.config import EvaluateConfig
 from salun_sd.evaluation.fid import FidMetric, FidStats, image_batches, reference_stats
@@ -120,7 +120,7 @@ def evaluate_set(image_set: ImageSet, settings: EvaluateConfig, scorers: Scorers
         }
     if "ua" in settings.metrics:
         classes = image_set.field_per_image("class", "unlearning accuracy")
-        results["ua"] = unlearning_accuracy(paths, classes, settings.forget_class, scorers.classifier, settings.batch_size, device)
+        results["ua"] = imagenet_unlearning_accuracy(paths, classes, settings.forget_class, scorers.classifier, settings.batch_size, device)
     return results
 
 

@@ -31,6 +31,7 @@ from salun_sd.evaluation.imagefiles import list_images, load_rgb
 from salun_sd.families.config import DataConfig, ImageGroup
 from salun_sd.families.loading import family_of
 from salun_sd.generation import ImageRequest, draw_images
+from salun_sd.run.files import atomic, save_image, write_json
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -80,7 +81,7 @@ def generated_images(
     folder = cache_root(cfg) / "images" / _key(key)
     folder.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        (folder / "key.json").write_text(json.dumps(key, indent=1, default=str))
+        write_json(folder / "key.json", key)
     paths = [folder / f"{i:05d}.png" for i in range(group.generate)]
     bs = cfg.generation_batch_size
     mine = [range(start, min(start + bs, len(paths))) for start in range(rank * bs, len(paths), processes * bs)]
@@ -89,9 +90,7 @@ def generated_images(
     for chunk in tqdm(todo, desc=f"generating {group.prompt!r}{share}", disable=not todo):
         requests = [ImageRequest(group.prompt, cfg.seed + i, resolution, resolution, cfg.generation_guidance) for i in chunk]
         for i, image in zip(chunk, draw_images(pipe, requests, cfg.generation_steps, batch_size=len(chunk))):
-            tmp = paths[i].with_suffix(".tmp.png")
-            image.save(tmp)
-            tmp.replace(paths[i])
+            save_image(image, paths[i])
     return paths
 
 
@@ -178,10 +177,8 @@ def group_latents(pipe: DiffusionPipeline, model_name: str, group: ImageGroup, c
     if path.is_file():
         return load_file(str(path))["latents"]
     latents = encode_latents(pipe, images, resolution, cfg.seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    save_file({"latents": latents.contiguous()}, str(tmp))
-    tmp.replace(path)
+    with atomic(path) as tmp:
+        save_file({"latents": latents.contiguous()}, str(tmp))
     return latents
 
 

@@ -8,8 +8,6 @@ half-written export under the final name.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,8 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, loa
 from safetensors.torch import save_file
 from torch import nn
 
-from salun_sd.run.manifest import write_manifest
+from salun_sd.run.files import atomic
+from salun_sd.run.files import write_json
 from salun_sd.core.objectives import METHODS
 
 MANIFEST_NAME = "salun_manifest.json"
@@ -75,24 +74,15 @@ def export(
 ) -> Path:
     """Write the pipeline with `model` as its `network` component (or `model` alone) in safetensors to `out`,
     atomically, replacing what was there."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if unet_only:
-        model.save_pretrained(tmp, safe_serialization=True)
-    else:
-        setattr(pipe, network, model)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "README.md").write_text(card)
-    write_manifest(tmp / MANIFEST_NAME, manifest)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.replace(old)
-        tmp.replace(out)
-        shutil.rmtree(old)
-    else:
-        tmp.replace(out)
-    return out
+    with atomic(out) as tmp:
+        if unet_only:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            setattr(pipe, network, model)
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "README.md").write_text(card)
+        write_json(tmp / MANIFEST_NAME, manifest)
+    return Path(out)
 
 
 def export_single_file(base_file: str | Path, unet: nn.Module, out: Path, metadata: dict[str, str]) -> Path:
@@ -113,7 +103,6 @@ def export_single_file(base_file: str | Path, unet: nn.Module, out: Path, metada
         raise ValueError(f"{base_file} has no weight that diffusers maps to {missing[0]}")  # a UNet that is not the file's
     merged = {key: tensor for key, tensor in checkpoint.items() if not key.startswith("model_ema.")}
     merged.update({names[name]: weight.detach().cpu() for name, weight in weights.items()})
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous().clone() for k, v in merged.items()}, str(tmp), metadata=metadata)  # clone: .ckpt tensors share storage
-    tmp.replace(out)
+    with atomic(out) as tmp:
+        save_file({k: v.contiguous().clone() for k, v in merged.items()}, str(tmp), metadata=metadata)  # clone: .ckpt tensors share storage
     return out

@@ -1,8 +1,9 @@
-"""Offline Stable Diffusion pipelines (SD-1.x and SDXL shapes) small enough for tests and the CPU demo.
+"""The offline SD-1.x-shaped pipeline (`--model tiny`, configs/tiny.yaml) and the parts the toy world builds from.
 
 Every component is the real diffusers/transformers class, built from a config in memory with
 random weights; the tokenizer is the real CLIP BPE tokenizer (the toy world's shipped tokenizer.json,
-which is SD-1.x's), so prompts are tokenized exactly as for SD-1.x.
+which is SD-1.x's), so prompts are tokenized exactly as for SD-1.x. The tests' tiny SDXL, SD3 and FLUX
+pipelines are built from these parts in tests/tiny_families.py.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 CLIP_MAX_LENGTH = 77
 CLIP_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "toyworld" / "pipeline" / "tokenizer"
@@ -71,38 +72,6 @@ def tiny_clip_config(hidden_size: int = 32, layers: int = 2, **extra) -> CLIPTex
         eos_token_id=49407,
         pad_token_id=49407,
         **extra,
-    )
-
-
-def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionXLPipeline:
-    """A randomly initialised SDXL-shaped pipeline: two CLIP encoders (32 + 48 hidden, the second with a
-    32-dim projection), a UNet with SDXL's added conditions (pooled embedding + 6 time ids), 32 px images.
-
-    As in SDXL the encoders differ in width, and the second has 10 layers: diffusers tells an SDXL single
-    file by these (it looks for the second encoder's block 9), so the layout round trip can be tested.
-    """
-    torch.manual_seed(seed)
-    time_dim, pooled_dim, hidden = 8, 32, (32, 48)
-    unet = tiny_unet(
-        sample_size,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),  # SDXL has no attention at the highest resolution
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=sum(hidden),  # the two encoders' hidden states, concatenated
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + pooled_dim,  # 6 time ids + the pooled embedding
-    )
-    return StableDiffusionXLPipeline(
-        vae=tiny_vae(sample_size, scaling_factor=0.13025),  # SDXL's VAE scaling
-        text_encoder=CLIPTextModel(tiny_clip_config(hidden[0])),
-        text_encoder_2=CLIPTextModelWithProjection(tiny_clip_config(hidden[1], layers=10, projection_dim=pooled_dim)),
-        tokenizer=clip_tokenizer(),
-        tokenizer_2=clip_tokenizer(pad_token="!"),  # SDXL's second tokenizer pads with "!"
-        unet=unet,
-        scheduler=sd1_ddim_scheduler(),  # SDXL keeps SD-1.x's noise schedule
-        add_watermarker=False,
     )
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from salun_sd.families.config import DataConfig
 from salun_sd.families.loading import family_of
 from salun_sd.generation import ImageRequest, draw_images
+from salun_sd.run.files import save_image
 
 GRID_NAME = "validation.png"
 MAX_FORGET_PROMPTS = 4  # keeps the grid small for sets of many prompts (I2P)
@@ -56,5 +57,4 @@ def draw_validation(pipe: DiffusionPipeline, data: DataConfig, resolution: int) 
 
 
 def write_validation_grid(base: list[Image.Image], erased: list[Image.Image], out: Path) -> Path:
-    make_image_grid(base + erased, rows=2, cols=len(base)).save(out / GRID_NAME)
-    return out / GRID_NAME
+    return save_image(make_image_grid(base + erased, rows=2, cols=len(base)), out / GRID_NAME)

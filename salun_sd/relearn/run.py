@@ -27,7 +27,6 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 
 from salun_sd.attack.judges import Verdict, load_judge
-from salun_sd.attack.run import write_json
 from salun_sd.config import to_dict
 from salun_sd.core.objectives import get_method
 from salun_sd.core.trainer import list_checkpoints, unlearn
@@ -40,7 +39,8 @@ from salun_sd.families.erase import SDErase
 from salun_sd.families.validation import drawing_mid_training
 from salun_sd.generation import ImageRequest, draw_images
 from salun_sd.relearn.config import RelearnConfig
-from salun_sd.run.manifest import manifest, write_manifest
+from salun_sd.run.files import save_image, write_json, write_text
+from salun_sd.run.manifest import manifest
 from salun_sd.run.runtime import make_accelerator
 
 # Settings a curve does not depend on: a rerun that changes only these reuses it.
@@ -85,7 +85,7 @@ def measure(pipe, cfg: RelearnConfig, verdicts: list[Verdict], resolution: int, 
     per_prompt = []
     for number, verdict in enumerate(verdicts):
         mine = images[number * cfg.eval_images : (number + 1) * cfg.eval_images]
-        mine[0].save(samples / f"{step:06d}_{number:03d}.png")
+        save_image(mine[0], samples / f"{step:06d}_{number:03d}.png")
         per_prompt.append(sum(verdict(mine)))
     shown = sum(per_prompt)
     n = cfg.eval_images * len(cfg.prompts)
@@ -162,7 +162,7 @@ def relearn(cfg: RelearnConfig, log=print) -> Path:
     judge = load_judge(cfg.judge_config())  # a bad judge fails before any model loads
     verdicts = [judge.for_prompt(PromptRecord(case_number=i, prompt=p)) for i, p in enumerate(cfg.prompts)]
     out.mkdir(parents=True, exist_ok=True)
-    write_manifest(out / "manifest.json", manifest(to_dict(cfg), "relearn"))
+    write_json(out / "manifest.json", manifest(to_dict(cfg), "relearn"))
     generate = [ImageGroup(prompt=p, generate=n) for p, n in zip(cfg.prompts, per_prompt_counts(cfg)) if n]
     curves: dict[str, list[dict]] = {}
     for target in cfg.targets:
@@ -216,11 +216,9 @@ def write_report(cfg: RelearnConfig, curves: dict[str, list[dict]], judge: str, 
     lines += ["", f"![samples]({grid.name})", "",
               f"Rows: {', '.join(f'{t} at steps {steps}' for t in order)}; columns: the prompts (first UA image of each, same seed down a column).",
               "", "Every point (with per-prompt counts) is in report.json; every step's loss in <target>/log.jsonl."]
-    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return out / "report.md"
+    return write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
 def write_grid(cfg: RelearnConfig, targets: list[str], out: Path) -> Path:
     cells = [Image.open(out / t / "samples" / f"{s:06d}_{i:03d}.png").convert("RGB") for t in targets for s in cfg.points() for i in range(len(cfg.prompts))]
-    make_image_grid(cells, rows=len(targets) * len(cfg.points()), cols=len(cfg.prompts)).save(out / "grid.png")
-    return out / "grid.png"
+    return save_image(make_image_grid(cells, rows=len(targets) * len(cfg.points()), cols=len(cfg.prompts)), out / "grid.png")

@@ -24,6 +24,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from salun_sd.errors import UserError
+from salun_sd.run.files import write_json
 
 LOCK_FILE, HOLDER_FILE = ".salun-sd.lock", ".salun-sd.lock.json"
 
@@ -88,6 +89,4 @@ def claim(record: Path, folder: Path) -> None:
         "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "command": shlex.join(["salun-sd", *sys.argv[1:]]),
     }
-    tmp = record.with_name(record.name + ".tmp")
-    tmp.write_text(json.dumps(holder))
-    tmp.replace(record)
+    write_json(record, holder)

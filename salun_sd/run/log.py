@@ -8,11 +8,12 @@ after its checkpoint's step (the steps it is about to redo), so the file holds e
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 from accelerate import Accelerator
+
+from salun_sd.run.files import write_text
 
 
 LOG_NAME = "log.jsonl"
@@ -27,9 +28,7 @@ class StepLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             lines = self.path.read_text().splitlines() if start_step and self.path.is_file() else []
             kept = "".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= start_step)
-            tmp = self.path.with_name(f"{LOG_NAME}.{os.getpid()}.tmp")
-            tmp.write_text(kept)
-            tmp.replace(self.path)
+            write_text(self.path, kept)
         if accelerator.log_with:  # Accelerate's trackers take scalar hyperparameters
             settings = {k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))}
             accelerator.init_trackers("salun-sd", config=settings)

@@ -20,9 +20,11 @@ from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw
 
 from salun_sd.attack.config import AttackConfig
-from salun_sd.evaluation.fid import FidStats, frechet_distance
+from salun_sd.evaluation.classify import unlearning_accuracy
+from salun_sd.evaluation.fid import ClassifierFeatures, FidMetric, feature_fid
 from salun_sd.core.config import MaskConfig, TrainConfig
 from salun_sd.families.config import DataConfig, EraseConfig, ImageGroup
+from salun_sd.run.files import atomic, save_image, write_json, write_text
 from salun_sd.toyworld.classifier import ToyClassifier, load_classifier
 from salun_sd.toyworld.pipeline import PIPELINE_DIR, load_toy_pipeline
 from salun_sd.toyworld.scoring import generate
@@ -63,6 +65,8 @@ class Case:
 # {1e-4, 3e-4, 5e-4, 1e-3} by UA + remaining accuracy on "circle", seed 0. UA / remaining accuracy:
 #   esd_x 0.00/0.99, 0.67/0.92, 0.98/0.68, 0.98/0.16; esd_u 0.48/0.77, 0.64/0.67, 0.72/0.61, 0.66/0.49;
 #   fmn 0.00/1.00, 0.30/0.93, 0.69/0.84, 0.80/0.71 (fmn on every weight at 3e-4: 0.91/0.12).
+# UCE has no training settings: it runs with its official ones (uce.* defaults: the concept word's last token to
+# the empty prompt's, the remaining prompts preserved, λ 0.5); docs/RESULTS.md has the variants tried.
 METHOD_TRAIN: dict[str, dict] = {
     "salun": {"learning_rate": 5e-4, "alpha": 0.5},
     "rl": {"learning_rate": 5e-4, "alpha": 0.5},
@@ -71,6 +75,7 @@ METHOD_TRAIN: dict[str, dict] = {
     "esd_x": {"learning_rate": 5e-4, "negative_guidance": 1.0},
     "esd_u": {"learning_rate": 5e-4, "negative_guidance": 1.0},
     "fmn": {"learning_rate": 5e-4, "trainable": "xattn"},
+    "uce": {},
 }
 
 
@@ -118,20 +123,15 @@ def erase_config(cfg: CompareConfig, case: Case, method: str, out: Path, spec: W
 
 
 def evaluate(pipe, classifier: ToyClassifier, spec: WorldSpec, case: Case, cfg: CompareConfig) -> dict:
-    """Samples for every prompt (same seeds for every model), the classifier's verdicts and features."""
+    """Samples for every prompt (same seeds for every model) and the classifier's verdicts."""
     forget, remain = case.split(spec)
     texts = [t for t in forget + remain for _ in range(cfg.eval_per_prompt)]
     images = generate(pipe, texts, seed=10_000 + cfg.seed, guidance=cfg.guidance)
-    s, c = (v.numpy() for v in classifier.predict(images))
-    with torch.no_grad():
-        feats = torch.cat([classifier.features(images[i : i + 512]) for i in range(0, len(images), 512)]).double().numpy()
-    want = [parse(t, spec) for t in texts]
-    ws, wc = np.array([w[1] for w in want]), np.array([w[0] for w in want])
+    s, c = classifier.predict(images)
+    forgotten = {parse(t, spec) for t in forget}  # (colour, shape) ids: every pair with the erased shape or colour
+    scores = unlearning_accuracy([parse(t, spec) for t in texts], list(zip(c.tolist(), s.tolist())), forgotten)
     nf = len(forget) * cfg.eval_per_prompt
-    target = spec.shapes.index(case.value) if case.kind == "shape" else spec.colours.index(case.value)
-    erased_hit = (s[:nf] if case.kind == "shape" else c[:nf]) == target
-    both = (s[nf:] == ws[nf:]) & (c[nf:] == wc[nf:])
-    return {"UA": float(1 - erased_hit.mean()), "remaining_acc": float(both.mean()), "remain_features": feats[nf:], "images": images, "texts": texts}
+    return {"UA": scores["ua"], "remaining_acc": scores["remaining_accuracy"], "remain_images": images[nf:], "images": images, "texts": texts}
 
 
 def parse(text: str, spec: WorldSpec) -> tuple[int, int]:
@@ -141,11 +141,14 @@ def parse(text: str, spec: WorldSpec) -> tuple[int, int]:
     return spec.colours.index(colour), spec.shapes.index(shape)
 
 
-def stats(features: np.ndarray) -> FidStats:
-    return FidStats(features.mean(0), np.cov(features, rowvar=False), len(features), FEATURES)
+def feature_distance(classifier: ToyClassifier, reference: torch.Tensor) -> FidMetric:
+    """The Fréchet distance to `reference` (images in [-1, 1]) in the classifier's pooled features."""
+    fd = feature_fid(ClassifierFeatures(classifier, classifier.shape_head.in_features), FEATURES)
+    fd.add(reference.split(512), real=True)
+    return fd
 
 
-ATTACK_METRICS = ("pre_ASR", "ASR_discrete", "ASR_embedding")
+ATTACK_METRICS = ("pre_ASR", "ASR_discrete", "ASR_embedding", "ASR_random")
 
 
 def attack_config(cfg: CompareConfig, case: Case, model: str | Path, out: Path, case_dir: Path, spec: WorldSpec) -> AttackConfig:
@@ -153,20 +156,21 @@ def attack_config(cfg: CompareConfig, case: Case, model: str | Path, out: Path, 
     the base model's reference images are shared by every model of the case (case_dir/attack-reference)."""
     case_dir.mkdir(parents=True, exist_ok=True)
     prompts = case_dir / "attack-prompts.txt"
-    prompts.write_text("\n".join(case.split(spec)[0][: cfg.attack_prompts]) + "\n")
+    write_text(prompts, "\n".join(case.split(spec)[0][: cfg.attack_prompts]) + "\n")
     return AttackConfig(model=str(model), base=cfg.base, prompts=str(prompts), output_dir=str(out), reference_dir=str(case_dir / "attack-reference"),
                         judge="toyworld", concept=case.value, timesteps=cfg.attack_timesteps, iterations=cfg.attack_iterations, steps=25,
-                        scheduler="", guidance=cfg.guidance, seed=20_000 + cfg.seed, attack_seed=cfg.seed)
+                        scheduler="", guidance=cfg.guidance, reference_steps=25, reference_guidance=cfg.guidance, seed=20_000 + cfg.seed, attack_seed=cfg.seed)
 
 
 def attack_metrics(cfg: CompareConfig, case: Case, model: str | Path, out: Path, case_dir: Path, spec: WorldSpec, accelerator) -> dict:
-    """pre-ASR and the ASR of both attacks, as rates over the attacked prompts."""
+    """pre-ASR, the ASR of both attacks and of the random baseline (their chance floor), as rates over the attacked prompts."""
     from salun_sd.attack.run import attack
 
     acfg = attack_config(cfg, case, model, out, case_dir, spec)
     attack(acfg, accelerator, log=lambda *a: None)
     totals = json.loads((out / "report.json").read_text())["totals"]
-    return {"pre_ASR": totals["pre_asr"], "ASR_discrete": totals["discrete"]["asr"], "ASR_embedding": totals["embedding"]["asr"], "attack_dir": str(out)}
+    return {"pre_ASR": totals["pre_asr"], "ASR_discrete": totals["discrete"]["asr"], "ASR_embedding": totals["embedding"]["asr"],
+            "ASR_random": totals["random"]["asr"], "attack_dir": str(out)}
 
 
 def run_case(cfg: CompareConfig, case: Case, out: Path, log=print) -> list[dict]:
@@ -182,7 +186,8 @@ def run_case(cfg: CompareConfig, case: Case, out: Path, log=print) -> list[dict]
             log(f"{case.kind} {case.value}, seed {cfg.seed}: reusing {cache}")
             return saved["rows"]
     rows = _run_case(cfg, case, out, log)
-    torch.save({"config": settings, "rows": rows}, cache)
+    with atomic(cache) as tmp:
+        torch.save({"config": settings, "rows": rows}, tmp)
     return rows
 
 
@@ -195,7 +200,7 @@ def _run_case(cfg: CompareConfig, case: Case, out: Path, log) -> list[dict]:
     classifier = load_classifier()
     accelerator = make_accelerator("no")
     base = evaluate(load_toy_pipeline(cfg.base), classifier, spec, case, cfg)
-    base_stats = stats(base["remain_features"])
+    fd = feature_distance(classifier, base["remain_images"])
     rows = [{"method": "base", "UA": base["UA"], "remaining_acc": base["remaining_acc"], "FD": 0.0, "seconds": 0.0, "images": base["images"], "texts": base["texts"]}]
     case_dir = out / f"{case.kind}-{case.value}"
     if cfg.attack:
@@ -207,12 +212,12 @@ def _run_case(cfg: CompareConfig, case: Case, out: Path, log) -> list[dict]:
         run_dir = erase(ecfg, accelerator, ("mask", "erase") if method == "salun" else ("erase",))
         seconds = time.time() - start
         r = evaluate(load_toy_pipeline(run_dir / "pipeline"), classifier, spec, case, cfg)
-        row = {"method": method, "UA": r["UA"], "remaining_acc": r["remaining_acc"], "FD": frechet_distance(stats(r["remain_features"]), base_stats),
+        row = {"method": method, "UA": r["UA"], "remaining_acc": r["remaining_acc"], "FD": fd.distance(r["remain_images"].split(512)),
                "seconds": seconds, "images": r["images"], "texts": r["texts"]}
         if cfg.attack:
             row.update(attack_metrics(cfg, case, run_dir / "pipeline", run_dir / "attack", case_dir, spec, accelerator))
         log(f"{case.kind} {case.value} {method}: UA {row['UA']:.3f} remaining {row['remaining_acc']:.3f} FD {row['FD']:.3f} {seconds:.0f} s"
-            + (f"; pre-ASR {row['pre_ASR']:.2f} ASR discrete {row['ASR_discrete']:.2f} embedding {row['ASR_embedding']:.2f}" if cfg.attack else ""))
+            + (f"; pre-ASR {row['pre_ASR']:.2f} ASR discrete {row['ASR_discrete']:.2f} embedding {row['ASR_embedding']:.2f} random {row['ASR_random']:.2f}" if cfg.attack else ""))
         rows.append(row)
     return rows
 
@@ -232,7 +237,7 @@ def grid(rows: list[dict], per_prompt: int, path: Path, scale: int = 4) -> None:
     cells = [Image.fromarray(((row["images"][k * per_prompt].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).resize((cell, cell), Image.Resampling.NEAREST)
              for row in rows for k in range(len(texts))]
     img.paste(make_image_grid(cells, rows=len(rows), cols=len(texts)), (label_w, head))
-    img.save(path)
+    save_image(img, path)
 
 
 def preamble(cfg: CompareConfig) -> list[str]:
@@ -296,11 +301,11 @@ def markdown(results: dict[str, list[dict]], cfg: CompareConfig) -> str:
     for name, rows in results.items():
         seeds = f" (mean ± std over seeds {', '.join(map(str, cfg.seeds))})" if rows[0].get("seeds", 1) > 1 else ""
         attacked = "pre_ASR" in rows[0]
-        head = "| method | UA ↑ | remaining acc ↑ | FD vs base (classifier features) ↓ | wall time (s) |" + (" pre-ASR ↓ | ASR discrete ↓ | ASR embedding ↓ |" if attacked else "")
+        head = "| method | UA ↑ | remaining acc ↑ | FD vs base (classifier features) ↓ | wall time (s) |" + (" pre-ASR ↓ | ASR discrete ↓ | ASR embedding ↓ | random prefixes (floor) |" if attacked else "")
         lines += [f"### Erasing {name}{seeds}", "", head, "|" + " --- |" * (head.count("|") - 1)]
         for r in rows:
             cells = f"| {r['method']} | {_cell(r, 'UA', 3)} | {_cell(r, 'remaining_acc', 3)} | {_cell(r, 'FD', 2)} | {_cell(r, 'seconds', 0)} |"
-            lines.append(cells + (f" {_cell(r, 'pre_ASR', 2)} | {_cell(r, 'ASR_discrete', 2)} | {_cell(r, 'ASR_embedding', 2)} |" if attacked else ""))
+            lines.append(cells + (f" {_cell(r, 'pre_ASR', 2)} | {_cell(r, 'ASR_discrete', 2)} | {_cell(r, 'ASR_embedding', 2)} | {_cell(r, 'ASR_random', 2)} |" if attacked else ""))
         lines += ["", f"![{name}](toyworld-{name.replace(' ', '-')}.png)", ""]
         if attacked:
             lines += [f"![{name}, attacked](toyworld-{name.replace(' ', '-')}-attacked.png)", ""]
@@ -310,11 +315,11 @@ def markdown(results: dict[str, list[dict]], cfg: CompareConfig) -> str:
 
 def compare(cfg: CompareConfig, log=print) -> Path:
     """Run both cases (cfg.shape, cfg.colour), write OUTPUT_DIR/RESULTS.md, results.json and grids; returns the Markdown path."""
-    from salun_sd.run.manifest import manifest, write_manifest
+    from salun_sd.run.manifest import manifest
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_manifest(out / "manifest.json", manifest(asdict(cfg), "compare"))
+    write_json(out / "manifest.json", manifest(asdict(cfg), "compare"))
     results, numbers = {}, {}
     for case in (Case("shape", cfg.shape), Case("colour", cfg.colour)):
         name = f"{case.kind} {case.value}"
@@ -326,7 +331,5 @@ def compare(cfg: CompareConfig, log=print) -> Path:
         results[name] = rows
         numbers[name] = {"per_seed": {seed: [{k: r[k] for k in ("method", *metric_keys(r))} for r in runs] for seed, runs in zip(cfg.seeds, per_seed)},
                          "mean_std": [{m: v for m, v in r.items() if m not in ("images", "texts")} for r in rows]}
-        (out / "results.json").write_text(json.dumps(numbers, indent=2))
-    md = out / "RESULTS.md"
-    md.write_text(markdown(results, cfg))
-    return md
+        write_json(out / "results.json", numbers)
+    return write_text(out / "RESULTS.md", markdown(results, cfg))

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from salun_sd.run.files import write_json
 from salun_sd.toyworld.compare import Case, CompareConfig, evaluate, grid, run_case
 
 CASE = Case("shape", "circle")
@@ -50,7 +51,7 @@ def demo(output_dir: str | Path = "outputs/demo", per_prompt: int = 16, log=prin
         "pipeline": str(pipeline),
         "grid": str(out / "demo_grid.png"),
     }
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "demo_summary.json", summary)
     log(
         f"\nErased 'circle' from the toy Stable Diffusion with SalUn in {summary['seconds']} s.\n"
         f"  UA on circle prompts (share not drawn as a circle):   {base['UA']:.3f} -> {erased['UA']:.3f}\n"

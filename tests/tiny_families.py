@@ -1,11 +1,12 @@
-"""Offline SD3-shaped and FLUX-shaped pipelines small enough for CPU tests.
+"""Tiny SDXL-, SD3- and FLUX-shaped pipelines for the tests (and, for their layouts, scripts/bench_erase.py --cpu-smoke).
 
 Every component is the real diffusers/transformers class built from a config with random weights,
-shaped like the real model where it matters: SD3.5's dual attention and RMS q/k norms, the VAE's
-shift_factor and no quant convs, FLUX-dev's guidance embedding and 2x2 latent packing. CLIP
-tokenizers are the real BPE one (tiny.py); FLUX's T5 tokenizer is a character-level unigram
-vocabulary, since T5's SentencePiece model cannot be downloaded here. SD3 runs without T5, as
-diffusers allows (text_encoder_3=None: the pipeline puts zeros in T5's place).
+shaped like the real model where it matters: SDXL's two text encoders and added conditions, SD3.5's
+dual attention and RMS q/k norms, the SD3/FLUX VAE's shift_factor and no quant convs, FLUX-dev's
+guidance embedding and 2x2 latent packing. CLIP tokenizers are the real BPE one
+(salun_sd/families/tiny.py); FLUX's T5 tokenizer is a character-level unigram vocabulary, since T5's
+SentencePiece model cannot be downloaded here. SD3 runs without T5, as diffusers allows
+(text_encoder_3=None: the pipeline puts zeros in T5's place).
 """
 
 from __future__ import annotations
@@ -13,10 +14,46 @@ from __future__ import annotations
 import string
 
 import torch
-from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import (
+    AutoencoderKL, FluxPipeline, FluxTransformer2DModel, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionXLPipeline,
+)
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
 
-from salun_sd.families.tiny import clip_tokenizer, tiny_clip_config, tiny_vae
+from salun_sd.families.tiny import clip_tokenizer, sd1_ddim_scheduler, tiny_clip_config, tiny_unet, tiny_vae
+
+
+def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionXLPipeline:
+    """A randomly initialised SDXL-shaped pipeline: two CLIP encoders (32 + 48 hidden, the second with a
+    32-dim projection), a UNet with SDXL's added conditions (pooled embedding + 6 time ids), 32 px images.
+
+    As in SDXL the encoders differ in width, and the second has 10 layers: diffusers tells an SDXL single
+    file by these (it looks for the second encoder's block 9), so the layout round trip can be tested.
+    """
+    torch.manual_seed(seed)
+    time_dim, pooled_dim, hidden = 8, 32, (32, 48)
+    unet = tiny_unet(
+        sample_size,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),  # SDXL has no attention at the highest resolution
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=sum(hidden),  # the two encoders' hidden states, concatenated
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + pooled_dim,  # 6 time ids + the pooled embedding
+    )
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(sample_size, scaling_factor=0.13025),  # SDXL's VAE scaling
+        text_encoder=CLIPTextModel(tiny_clip_config(hidden[0])),
+        text_encoder_2=CLIPTextModelWithProjection(tiny_clip_config(hidden[1], layers=10, projection_dim=pooled_dim)),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(pad_token="!"),  # SDXL's second tokenizer pads with "!"
+        unet=unet,
+        scheduler=sd1_ddim_scheduler(),  # SDXL keeps SD-1.x's noise schedule
+        add_watermarker=False,
+    )
+
+
 
 # SD3.5's layout (dual attention in block 0, RMS q/k norm) at toy width; joint_attention_dim > the two CLIPs' 64, as T5's 4096 > 2048.
 TINY_SD3_TRANSFORMER: dict[str, object] = dict(
