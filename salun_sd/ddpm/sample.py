@@ -1,9 +1,10 @@
 """Class-conditional sampling with classifier-free guidance (DDIM or DDPM), seeded per image.
 
-Guidance follows the core's guided loss: ε̂ = (1+w)·ε(x_t|c) − w·ε(x_t|∅), so w = 0 is the plain
-conditional model. Image i of class c starts from noise drawn from (seed, c, i): the same image
-comes out whatever the batch size or the other classes drawn (for DDIM with eta 0), so models
-before and after erasing can be compared image by image.
+Guidance is the core's guided prediction (`Denoiser.guided_prediction`, as in the saliency loss):
+ε̂ = (1+w)·ε(x_t|c) − w·ε(x_t|∅); w = 0 is the plain conditional model (one forward, no empty
+branch). Image i of class c starts from noise drawn from (seed, c, i): the same image comes out
+whatever the batch size or the other classes drawn (for DDIM with eta 0), so models before and
+after erasing can be compared image by image.
 """
 
 from __future__ import annotations
@@ -56,14 +57,9 @@ def sample(den: ClassConditionedDenoiser, labels: torch.Tensor, cfg: SampleConfi
         scheduler = inference_scheduler(den, cfg)
         step_gen = generator(cfg.seed, "sample-steps", start)
         extra = {"eta": cfg.eta} if cfg.scheduler == "ddim" else {}
-        null = torch.full_like(y, den.null_cond)
         for t in scheduler.timesteps:
             tt = torch.full_like(y, int(t))
-            if cfg.guidance:
-                eps_c, eps_u = den.predict(model, torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null])).chunk(2)
-                eps = (1 + cfg.guidance) * eps_c - cfg.guidance * eps_u
-            else:
-                eps = den.predict(model, x, tt, y)
+            eps = den.guided_prediction(model, x, tt, y, cfg.guidance) if cfg.guidance else den.predict(model, x, tt, y)
             x = scheduler.step(eps, t, x, generator=step_gen, **extra).prev_sample
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out) if out else torch.empty(0, *shape)
