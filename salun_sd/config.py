@@ -1,7 +1,9 @@
 """Configs are dataclasses; YAML files and `--section.key value` flags map onto them.
 
 One mapping serves every command: a YAML file gives the whole run, each scalar field is also a
-command-line flag (e.g. `--train.learning_rate 1e-5`), and unknown keys are errors, not surprises.
+command-line flag (e.g. `--unlearn.learning_rate 1e-5`), and unknown keys are errors, not surprises.
+A key that was renamed stays listed in its dataclass's `RENAMED` ({old: new}), so a config or flag
+still using it is refused with the new name, in one line.
 """
 
 from __future__ import annotations
@@ -55,11 +57,19 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+def renamed_keys(cls: type) -> dict[str, str]:
+    """{old key: new key} of a config dataclass (its `RENAMED` class attribute)."""
+    return getattr(cls, "RENAMED", {})
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     """Build a dataclass from a (YAML) mapping, converting types and rejecting unknown keys."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    for key in unknown:
+        if key in renamed_keys(cls):
+            raise UserError(f"{where}: key {key} is now {renamed_keys(cls)[key]}: rename it")
     if unknown:
         raise UserError(f"unknown key {where}.{unknown[0]}; {cls.__name__} takes: {', '.join(sorted(names))}")
     return cls(**{k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()})
@@ -95,6 +105,21 @@ def field_comments(cls: type) -> dict[str, str]:
 SCALARS = (int, float, str, bool)
 
 
+def _renamed_flags(cls: type, prefix: str = ""):
+    """(old flag key, new flag key) for every renamed key, and for every key under a renamed section."""
+    hints = typing.get_type_hints(cls)
+    for old, new in renamed_keys(cls).items():
+        tp = _unwrap_optional(hints[new])
+        if dataclasses.is_dataclass(tp):
+            yield from ((f"{prefix}{old}.{key}", f"{prefix}{new}.{key}") for key, *_ in _scalar_fields(tp))
+        else:
+            yield f"{prefix}{old}", f"{prefix}{new}"
+    for f in dataclasses.fields(cls):
+        tp = _unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            yield from _renamed_flags(tp, f"{prefix}{f.name}.")
+
+
 def _scalar_fields(cls: type, prefix: str = ""):
     """(key, type, default, doc) of every field a flag can set: scalars, and lists of scalars (type `list`)."""
     hints = typing.get_type_hints(cls)
@@ -120,11 +145,16 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         extra = {"nargs": "*"} if item is not tp else {"nargs": "?", "const": "true"} if tp is bool else {}  # `--overwrite` alone means true
         text = doc if "(default:" in doc else f"{doc} (default: {default!r})" if doc else f"default: {default!r}"
         group.add_argument(f"--{key}", dest=f"cfg:{key}", metavar=metavar, default=None, help=text.replace("%", "%%"), **extra)
+    for old, new in _renamed_flags(cls):  # hidden: only there to say the new name
+        parser.add_argument(f"--{old}", dest=f"renamed:{old}:{new}", nargs="*", default=None, help=argparse.SUPPRESS)
 
 
 def apply_config_flags(cfg: T, args: argparse.Namespace) -> T:
     """Set every `--key` flag the user gave on the config, with the field's type."""
     for dest, value in vars(args).items():
+        if dest.startswith("renamed:") and value is not None:
+            _, old, new = dest.split(":")
+            raise UserError(f"--{old} is now --{new}")
         if not dest.startswith("cfg:") or value is None:
             continue
         *path, leaf = dest[4:].split(".")

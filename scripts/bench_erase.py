@@ -89,7 +89,7 @@ PRESETS: dict[str, dict[str, object]] = {
     "official": {"mixed_precision": "no", "batch_size": 1, "attention": "eager"},  # fp32, batch 1, materialised attention
     "default": {},
     "bf16": {"mixed_precision": "bf16"},
-    "fast": {"mixed_precision": "bf16", "optimizer": "adam_fused", "channels_last": True, "compile_unet": True},
+    "fast": {"mixed_precision": "bf16", "optimizer": "adam_fused", "channels_last": True, "compile": True},
     "fit24": {"mixed_precision": "bf16", "gradient_checkpointing": True, "optimizer": "adam8bit"},
     # The large transformers at 1024 px: batch 1, every memory lever, all weights or the text stream of joint attention only.
     "fit-all": {"mixed_precision": "bf16", "gradient_checkpointing": True, "optimizer": "adam8bit", "batch_size": 1},

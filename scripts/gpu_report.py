@@ -102,7 +102,7 @@ def attack_part(smoke: bool, limit: float, workdir: Path) -> dict:
 
 def settings(row: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in row.items() if k in ("mixed_precision", "batch_size", "gradient_accumulation_steps", "optimizer", "attention",
-                                                                  "gradient_checkpointing", "channels_last", "compile_unet"))
+                                                                  "gradient_checkpointing", "channels_last", "compile"))
 
 
 def step_row(device: str, what: str, row: dict) -> str:

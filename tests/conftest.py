@@ -84,7 +84,7 @@ def tiny_config(out, cache, **train) -> EraseConfig:
             cache_dir=str(cache),
         ),
         mask=MaskConfig(fraction=0.5, batch_size=4),
-        train=TrainConfig(**{"batch_size": 2, "max_steps": 4, "learning_rate": 1e-3, **train}),
+        unlearn=TrainConfig(**{"batch_size": 2, "max_steps": 4, "learning_rate": 1e-3, **train}),
     )
 
 
@@ -145,7 +145,7 @@ def erase_yaml(tmp_path_factory):
     path = root / "cfg.yaml"
     path.write_text(
         f"model: tiny\ndata:\n  forget:\n    - prompt: {FORGET}\n      generate: 8\n  remain:\n    - prompt: {REMAIN}\n      generate: 8\n"
-        f"  generation_steps: 3\n  generation_batch_size: 4\n  cache_dir: {root / 'cache1'}\nmask:\n  batch_size: 4\ntrain:\n  learning_rate: 1.0e-3\n"
+        f"  generation_steps: 3\n  generation_batch_size: 4\n  cache_dir: {root / 'cache1'}\nmask:\n  batch_size: 4\nunlearn:\n  learning_rate: 1.0e-3\n"
     )
     salun("mask", str(path), "--output_dir", str(root / "mask1"))
     return root, path
@@ -157,7 +157,7 @@ def two_process_erase(erase_yaml):
     root, cfg = erase_yaml
     # A large Adam epsilon keeps each update proportional to its gradient: with the default 1e-8, a gradient
     # of ~1e-9 (float noise of the summation order) decides the sign of a full lr-sized step.
-    args = [str(cfg), "--mask.path", str(root / "mask1" / "mask.safetensors"), "--train.max_steps", "4", "--train.batch_size", "1",
-            "--train.adam_epsilon", "1e-2", "--train.weight_decay", "0.01", "--train.max_grad_norm", "1.0", "--train.checkpointing_steps", "2"]
+    args = [str(cfg), "--mask.path", str(root / "mask1" / "mask.safetensors"), "--unlearn.max_steps", "4", "--unlearn.batch_size", "1",
+            "--unlearn.adam_epsilon", "1e-2", "--unlearn.weight_decay", "0.01", "--unlearn.max_grad_norm", "1.0", "--unlearn.checkpointing_steps", "2"]
     salun("erase", *args, "--output_dir", str(root / "p2"), processes=2)
     return root / "p2", args

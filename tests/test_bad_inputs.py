@@ -56,13 +56,13 @@ def set_field(section: str, key: str, value):
 
 # (case, change to a working tiny config, what the message must say)
 CASES = [
-    ("nan_learning_rate", set_field("train", "learning_rate", float("nan")), r"^train\.learning_rate must be a positive number, got nan$"),
-    ("zero_learning_rate", set_field("train", "learning_rate", 0.0), r"^train\.learning_rate must be a positive number, got 0\.0$"),
-    ("negative_learning_rate", set_field("train", "learning_rate", -1e-5), r"^train\.learning_rate must be a positive number"),
+    ("nan_learning_rate", set_field("unlearn", "learning_rate", float("nan")), r"^unlearn\.learning_rate must be a positive number, got nan$"),
+    ("zero_learning_rate", set_field("unlearn", "learning_rate", 0.0), r"^unlearn\.learning_rate must be a positive number, got 0\.0$"),
+    ("negative_learning_rate", set_field("unlearn", "learning_rate", -1e-5), r"^unlearn\.learning_rate must be a positive number"),
     ("mask_fraction_zero", set_field("mask", "fraction", 0.0), r"^mask\.fraction must be in \(0, 1\], got 0\.0$"),
     ("mask_fraction_above_one", set_field("mask", "fraction", 1.5), r"^mask\.fraction must be in \(0, 1\], got 1\.5$"),
     ("extra_fraction_above_one", set_field("mask", "extra_fractions", [0.3, 2.0]), r"^mask\.extra_fractions must be in \(0, 1\], got 2\.0$"),
-    ("unknown_tracker", set_field("train", "report_to", "mlflow"), r"^train\.report_to must be one of tensorboard, wandb \(or empty\), got 'mlflow'$"),
+    ("unknown_tracker", set_field("unlearn", "report_to", "mlflow"), r"^unlearn\.report_to must be one of tensorboard, wandb \(or empty\), got 'mlflow'$"),
     ("image_not_an_image", lambda cfg, root: cfg.data.remain.append(ImageGroup(prompt="x", folder=image_folder(root, "notes.png", b"not a picture"))),
      r"^cannot read image .*notes\.png: cannot identify image file"),
     ("truncated_image", lambda cfg, root: cfg.data.forget.append(ImageGroup(prompt=FORGET, folder=image_folder(root, "cut.png", truncated_png(root)))),

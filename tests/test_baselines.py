@@ -109,7 +109,7 @@ def test_partway_sampling_follows_the_diffusers_ddim_pipeline_whatever_the_batch
 
 def test_sampled_x_t_is_refused_in_one_line_on_a_rectified_flow():
     den = sd3_denoiser(tiny_sd3_pipeline(), [FORGET])
-    with pytest.raises(UserError, match="is a rectified flow: use train.esd_x_t=noised$"):
+    with pytest.raises(UserError, match="is a rectified flow: use unlearn.esd_x_t=noised$"):
         ddim_partway(den, den.model, torch.zeros(1, 4, 8, 8), torch.tensor([1]), torch.tensor([1]), 5, guidance=2.0)
 
 
@@ -211,30 +211,30 @@ def test_a_scope_that_contradicts_the_method_is_refused(pipe, tmp_path):
 @pytest.mark.parametrize("path", METHOD_CONFIGS, ids=lambda p: p.name)
 def test_each_method_config_passes_the_checks_and_names_its_method(path):
     cfg = load_yaml(EraseConfig, path)
-    assert check_config(SDErase(cfg)) and cfg.train.method == path.stem
+    assert check_config(SDErase(cfg)) and cfg.unlearn.method == path.stem
 
 
 def test_method_configs_state_the_usual_defaults():
     cfgs = {p.stem: load_yaml(EraseConfig, p) for p in METHOD_CONFIGS}
     assert set(cfgs) == {"esd_x", "esd_u", "fmn", "ga", "rl", "ft", "uce"}  # uce's: tests/test_uce.py
     for name in ("esd_x", "esd_u"):  # train-esd.py: lr 1e-5, batch 1, 1000 iterations, η 1, x_t sampled (DDIM 50 steps, guidance 3)
-        t = cfgs[name].train
+        t = cfgs[name].unlearn
         assert (t.learning_rate, t.batch_size, t.max_steps, t.negative_guidance) == (1e-5, 1, 1000, 1.0)
         assert (t.esd_x_t, t.esd_sample_steps, t.esd_sample_guidance) == ("sampled", 50, 3.0)
-    fmn = cfgs["fmn"].train  # FMN configs/attn.yaml: AdamW lr 2e-6, decay 0.01, clip 1, batch 1, 35 steps, whole UNet
+    fmn = cfgs["fmn"].unlearn  # FMN configs/attn.yaml: AdamW lr 2e-6, decay 0.01, clip 1, batch 1, 35 steps, whole UNet
     assert (fmn.learning_rate, fmn.weight_decay, fmn.max_grad_norm, fmn.batch_size, fmn.max_steps, fmn.trainable) == (2e-6, 0.01, 1.0, 1, 35, "all")
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"method": "esd"}, "train.method must be one of salun, rl, ga, ft, esd_x, esd_u, fmn, uce"),
+    ({"method": "esd"}, "unlearn.method must be one of salun, rl, ga, ft, esd_x, esd_u, fmn, uce"),
     ({"method": "rl", "remain": []}, "rl trains on a remain set"),
     ({"method": "fmn", "remain": []}, "give data.concept_words"),
-    ({"method": "esd_u", "esd_x_t": "drawn"}, "train.esd_x_t must be one of noised, sampled"),
+    ({"method": "esd_u", "esd_x_t": "drawn"}, "unlearn.esd_x_t must be one of noised, sampled"),
 ])
 def test_method_requirements_are_checked_before_loading(tmp_path, changes, message):
     cfg = tiny_config(tmp_path, tmp_path)
-    cfg.train.method = changes["method"]
-    cfg.train.esd_x_t = changes.get("esd_x_t", cfg.train.esd_x_t)
+    cfg.unlearn.method = changes["method"]
+    cfg.unlearn.esd_x_t = changes.get("esd_x_t", cfg.unlearn.esd_x_t)
     if "remain" in changes:
         cfg.data.remain = changes["remain"]
     with pytest.raises(UserError, match=message):
@@ -244,11 +244,11 @@ def test_method_requirements_are_checked_before_loading(tmp_path, changes, messa
 def test_cli_method_shorthand_runs_esd_u_without_a_remain_set_or_mask(tmp_path, data_cache):
     config = tmp_path / "esd.yaml"
     config.write_text(f"model: tiny\ndata:\n  forget:\n    - {{prompt: {FORGET}, generate: 8}}\n  generation_steps: 3\n"
-                      f"  cache_dir: {data_cache}\ntrain:\n  batch_size: 2\n  max_steps: 2\n  learning_rate: 1.0e-4\n")
+                      f"  cache_dir: {data_cache}\nunlearn:\n  batch_size: 2\n  max_steps: 2\n  learning_rate: 1.0e-4\n")
     out = tmp_path / "out"
     main(["run", str(config), "--method", "esd_u", "--output_dir", str(out)])
     assert not (out / "mask.safetensors").exists()
     card = (out / "pipeline" / "README.md").read_text()
-    assert "`esd_u` (ESD-u" in card and "| train.negative_guidance | `1.0` |" in card
+    assert "`esd_u` (ESD-u" in card and "| unlearn.negative_guidance | `1.0` |" in card
     reloaded = StableDiffusionPipeline.from_pretrained(out / "pipeline")
     assert reloaded("a photo", num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)

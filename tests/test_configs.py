@@ -18,7 +18,24 @@ def test_every_sd_config_loads_and_names_its_data(path):
 
 def test_official_defaults_are_what_the_configs_say():
     nudity = load_yaml(EraseConfig, Path(CONFIGS[0]).parent / "nudity.yaml")
-    assert (nudity.train.learning_rate, nudity.train.alpha, nudity.train.batch_size, nudity.mask.fraction, nudity.mask.guidance) == (1e-5, 0.1, 8, 0.5, 7.5)
-    assert nudity.train.total_steps(800, 1) == 100
+    assert (nudity.unlearn.learning_rate, nudity.unlearn.alpha, nudity.unlearn.batch_size, nudity.mask.fraction, nudity.mask.guidance) == (1e-5, 0.1, 8, 0.5, 7.5)
+    assert nudity.unlearn.total_steps(800, 1) == 100
     tench = load_yaml(EraseConfig, Path(CONFIGS[0]).parent / "imagenette_tench.yaml")
-    assert (tench.train.alpha, tench.train.epochs, len(tench.data.remain)) == (0.5, 5, 9)
+    assert (tench.unlearn.alpha, tench.unlearn.epochs, len(tench.data.remain)) == (0.5, 5, 9)
+
+
+def test_renamed_keys_and_flags_are_refused_with_the_new_name(tmp_path, capsys):
+    from salun_sd.cli import main
+
+    for text, message in (("train:\n  max_steps: 2\n", "old.yaml: key train is now unlearn"),
+                          ("unlearn:\n  compile_unet: true\n", "old.yaml.unlearn: key compile_unet is now compile"),
+                          ("export_unet_only: true\n", "key export_unet_only is now export_network_only")):
+        (tmp_path / "old.yaml").write_text(text)
+        with pytest.raises(SystemExit):
+            main(["run", str(tmp_path / "old.yaml")])
+        assert message in capsys.readouterr().err
+    for argv, message in ((["run", "--train.max_steps", "2"], "--train.max_steps is now --unlearn.max_steps"),
+                          (["ddpm", "erase", "--unlearn.compile_unet"], "--unlearn.compile_unet is now --unlearn.compile")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err

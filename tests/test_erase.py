@@ -58,7 +58,7 @@ def test_export_loads_with_from_pretrained_in_a_fresh_process_and_generates(eras
     card = (out / "pipeline" / "README.md").read_text()
     assert "base_model: tiny" in card and "nudity" in card and "50.00% of the trained weights" in card
     manifest = json.loads((out / "pipeline" / "salun_manifest.json").read_text())
-    assert manifest["config"]["train"]["method"] == "salun" and manifest["packages"]["torch"]
+    assert manifest["config"]["unlearn"]["method"] == "salun" and manifest["packages"]["torch"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
@@ -133,18 +133,18 @@ def test_cli_run_from_yaml_with_flag_overrides(tmp_path, data_cache, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(
         f"model: tiny\ndata:\n  forget:\n    - prompt: {FORGET}\n      generate: 4\n  remain:\n    - prompt: {REMAIN}\n      generate: 4\n"
-        f"  generation_steps: 2\n  cache_dir: {data_cache}\ntrain:\n  batch_size: 2\n"
+        f"  generation_steps: 2\n  cache_dir: {data_cache}\nunlearn:\n  batch_size: 2\n"
     )
-    main(["run", str(config), "--output_dir", str(tmp_path / "out"), "--train.max_steps", "2", "--mask.fraction", "0.25"])
+    main(["run", str(config), "--output_dir", str(tmp_path / "out"), "--unlearn.max_steps", "2", "--mask.fraction", "0.25"])
     summary = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert summary["config"]["train"]["max_steps"] == 2 and summary["config"]["mask"]["fraction"] == 0.25
+    assert summary["config"]["unlearn"]["max_steps"] == 2 and summary["config"]["mask"]["fraction"] == 0.25
     with pytest.raises(SystemExit) as exit_:
         main(["run", str(config), "--output_dir", str(tmp_path / "out")])
     assert exit_.value.code == 2 and "--overwrite" in capsys.readouterr().err
-    config.write_text("model: tiny\ntrain:\n  learning_rat: 1\n")
+    config.write_text("model: tiny\nunlearn:\n  learning_rat: 1\n")
     with pytest.raises(SystemExit):
         main(["mask", str(config)])
-    assert "unknown key run.yaml.train.learning_rat" in capsys.readouterr().err
+    assert "unknown key run.yaml.unlearn.learning_rat" in capsys.readouterr().err
 
 
 def test_mask_then_erase_in_one_folder_with_extra_fractions_and_the_unet_alone(tmp_path, data_cache):
@@ -152,7 +152,7 @@ def test_mask_then_erase_in_one_folder_with_extra_fractions_and_the_unet_alone(t
     out = tmp_path / "run"
     cfg = tiny_config(out, data_cache, max_steps=2)
     cfg.mask.extra_fractions = [0.25]
-    cfg.export_unet_only = True
+    cfg.export_network_only = True
     erase(cfg, Accelerator(cpu=True), steps=("mask",))
     unet = tiny_pipeline().unet
     kept = {f: mask_summary(load_mask(out / name, unet))["total"] for f, name in ((0.5, "mask.safetensors"), (0.25, "mask-0.25.safetensors"))}

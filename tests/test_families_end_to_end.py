@@ -40,7 +40,7 @@ def erased(request, tmp_path_factory, data_cache):
     cfg.write_text(
         f"model: {root / 'base'}\nconcept: nudity\ndata:\n  forget:\n    - prompt: {FORGET}\n      generate: 4\n  remain:\n    - prompt: {REMAIN}\n"
         f"      generate: 4\n  generation_steps: 2\n  resolution: 32\n  cache_dir: {data_cache}\nmask:\n  batch_size: 4\n  guidance: 2.5\n"
-        "train:\n  batch_size: 2\n  max_steps: 3\n  learning_rate: 1.0e-3\n  adam_epsilon: 1.0e-2\n"
+        "unlearn:\n  batch_size: 2\n  max_steps: 3\n  learning_rate: 1.0e-3\n  adam_epsilon: 1.0e-2\n"
     )
     main(["run", str(cfg), "--output_dir", str(root / "run")])
     return request.param, root, cfg
@@ -68,14 +68,16 @@ def test_export_loads_with_the_family_pipeline_and_auto_pipeline_and_generates(e
         image = pipe("a photo", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0)).images[0]
         assert image.size == (32, 32)
     load_line = f"{cls.__name__}.from_pretrained(folder{''.join(f', {k}=None' for k in kwargs)})"
-    assert load_line in (folder / "README.md").read_text()  # the card's load line works as written
+    card = (folder / "README.md").read_text()
+    assert load_line in card  # the card's load line works as written
+    assert f"- {dict(sdxl='stable-diffusion-xl', sd3='sd3', flux='flux')[family]}\n" in card and "- stable-diffusion\n" not in card  # the family's Hub tag
 
 
 @pytest.mark.parametrize("erased", ["flux"], indirect=True)
 def test_two_processes_equal_one(erased):
     family, root, cfg = erased
     mask = str(root / "run" / "mask.safetensors")
-    salun("erase", str(cfg), "--mask.path", mask, "--train.batch_size", "1", "--output_dir", str(root / "p2"), processes=2)
+    salun("erase", str(cfg), "--mask.path", mask, "--unlearn.batch_size", "1", "--output_dir", str(root / "p2"), processes=2)
     one, two = load_file(str(root / "run" / "pipeline" / weights_file(family))), load_file(str(root / "p2" / "pipeline" / weights_file(family)))
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-7)

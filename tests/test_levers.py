@@ -122,7 +122,7 @@ def test_adam8bit_matches_and_keeps_frozen_weights_bitwise(setup, plain, tmp_pat
 
 @pytest.mark.skipif(not os.environ.get("SALUN_SD_TEST_COMPILE"), reason="torch.compile on CPU takes minutes here; set SALUN_SD_TEST_COMPILE=1")
 def test_compiled_unet_matches_plain(setup, plain, tmp_path):
-    check_lever(setup, plain, tmp_path, loss_rtol=1e-5, update_tol=1e-3, compile_unet=True)
+    check_lever(setup, plain, tmp_path, loss_rtol=1e-5, update_tol=1e-3, compile=True)
 
 
 @pytest.mark.parametrize(("levers", "message"), [({"optimizer": "sgd"}, "optimizer must be one of"), ({"attention": "flash"}, "attention must be one of")])

@@ -50,7 +50,7 @@ def test_killed_launcher_leaves_no_worker_a_second_writer_is_refused_and_resume_
     try:
         workers = wait_for_pauses(launcher, 2)  # both after step 3: checkpoint 2 is the last complete one
         checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
-        second = salun("erase", *args, "--output_dir", str(run), "--train.resume_from_checkpoint", "latest", check=False)
+        second = salun("erase", *args, "--output_dir", str(run), "--unlearn.resume_from_checkpoint", "latest", check=False)
         holder = re.search(r"is in use by pid (\d+) on host \S+ since .* \(salun-sd erase .*\)", second.stderr)
         assert second.returncode == 2 and holder and int(holder[1]) in workers, second.stderr[-2000:]
         assert not any(gone(pid) for pid in workers) and sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
@@ -65,7 +65,7 @@ def test_killed_launcher_leaves_no_worker_a_second_writer_is_refused_and_resume_
 
     with pytest.raises(UserError, match="resume_from_checkpoint latest"):  # checkpoints are not thrown away unasked
         erase(replace(load_yaml(EraseConfig, args[0]), output_dir=str(run)), Accelerator(cpu=True), ("erase",))
-    resumed = salun("erase", *args, "--output_dir", str(run), "--train.resume_from_checkpoint", "latest", processes=2)
+    resumed = salun("erase", *args, "--output_dir", str(run), "--unlearn.resume_from_checkpoint", "latest", processes=2)
     log = resumed.stdout + resumed.stderr
     assert f"taking over the lock of a run that ended without releasing it: pid {holder[1]}" in log
     assert f"resumed from {run / 'checkpoints' / 'checkpoint-00000002'} at step 2" in log

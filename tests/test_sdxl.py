@@ -107,5 +107,5 @@ def test_a_folder_of_an_unsupported_family_is_one_line_naming_it(tmp_path):
 def test_the_sdxl_nudity_config_is_the_sd14_recipe_at_1024_px():
     cfg = load_yaml(EraseConfig, Path(__file__).resolve().parents[1] / "configs" / "sdxl_nudity.yaml")
     assert check_config(SDErase(cfg)).uses_mask
-    assert (cfg.model, cfg.data.resolution, cfg.mask.fraction, cfg.train.learning_rate, cfg.train.alpha) == ("stabilityai/stable-diffusion-xl-base-1.0", 1024, 0.5, 1e-5, 0.1)
-    assert cfg.train.batch_size * cfg.train.gradient_accumulation_steps == 8 and cfg.train.total_steps(800, 1) == 100  # the official global batch and steps
+    assert (cfg.model, cfg.data.resolution, cfg.mask.fraction, cfg.unlearn.learning_rate, cfg.unlearn.alpha) == ("stabilityai/stable-diffusion-xl-base-1.0", 1024, 0.5, 1e-5, 0.1)
+    assert cfg.unlearn.batch_size * cfg.unlearn.gradient_accumulation_steps == 8 and cfg.unlearn.total_steps(800, 1) == 100  # the official global batch and steps

@@ -1,5 +1,5 @@
 """The training log: OUTPUT_DIR/log.jsonl holds every optimizer step once, also across a resume, and
-train.report_to hands the same values to Accelerate's tracker."""
+unlearn.report_to hands the same values to Accelerate's tracker."""
 
 from __future__ import annotations
 

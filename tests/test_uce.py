@@ -121,7 +121,7 @@ def test_the_cli_erases_with_uce_without_images_and_changes_only_cross_attention
     for component in ("vae", "text_encoder"):
         assert all(torch.equal(v, getattr(erased, component).state_dict()[k]) for k, v in getattr(pipe, component).state_dict().items())
     card = (run / "pipeline" / "README.md").read_text()
-    assert "`uce`" in card and "in closed form" in card and '"nude"' in card and "uce.lamb" in card and "train.learning_rate" not in card
+    assert "`uce`" in card and "in closed form" in card and '"nude"' in card and "uce.lamb" in card and "unlearn.learning_rate" not in card
     assert (run / "validation.png").is_file()
 
 
@@ -192,7 +192,7 @@ def test_the_ddpm_has_no_cross_attention_for_uce(tmp_path):
 
 def test_the_method_config_states_uce_sd_erase_defaults():
     cfg = load_yaml(EraseConfig, CONFIG)
-    assert cfg.train.method == "uce" and cfg.data.concept() == ["nudity"] and check_config(SDErase(cfg)).closed_form
+    assert cfg.unlearn.method == "uce" and cfg.data.concept() == ["nudity"] and check_config(SDErase(cfg)).closed_form
     u = cfg.uce  # trainscripts/uce_sd_erase.py: erase_scale 1, preserve_scale 1, lamb 0.5, guide "" for non-art concepts, last token
     assert (u.erase_scale, u.preserve_scale, u.lamb, u.target, u.tokens, u.preserve) == (1.0, 1.0, 0.5, "empty", "last", [])
 

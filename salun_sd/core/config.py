@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from salun_sd.errors import UserError
 
@@ -47,7 +48,7 @@ class MaskConfig:
     extra_fractions: list[float] = field(default_factory=list)  # more masks from the same gradient pass
     guidance: float = 7.5  # w in the guided forget loss (official DDPM: 2.0; FLUX-dev: its guidance embedding is set to 1 + w)
     scope: str = "global"  # global | per_layer
-    rank_over: str = "model"  # with train.trainable restricted: model (top fraction over every weight, then only the trainable ones kept: official SalUn; needs all weights' gradients) | trainable (top fraction among the trainable weights)
+    rank_over: str = "model"  # with unlearn.trainable restricted: model (top fraction over every weight, then only the trainable ones kept: official SalUn; needs all weights' gradients) | trainable (top fraction among the trainable weights)
     batch_size: int = 8  # forget examples per backward pass (the mask does not depend on it unless max_grad_norm is set)
     max_grad_norm: float = 0.0  # clip each batch's gradient to this norm before adding it up (official DDPM; 0: no clipping)
     path: str = ""  # use this mask file instead of computing one
@@ -70,6 +71,8 @@ class MaskConfig:
 @dataclass
 class TrainConfig:
     """Masked unlearning. Defaults are the official SalUn SD nudity run (Adam 1e-5, batch 8, α 0.1, 1 epoch of 800 images)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"compile_unet": "compile"}  # true for every family (the network may be a transformer)
 
     method: str = "salun"  # salun | rl | ga | ft | esd_x | esd_u | fmn | uce (closed form: no mask, no training loop; its settings are uce.*) (salun_sd.core.objectives.METHODS; configs/methods/ has each one's usual settings)
     alpha: float = 0.1  # weight of the remain-set loss (salun, rl, ga)
@@ -95,7 +98,7 @@ class TrainConfig:
     optimizer: str = "adam"  # adam | adam_fused (one kernel per step) | adam8bit (bitsandbytes: 8-bit moments, for 24 GB cards)
     attention: str = "sdpa"  # sdpa (flash/memory-efficient kernels) | eager (materialised, as the official code) | xformers (CUDA)
     channels_last: bool = False  # NHWC weights and activations for the convolutions
-    compile_unet: bool = False  # torch.compile the network
+    compile: bool = False  # torch.compile the network (the UNet or the transformer)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     checkpointing_steps: int = 0  # 0: no intermediate checkpoints
     checkpoints_total_limit: int = 2
@@ -103,7 +106,7 @@ class TrainConfig:
     seed: int = 0
     report_to: str = ""  # also hand every step's losses to Accelerate's tracker: tensorboard | wandb (OUTPUT_DIR/log.jsonl is always written)
 
-    def check(self, section: str = "train") -> None:
+    def check(self, section: str = "unlearn") -> None:
         """The values torch or the loop would otherwise reject with a raw traceback; `section` names them in errors."""
         check_step_settings(self, section)
         for name in ("gradient_accumulation_steps", "esd_sample_steps"):

@@ -51,7 +51,7 @@ Scope = Callable[[str], bool]  # parameter name -> whether the weight belongs to
 class Denoiser(ABC):
     """A conditional noise-prediction network with its training noise schedule."""
 
-    # Trainable scopes by parameter name; core_config.SCOPES lists every name a config may use.
+    # Trainable scopes by parameter name; core/config.SCOPES lists every name a config may use.
     scopes: ClassVar[dict[str, Scope]] = {"all": lambda name: True}
     family: ClassVar[str] = "model"  # how error messages name the network
 
@@ -77,13 +77,13 @@ class Denoiser(ABC):
     def scope(self, name: str) -> Scope:
         """The parameters that scope `name` trains on this network."""
         if name not in self.scopes:
-            raise UserError(f"train.trainable={name!r} has no meaning for {self.family}; its scopes are {', '.join(self.scopes)}")
+            raise UserError(f"unlearn.trainable={name!r} has no meaning for {self.family}; its scopes are {', '.join(self.scopes)}")
         return self.scopes[name]
 
     def set_attention(self, kind: str) -> None:
-        """Choose the attention kernel (core_config.ATTENTION); a network without a choice runs its own ("sdpa")."""
+        """Choose the attention kernel (core/config.ATTENTION); a network without a choice runs its own ("sdpa")."""
         if kind != "sdpa":
-            raise UserError(f"train.attention={kind} needs a network with a choice of attention kernels; {self.family} has none")
+            raise UserError(f"unlearn.attention={kind} needs a network with a choice of attention kernels; {self.family} has none")
 
     def to(self, device: torch.device | str) -> "Denoiser":
         """Move what the denoiser holds besides the network (e.g. a table of text embeddings)."""

@@ -10,7 +10,7 @@ A closed-form method (UCE) skips data, mask and loop: the job's edit() hands the
 Run folder layout (`out`):
     manifest.json          resolved config, versions, git revision
     mask.safetensors       the saliency mask used (plus mask-<fraction>.safetensors for extra fractions)
-    checkpoints/           resumable training state (train.checkpointing_steps)
+    checkpoints/           resumable training state (unlearn.checkpointing_steps)
     log.jsonl              every optimizer step's loss terms (salun_sd.run.log)
     <job.product>/         the erased model
 """
@@ -59,7 +59,6 @@ class EraseJob(ABC):
     model_name: str  # the base model, as the user named it
     product: str  # the folder under `out` that the export writes
     command: str  # the CLI prefix of the family's commands ("salun-sd", "salun-sd ddpm"), for hints
-    train_flag: str  # the config section of `train` ("train", "unlearn"), for hints
     closed_form: ClassVar[bool] = False  # the family implements edit(), for closed-form methods (UCE)
 
     @abstractmethod
@@ -84,7 +83,7 @@ class EraseJob(ABC):
 
 def check_config(job: EraseJob) -> Method:
     """Every check that needs no model, so a bad config fails before minutes of loading; returns the method."""
-    method = check_train_config(job.train, job.train_flag)
+    method = check_train_config(job.train)
     if method.closed_form and not job.closed_form:
         raise UserError(f"method {job.train.method} edits a text-to-image network's cross-attention in closed form; `{job.command}` models have none")
     job.mask.check()
@@ -121,7 +120,7 @@ def claim_run_folder(out: Path, products: list[Path], overwrite: bool, resuming:
 def resolve_mask(job: EraseJob, loaded: Loaded, method: Method, steps: tuple[str, ...], accelerator: Accelerator) -> Mask | None:
     """The mask to train under: mask.path, else made now (mask step), else the one an earlier mask step left in the run folder.
 
-    Its noise is drawn from train.seed, the run's seed, whichever family runs it.
+    Its noise is drawn from unlearn.seed, the run's seed, whichever family runs it.
     """
     if not uses_mask(method, steps):
         return None  # the baselines train without a saliency mask
@@ -144,7 +143,7 @@ def erase(job: EraseJob, accelerator: Accelerator, steps: tuple[str, ...] = ("ma
     resuming = bool(job.train.resume_from_checkpoint)
     products = [mask_path(job.out)] if "mask" in steps and uses_mask(method, steps) and not resuming else []
     products += [job.out / job.product] if training else []
-    claim_run_folder(job.out, products, job.overwrite, resuming or not training, accelerator, job.train_flag)
+    claim_run_folder(job.out, products, job.overwrite, resuming or not training, accelerator, "unlearn")
     if accelerator.is_main_process:
         info = manifest(to_dict(job.config), "+".join(steps), base_model=job.model_name, num_processes=accelerator.num_processes)
         write_json(job.out / "manifest.json", info)

@@ -95,14 +95,14 @@ def sampled_x_t(den: Denoiser, forget: Batch, cfg: TrainConfig) -> torch.Tensor:
     return ddim_partway(den, den.model, forget.noise, forget.cond, steps, cfg.esd_sample_steps, cfg.esd_sample_guidance - 1)
 
 
-ESD_X_T: dict[str, Callable] = {"noised": noised_x_t, "sampled": sampled_x_t}  # train.esd_x_t (core_config.ESD_X_T)
+ESD_X_T: dict[str, Callable] = {"noised": noised_x_t, "sampled": sampled_x_t}  # unlearn.esd_x_t (core/config.ESD_X_T)
 
 
 def esd_loss(den: Denoiser, model: nn.Module, forget: Batch, remain: Batch | None, cfg: TrainConfig, frozen: nn.Module | None):
     """ESD (Gandikota et al., 2023): pull ε_θ(x_t|c) to ε*(x_t|∅) − η·(ε*(x_t|c) − ε*(x_t|∅)), ε* the frozen original.
 
     The target is the original model guided *away* from the concept with negative guidance η. x_t comes
-    from train.esd_x_t: a noised D_f image, or (as the ESD code) a part-way sample of the model being trained.
+    from unlearn.esd_x_t: a noised D_f image, or (as the ESD code) a part-way sample of the model being trained.
     """
     x_t = ESD_X_T[cfg.esd_x_t](den, forget, cfg)
     null = torch.full_like(forget.cond, den.null_cond)
@@ -133,7 +133,7 @@ class Method:
     uses_misaligned: bool = False  # draws a misaligned condition c' per forget example
     needs_frozen: bool = False  # the loss reads a frozen copy of the original network
     uses_concept_tokens: bool = False  # reads the concept's prompt tokens (FMN: the attention paid to them; UCE: their text states)
-    scope: str = ""  # trainable scope the method itself fixes ("": train.trainable decides)
+    scope: str = ""  # trainable scope the method itself fixes ("": unlearn.trainable decides)
     closed_form: bool = False  # no data, mask or training loop: the family edits the weights in one step (EraseJob.edit)
 
 
@@ -152,5 +152,5 @@ METHODS: dict[str, Method] = {
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise UserError(f"train.method must be one of {', '.join(METHODS)}, got {name!r}")
+        raise UserError(f"unlearn.method must be one of {', '.join(METHODS)}, got {name!r}")
     return METHODS[name]

@@ -17,7 +17,7 @@ from salun_sd.errors import UserError
 def ddim_steps_before(t: torch.Tensor, num_steps: int, num_train_timesteps: int) -> torch.Tensor:
     """How many DDIM steps the ESD code runs before it trains at timestep t.
 
-    train-esd.py draws a DDIM index k in [0, num_steps) and t uniformly in k's bin of training timesteps
+    The ESD code (rohitgandikota/erasing, train-scripts/train-esd.py) draws a DDIM index k in [0, num_steps) and t uniformly in k's bin of training timesteps
     (so t is uniform over all of them), then samples until its loop breaks after index k − 1: all
     num_steps steps for k = 0, else num_steps + 1 − k. The sample is thus two DDIM steps less noisy than
     t for k ≥ 2; kept as the ESD code has it, since its published models were trained that way.
@@ -34,8 +34,8 @@ def ddim_partway(den: Denoiser, model: nn.Module, x_T: torch.Tensor, cond: torch
     its own noise, condition and stop, so the result does not depend on how examples are batched.
     """
     if isinstance(den, FlowMatchDenoiser):
-        raise UserError(f"train.esd_x_t=sampled runs the ESD code's DDIM sampler, made for DDPM-schedule models; {den.family} is a rectified flow: use train.esd_x_t=noised")
-    scheduler = DDIMScheduler.from_config(den.noise_scheduler.config, clip_sample=False)  # clipping breaks guided samples (DESIGN.md)
+        raise UserError(f"unlearn.esd_x_t=sampled runs the ESD code's DDIM sampler, made for DDPM-schedule models; {den.family} is a rectified flow: use unlearn.esd_x_t=noised")
+    scheduler = DDIMScheduler.from_config(den.noise_scheduler.config, clip_sample=False)  # the guided x0 estimate leaves [-1, 1] on its way: clipping it breaks guided samples
     scheduler.set_timesteps(num_steps)
     x = x_T.clone()
     for i, t in enumerate(scheduler.timesteps):

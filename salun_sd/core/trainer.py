@@ -47,14 +47,14 @@ class TrainingDiverged(UserError):
 
 
 def trainable_scope(cfg: TrainConfig) -> str:
-    """The scope the method fixes (ESD-x: cross-attention, ESD-u: the rest), else train.trainable."""
+    """The scope the method fixes (ESD-x: cross-attention, ESD-u: the rest), else unlearn.trainable."""
     fixed = get_method(cfg.method).scope
     if fixed and cfg.trainable not in ("all", fixed):
-        raise UserError(f"method {cfg.method} trains {fixed!r} weights by definition; remove train.trainable={cfg.trainable!r}")
+        raise UserError(f"method {cfg.method} trains {fixed!r} weights by definition; remove unlearn.trainable={cfg.trainable!r}")
     return fixed or cfg.trainable
 
 
-def check_train_config(cfg: TrainConfig, section: str = "train") -> Method:
+def check_train_config(cfg: TrainConfig, section: str = "unlearn") -> Method:
     """Every check of the training settings that needs no model, so a bad value fails before loading; returns the method.
 
     `section` is where the settings live in the command's config (train, unlearn), for the messages."""
@@ -118,7 +118,7 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
         try:
             import bitsandbytes
         except ImportError:
-            raise UserError("train.optimizer=adam8bit needs bitsandbytes: pip install 'salun-sd[bnb]'") from None
+            raise UserError("unlearn.optimizer=adam8bit needs bitsandbytes: pip install 'salun-sd[bnb]'") from None
         return bitsandbytes.optim.Adam8bit(params, **kwargs)
     raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
 
@@ -182,7 +182,7 @@ def unlearn(
     masks = [shard_like(mask[n], p) if n in mask else local(torch.zeros_like(p, dtype=torch.bool)) for n, p in params.items()] if mask is not None else None  # 1 byte per (local) weight
     if cfg.weight_decay > 0:
         adam.register_step_pre_hook(masked_weight_decay(list(params.values()), masks, cfg.learning_rate * cfg.weight_decay))
-    net = torch.compile(model, mode=cfg.compile_mode, dynamic=False) if cfg.compile_unet else model  # static shapes: one graph per batch shape
+    net = torch.compile(model, mode=cfg.compile_mode, dynamic=False) if cfg.compile else model  # static shapes: one graph per batch shape
     ckpt_root = run_dir / "checkpoints"
     step = resume(accelerator, ckpt_root, cfg.resume_from_checkpoint)
     log = StepLog(accelerator, run_dir, step, cfg)
@@ -205,8 +205,8 @@ def unlearn(
             bar.close()
             raise TrainingDiverged(
                 f"the loss became {values[0]} at step {step + 1}; the weights before that step are saved in "
-                f"{ckpt_root / checkpoint_name(step)}. Lower train.learning_rate, or use bf16 rather than fp16, "
-                "and resume with train.resume_from_checkpoint=latest"
+                f"{ckpt_root / checkpoint_name(step)}. Lower unlearn.learning_rate, or use bf16 rather than fp16, "
+                "and resume with unlearn.resume_from_checkpoint=latest"
             )
         grads = [local(p.grad) for p in params.values()]
         if cfg.max_grad_norm > 0 and cfg.clip_before_mask:

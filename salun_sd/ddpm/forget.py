@@ -36,7 +36,6 @@ def forget_data(cfg: DDPMConfig) -> tuple[ConceptData, ConceptData, list[int]]:
 class DDPMErase(EraseJob):
     product = "unet"
     command = "salun-sd ddpm"
-    train_flag = "unlearn"
 
     def __init__(self, cfg: DDPMConfig, model_dir: Path, out: Path) -> None:
         self.config, self.train, self.mask = cfg, cfg.unlearn, cfg.mask

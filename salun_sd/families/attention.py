@@ -54,7 +54,7 @@ def cross_attention_layers(model: nn.Module) -> list[Attention]:
 def recording(model: nn.Module, token_mask: torch.Tensor) -> Iterator[torch.Tensor]:
     """Yield a [batch] tensor that a forward pass of `model` inside the block fills with Σ p² on the concept tokens."""
     if hasattr(model, "_orig_mod"):
-        raise UserError("train.method=fmn reads attention maps, which a torch.compile'd UNet hides: set train.compile_unet=false")
+        raise UserError("unlearn.method=fmn reads attention maps, which a torch.compile'd UNet hides: set unlearn.compile=false")
     layers = cross_attention_layers(model)
     if not layers:
         raise UserError(f"{type(model).__name__} has no cross-attention layers (attn2) to re-steer")

@@ -20,8 +20,8 @@ EPILOG = """examples:
   salun-sd run configs/nudity.yaml
   salun-sd run configs/nudity.yaml --model ./stable-diffusion-v1-4 --output_dir outputs/nudity
   salun-sd erase configs/methods/esd_u.yaml                # a baseline (configs/methods/: esd_x, esd_u, fmn, ga, rl, ft)
-  accelerate launch --num_processes 4 -m salun_sd run configs/nudity.yaml --train.batch_size 2
-  salun-sd erase configs/nudity.yaml --train.resume_from_checkpoint latest   # continue an interrupted run
+  accelerate launch --num_processes 4 -m salun_sd run configs/nudity.yaml --unlearn.batch_size 2
+  salun-sd erase configs/nudity.yaml --unlearn.resume_from_checkpoint latest   # continue an interrupted run
 
 The erased model loads with StableDiffusionPipeline.from_pretrained("OUTPUT_DIR/pipeline")."""
 
@@ -33,7 +33,7 @@ def load_config(args: argparse.Namespace) -> EraseConfig:
 
 def run_steps(args: argparse.Namespace, steps: tuple[str, ...]) -> None:
     cfg = load_config(args)
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.train.report_to, cfg.output_dir)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.unlearn.report_to, cfg.output_dir)
     with run_lock(cfg.output_dir, accelerator.is_main_process):
         from salun_sd.families.erase import erase  # diffusers loads only when a job runs, and after a busy folder is refused
 
@@ -45,6 +45,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for name, (steps, summary) in STEPS.items():
         p = subparsers.add_parser(name, help=summary, description=summary, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("config", nargs="?", help="YAML run config (see configs/); flags below override its keys")
-        p.add_argument("--method", dest="cfg:train.method", metavar="STR", default=None, help="the erasing method: shorthand for --train.method (listed there)")
+        p.add_argument("--method", dest="cfg:unlearn.method", metavar="STR", default=None, help="the erasing method: shorthand for --unlearn.method (listed there)")
         add_config_flags(p, EraseConfig)
         p.set_defaults(func=partial(run_steps, steps=steps))

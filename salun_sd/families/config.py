@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from salun_sd.core.config import MaskConfig, TrainConfig
 from salun_sd.errors import UserError
@@ -110,15 +111,17 @@ class UCEConfig:
 class EraseConfig:
     """A whole SD erase. Defaults reproduce the official SalUn nudity run on SD v1.4."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"train": "unlearn", "export_unet_only": "export_network_only"}  # one name in SD and DDPM configs, true for every family
+
     model: str = "CompVis/stable-diffusion-v1-4"  # Hub ID, local folder, single .safetensors/.ckpt file, or "tiny" (offline random weights)
     concept: str = ""  # name of the erased concept, for the model card
     output_dir: str = "outputs/erase"  # run folder: mask, checkpoints, manifest, pipeline/
     overwrite: bool = False  # replace an existing run folder
     mixed_precision: str = "no"  # no | fp16 | bf16 (Accelerate autocast; weights stay fp32)
-    export_unet_only: bool = False  # export the denoiser alone (the UNet, or SD3/FLUX's transformer) instead of the whole pipeline
+    export_network_only: bool = False  # export the denoiser alone (the UNet, or SD3/FLUX's transformer) instead of the whole pipeline
     validation_grid: bool = True  # write OUTPUT_DIR/validation.png: base (top) vs erased on the forget prompts and a remain prompt, fixed seed
     single_file: SingleFileConfig = field(default_factory=SingleFileConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    unlearn: TrainConfig = field(default_factory=TrainConfig)
     uce: UCEConfig = field(default_factory=UCEConfig)

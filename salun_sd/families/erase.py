@@ -1,6 +1,6 @@
-"""Stable Diffusion's part of an erase (salun_sd.core.erase_flow runs it): data groups → denoiser, and the pipeline export.
+"""The text-to-image families' part of an erase (salun_sd.core.erase_flow runs it): data groups → denoiser, and the pipeline export.
 
-Every family of families/loading.FAMILIES (SD-1.x/2.x, SDXL) runs through here. The erased model is
+Every family of families/loading.FAMILIES (SD-1.x/2.x, SDXL, SD3 / SD3.5, FLUX.1) runs through here. The erased model is
 OUTPUT_DIR/pipeline, loaded by the family's pipeline class or AutoPipelineForText2Image.from_pretrained;
 with single_file.export also OUTPUT_DIR/model.safetensors, in the layout of the single file it came from.
 """
@@ -31,11 +31,10 @@ from salun_sd.families.validation import draw_validation, write_validation_grid
 class SDErase(EraseJob):
     product = "pipeline"
     command = "salun-sd"
-    train_flag = "train"
     closed_form = True  # UCE on SD-1/2 and SDXL (SD3 and FLUX are refused: refuse_closed_form)
 
     def __init__(self, cfg: EraseConfig) -> None:
-        self.config, self.train, self.mask = cfg, cfg.train, cfg.mask
+        self.config, self.train, self.mask = cfg, cfg.unlearn, cfg.mask
         self.out, self.overwrite, self.model_name = Path(cfg.output_dir), cfg.overwrite, cfg.model
         self.pipe = None  # the base pipeline, once loaded: the export reuses its other components
         self.resolution = 0  # of the training images and the validation grid, once the pipeline is loaded
@@ -141,18 +140,19 @@ class SDErase(EraseJob):
             **({"misaligned prompts": cfg.data.misaligned()} if method.uses_misaligned else {}),
             **({"concept words": cfg.data.concept()} if method.uses_concept_tokens else {}),
             **({"uce targets": self.uce_concepts()[0].targets, "uce preserved": self.uce_preserve(), **{f"uce.{k}": v for k, v in to_dict(cfg.uce).items()}}
-               if method.closed_form else {f"train.{k}": v for k, v in to_dict(self.train).items() if k not in ("resume_from_checkpoint",)}),
+               if method.closed_form else {f"unlearn.{k}": v for k, v in to_dict(self.train).items() if k not in ("resume_from_checkpoint",)}),
             **({f"mask.{k}": v for k, v in to_dict(self.mask).items()} if mask is not None else {}),
             "num_processes": num_processes,
         }
         kept = mask_summary(mask)["total"] if mask is not None else None
-        network = family_of(self.pipe).network
-        loader = type(model).__name__ if cfg.export_unet_only else type(self.pipe).__name__
+        family = family_of(self.pipe)
+        network = family.network
+        loader = type(model).__name__ if cfg.export_network_only else type(self.pipe).__name__
         optional = type(self.pipe)._optional_components
-        absent = [] if cfg.export_unet_only else [k for k, v in self.pipe.components.items() if v is None and k not in optional]
-        card = model_card(cfg.model, cfg.concept or cfg.data.forget[0].prompt, settings, kept, loader, network, absent)
+        absent = [] if cfg.export_network_only else [k for k, v in self.pipe.components.items() if v is None and k not in optional]
+        card = model_card(cfg.model, cfg.concept or cfg.data.forget[0].prompt, settings, kept, loader, network, absent, family.hub_tag)
         info = manifest(to_dict(cfg), "erase", mask_kept_fraction=kept, num_processes=num_processes)
-        written = export(self.pipe.to("cpu"), network, model, self.out / self.product, card, info, cfg.export_unet_only)
+        written = export(self.pipe.to("cpu"), network, model, self.out / self.product, card, info, cfg.export_network_only)
         if cfg.single_file.export:
             summary = {"base_model": cfg.model, "concept": cfg.concept or cfg.data.forget[0].prompt, "method": self.train.method, "mask_kept": str(kept)}
             export_single_file(cfg.model, model, self.out / "model.safetensors", {"salun_sd": json.dumps(summary)})

@@ -17,16 +17,17 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, loa
 from safetensors.torch import save_file
 from torch import nn
 
-from salun_sd.run.files import atomic
-from salun_sd.run.files import write_json
+from salun_sd.run.files import atomic, write_json
 from salun_sd.core.objectives import METHODS
 
 MANIFEST_NAME = "salun_manifest.json"
 
 
-def model_card(base_model: str, concept: str, settings: dict[str, Any], mask_kept: float | None, loader: str, network: str, absent: list[str] = ()) -> str:
+def model_card(base_model: str, concept: str, settings: dict[str, Any], mask_kept: float | None, loader: str, network: str, absent: list[str],
+               family_tag: str) -> str:
     """`loader`: the class that loads the export (the pipeline's, or the network's alone); `network`: the erased component;
-    `absent`: required components the base model was saved without (SD3 without T5), which loading must pass as None."""
+    `absent`: required components the base model was saved without (SD3 without T5), which loading must pass as None;
+    `family_tag`: the family's Hub tag (Family.hub_tag)."""
     load_args = "".join(f", {name}=None" for name in absent)
     method = settings.get("method", "salun")
     rows = "\n".join(f"| {k} | `{json.dumps(v)}` |" for k, v in settings.items())
@@ -37,7 +38,8 @@ def model_card(base_model: str, concept: str, settings: dict[str, Any], mask_kep
 library_name: diffusers
 base_model: {base_model}
 tags:
-- stable-diffusion
+- {family_tag}
+- text-to-image
 - concept-erasure
 - machine-unlearning
 - salun
@@ -70,12 +72,12 @@ The full resolved configuration, package versions and git revision are in `{MANI
 
 
 def export(
-    pipe: DiffusionPipeline, network: str, model: nn.Module, out: Path, card: str, manifest: dict[str, Any], unet_only: bool = False
+    pipe: DiffusionPipeline, network: str, model: nn.Module, out: Path, card: str, manifest: dict[str, Any], network_only: bool = False
 ) -> Path:
     """Write the pipeline with `model` as its `network` component (or `model` alone) in safetensors to `out`,
     atomically, replacing what was there."""
     with atomic(out) as tmp:
-        if unet_only:
+        if network_only:
             model.save_pretrained(tmp, safe_serialization=True)
         else:
             setattr(pipe, network, model)

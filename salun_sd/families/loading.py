@@ -58,6 +58,7 @@ class Family:
     steps: int = 50  # generate's default denoising steps
     guidance: float = 7.5  # generate's default guidance scale (FLUX.1-dev: the value of its guidance embedding)
     pack: Callable[[torch.Tensor], torch.Tensor] | None = None  # VAE-layout noise [B, C, h, w] -> the pipeline's `latents=` (FLUX: 2x2 patches)
+    hub_tag: str = "stable-diffusion"  # the model card's family tag on the Hub, as diffusers' training scripts write it
 
     def network_of(self, pipe: DiffusionPipeline) -> nn.Module:
         return getattr(pipe, self.network)
@@ -79,10 +80,10 @@ FAMILIES = {
     for f in (
         Family("SD-1.x/2.x", StableDiffusionPipeline, sd_denoiser, load_options={"safety_checker": None, "requires_safety_checker": False},
                checkpoint_types=("v1", "v2"), text_states=encode_prompts),
-        Family("SDXL", StableDiffusionXLPipeline, sdxl_denoiser, checkpoint_types=("xl_base",), text_states=lambda pipe, prompts: sdxl_text_states(pipe, prompts)[0]),
+        Family("SDXL", StableDiffusionXLPipeline, sdxl_denoiser, checkpoint_types=("xl_base",), hub_tag="stable-diffusion-xl", text_states=lambda pipe, prompts: sdxl_text_states(pipe, prompts)[0]),
         # SD3 and FLUX sample with their pipelines' own defaults (StableDiffusion3Pipeline / FluxPipeline.__call__).
-        Family("SD3", StableDiffusion3Pipeline, sd3_denoiser, network="transformer", steps=28, guidance=7.0),
-        Family("FLUX.1", FluxPipeline, flux_denoiser, network="transformer", steps=28, guidance=3.5, pack=pack_flux_latents),
+        Family("SD3", StableDiffusion3Pipeline, sd3_denoiser, network="transformer", steps=28, guidance=7.0, hub_tag="sd3"),
+        Family("FLUX.1", FluxPipeline, flux_denoiser, network="transformer", steps=28, guidance=3.5, pack=pack_flux_latents, hub_tag="flux"),
     )
 }
 

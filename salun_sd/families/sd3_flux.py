@@ -136,7 +136,7 @@ def pack_flux_latents(latents: torch.Tensor) -> torch.Tensor:
 def encode_table(prompts: list[str], concept_words: list[str], family: str, encode: Callable[[list[str]], tuple[torch.Tensor, ...]], batch_size: int = 16) -> tuple[list[str], list[torch.Tensor]]:
     """The empty prompt and `prompts`, and each of encode's per-prompt outputs for them, concatenated on the CPU in fp32."""
     if concept_words:
-        raise UserError(f"train.method=fmn re-steers cross-attention maps; {family} has joint attention, which attention re-steering does not support")
+        raise UserError(f"unlearn.method=fmn re-steers cross-attention maps; {family} has joint attention, which attention re-steering does not support")
     table = list(dict.fromkeys(["", *prompts]))
     with torch.no_grad():
         parts = [encode(table[i : i + batch_size]) for i in range(0, len(table), batch_size)]

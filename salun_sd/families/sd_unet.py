@@ -43,7 +43,7 @@ class TextConditionedDenoiser(Denoiser):
             try:
                 self.model.enable_xformers_memory_efficient_attention()
             except (ImportError, ValueError) as err:
-                raise UserError(f"train.attention=xformers is unavailable here ({err}); it needs CUDA and pip install 'salun-sd[xformers]'") from None
+                raise UserError(f"unlearn.attention=xformers is unavailable here ({err}); it needs CUDA and pip install 'salun-sd[xformers]'") from None
             return
         self.model.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
 

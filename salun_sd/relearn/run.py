@@ -61,7 +61,7 @@ def data_config(cfg: RelearnConfig, groups: list[ImageGroup]) -> DataConfig:
 def target_job(cfg: RelearnConfig, model: str, groups: list[ImageGroup], run_dir: Path, resume: bool) -> SDErase:
     train = cfg.train_config("latest" if resume else "")
     return SDErase(EraseConfig(model=model, output_dir=str(run_dir), mixed_precision=cfg.mixed_precision, validation_grid=False,
-                               data=data_config(cfg, groups), train=train))
+                               data=data_config(cfg, groups), unlearn=train))
 
 
 def curve_settings(cfg: RelearnConfig, target: str) -> dict:

@@ -1,5 +1,5 @@
 """The training log: every optimizer step's loss terms in OUTPUT_DIR/log.jsonl, and in Accelerate's tracker
-(TensorBoard or Weights & Biases) when the accelerator was made with one (train.report_to).
+(TensorBoard or Weights & Biases) when the accelerator was made with one (unlearn.report_to).
 
 The JSON lines need no extra package and survive the run; a resumed run first drops the lines written
 after its checkpoint's step (the steps it is about to redo), so the file holds every step once.

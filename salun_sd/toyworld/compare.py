@@ -119,7 +119,7 @@ def erase_config(cfg: CompareConfig, case: Case, method: str, out: Path, spec: W
     )
     train = TrainConfig(method=method, batch_size=cfg.batch_size, max_steps=cfg.steps, max_grad_norm=1.0, seed=cfg.seed, **METHOD_TRAIN.get(method, {}))
     return EraseConfig(model=cfg.base, concept=f"{case.kind} {case.value} (toy world)", output_dir=str(out / f"{case.kind}-{case.value}" / method),
-                       overwrite=True, validation_grid=False, data=data, mask=MaskConfig(fraction=cfg.mask_fraction, guidance=cfg.mask_guidance, batch_size=32), train=train)
+                       overwrite=True, validation_grid=False, data=data, mask=MaskConfig(fraction=cfg.mask_fraction, guidance=cfg.mask_guidance, batch_size=32), unlearn=train)
 
 
 def evaluate(pipe, classifier: ToyClassifier, spec: WorldSpec, case: Case, cfg: CompareConfig) -> dict:
