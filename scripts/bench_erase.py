@@ -368,7 +368,7 @@ def train_once(cfg: TrainConfig, mixed_precision: str, device: torch.device, fam
         mask = random_mask(model)
         den = family.denoiser(model, device)
         with tempfile.TemporaryDirectory() as run_dir:
-            trained = unlearn(den, forget, remain, [3], cfg, accelerator, Path(run_dir), mask=mask, on_step=on_step).cpu()
+            trained = unlearn(den, forget, remain, [[3]], cfg, accelerator, Path(run_dir), mask=mask, on_step=on_step).cpu()
     del model, den
     gc.collect()
     if device.type == "cuda":

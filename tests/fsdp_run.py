@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     train = replace(TRAIN, batch_size=TRAIN.batch_size // accelerator.num_processes)  # the same global batch
 
     def erase(den: ClassConditionedDenoiser, mask: dict[str, torch.Tensor], name: str) -> None:
-        model = gather_model(unlearn(den, forget, remain, [1, 2], train, accelerator, args.out / name, mask), accelerator.is_main_process)
+        model = gather_model(unlearn(den, forget, remain, [[1, 2]], train, accelerator, args.out / name, mask), accelerator.is_main_process)
         if accelerator.is_main_process:
             assert type(model) is UNet2DModel  # what the export saves: the model's own class, whole
             save_file(whole(dict(model.named_parameters())), str(args.out / f"{name}.safetensors"))

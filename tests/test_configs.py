@@ -11,8 +11,9 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("path", [p for p in CONFIGS if not p.name.startswith("ddpm")], ids=lambda p: p.name)
 def test_every_sd_config_loads_and_names_its_data(path):
     cfg = load_yaml(EraseConfig, path)
-    assert cfg.data.forget and cfg.data.remain and cfg.data.misaligned()
-    for group in cfg.data.forget + cfg.data.remain:
+    concepts = cfg.data.concept_list(cfg.concept)
+    assert concepts and cfg.data.remain and all(c.misaligned_prompts for c in concepts)
+    for group in [g for c in concepts for g in c.forget] + cfg.data.remain:
         group.source()  # exactly one source each
 
 

@@ -195,9 +195,9 @@ def official_unlearning_loss(unet: UNet2DModel, den: ClassConditionedDenoiser, f
     return forget_loss + alpha * remain_loss
 
 
-def draw_pair(cfg: DDPMConfig, den: ClassConditionedDenoiser, forget: ConceptData, remain: ConceptData, misaligned: list[int], step: int, size: int, drop: float, rank: int = 0, per_rank: int = 0):
+def draw_pair(cfg: DDPMConfig, den: ClassConditionedDenoiser, forget: ConceptData, remain: ConceptData, misaligned: list[list[int]], step: int, size: int, drop: float, rank: int = 0, per_rank: int = 0):
     per_rank = per_rank or size
-    f = draw_batch(forget, den, cfg.unlearn.seed, "forget", step, size, rank, per_rank, torch.tensor(misaligned), drop)
+    f = draw_batch(forget, den, cfg.unlearn.seed, "forget", step, size, rank, per_rank, [torch.tensor(ids) for ids in misaligned], drop)
     r = draw_batch(remain, den, cfg.unlearn.seed, "remain", step, size, rank, per_rank, cond_drop_prob=drop)
     return f, r
 
@@ -205,8 +205,8 @@ def draw_pair(cfg: DDPMConfig, den: ClassConditionedDenoiser, forget: ConceptDat
 def test_salun_loss_is_the_official_loss_on_a_fixed_batch():
     cfg, den = random_digits_model()
     forget, remain, misaligned = forget_data(cfg)
-    assert misaligned == [1] and forget_data(replace(cfg, forget_class=9))[2] == [0]  # c' = (k + 1) mod 10
-    assert len(forget_data(replace(cfg, misaligned="random"))[2]) == 9
+    assert misaligned == [[1]] and forget_data(replace(cfg, forget_class=9))[2] == [[0]]  # c' = (k + 1) mod 10
+    assert len(forget_data(replace(cfg, misaligned="random"))[2][0]) == 9
     f, r = draw_pair(cfg, den, forget, remain, misaligned, 0, 16, drop=0.3)
     null = den.null_cond
     assert (f.cond == null).any() and (f.misaligned == null).any() and (r.cond == null).any()  # class dropout on every term ...

@@ -50,7 +50,7 @@ def run(setup, tmp_path: Path, mixed_precision: str = "no", scaler: torch.amp.Gr
         accelerator.scaler = scaler
     cfg = TrainConfig(batch_size=4, max_steps=STEPS, learning_rate=1e-3, **levers)
     losses = []
-    trained = unlearn(den, forget, remain, [3], cfg, accelerator, tmp_path, mask=mask, on_step=lambda step, values: losses.append(values["loss"]))
+    trained = unlearn(den, forget, remain, [[3]], cfg, accelerator, tmp_path, mask=mask, on_step=lambda step, values: losses.append(values["loss"]))
     return losses, before, {n: p.detach().clone() for n, p in trained.named_parameters()}
 
 

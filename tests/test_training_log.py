@@ -32,7 +32,7 @@ def train(run_dir: Path, accelerator: Accelerator | None = None, **cfg) -> None:
         AcceleratorState._reset_state(True)
         accelerator = Accelerator(cpu=True)
     cfg = TrainConfig(**{"method": "rl", "batch_size": 2, "learning_rate": 1e-3, "max_steps": 4, **cfg})
-    unlearn(den, forget, remain, [den.cond_id(REMAIN)], cfg, accelerator, run_dir)
+    unlearn(den, forget, remain, [[den.cond_id(REMAIN)]], cfg, accelerator, run_dir)
 
 
 def read_log(run_dir: Path) -> list[dict]:

@@ -52,6 +52,7 @@ class MaskConfig:
     batch_size: int = 8  # forget examples per backward pass (the mask does not depend on it unless max_grad_norm is set)
     max_grad_norm: float = 0.0  # clip each batch's gradient to this norm before adding it up (official DDPM; 0: no clipping)
     path: str = ""  # use this mask file instead of computing one
+    per_concept: bool = False  # several concepts: the union of each concept's own top `fraction` (one gradient pass per concept), not the top `fraction` of the gradient over all of them
 
     def check(self, section: str = "mask") -> None:
         """The values a gradient pass would otherwise reach only after minutes; `section` names them in errors."""

@@ -33,16 +33,23 @@ class ConceptData:
 
     x0: torch.Tensor
     cond: torch.Tensor  # int64, one condition id per example
+    concept: torch.Tensor | None = None  # int64 per example: which erased concept it shows (indexes its c' list); None: one concept
+    weight: torch.Tensor | None = None  # float per example: its concept's weight in the forget term; None: all 1
 
     def __post_init__(self) -> None:
-        if len(self.x0) != len(self.cond):
-            raise ValueError(f"x0 has {len(self.x0)} examples but cond has {len(self.cond)}")
+        for name in ("cond", "concept", "weight"):
+            if getattr(self, name) is not None and len(getattr(self, name)) != len(self.x0):
+                raise ValueError(f"x0 has {len(self.x0)} examples but {name} has {len(getattr(self, name))}")
 
     def __len__(self) -> int:
         return len(self.x0)
 
     def to(self, device: torch.device | str) -> "ConceptData":
-        return ConceptData(self.x0.to(device), self.cond.to(device))
+        return ConceptData(*(None if t is None else t.to(device) for t in (self.x0, self.cond, self.concept, self.weight)))
+
+    def select(self, keep: torch.Tensor) -> "ConceptData":
+        """The examples where `keep` (a bool per example) is true, in order."""
+        return ConceptData(*(None if t is None else t[keep] for t in (self.x0, self.cond, self.concept, self.weight)))
 
 
 Scope = Callable[[str], bool]  # parameter name -> whether the weight belongs to the scope

@@ -40,22 +40,25 @@ def examples(
     stream: str,
     positions: list[int],
     indices: list[int],
-    candidates: torch.Tensor | None = None,
+    candidates: list[torch.Tensor] | None = None,
     cond_drop_prob: float = 0.0,
 ) -> Batch:
     """The examples `indices` with the noise, timestep (and misaligned condition c' ≠ c) of their stream positions.
+
+    `candidates[k]` are the c' ids of concept k (data.concept says each example's concept; without it, concept 0).
 
     With cond_drop_prob, c and c' are each replaced by the null condition with that probability (class dropout
     while unlearning, as the official DDPM code trains in mode="train"), also drawn from the position.
     """
     noises, ts, misaligned, dropped = [], [], [], []
     conds = data.cond[torch.tensor(indices, device=data.cond.device)].tolist()
-    for p, c in zip(positions, conds):
+    concepts = data.concept[torch.tensor(indices, device=data.concept.device)].tolist() if data.concept is not None else [0] * len(indices)
+    for p, c, k in zip(positions, conds, concepts):
         gen = generator(seed, stream, "example", p)
         noises.append(torch.randn(data.x0.shape[1:], generator=gen))
         ts.append(den.draw_timestep(gen))
         if candidates is not None:
-            allowed = candidates[candidates != c]
+            allowed = candidates[k][candidates[k] != c]
             if len(allowed) == 0:
                 raise ValueError(f"no misaligned condition differs from condition {c}")
             misaligned.append(int(allowed[torch.randint(len(allowed), (1,), generator=gen)]))
@@ -69,6 +72,7 @@ def examples(
         noise=torch.stack(noises).to(device, data.x0.dtype),
         t=torch.tensor(ts, device=device),
         misaligned=torch.tensor(misaligned, device=device) if candidates is not None else None,
+        weight=data.weight[idx] if data.weight is not None else None,
     )
     if dropped:
         drop = torch.stack(dropped).to(device)
@@ -87,7 +91,7 @@ def draw_batch(
     global_batch: int,
     rank: int,
     per_rank: int,
-    misaligned_candidates: torch.Tensor | None = None,
+    misaligned_candidates: list[torch.Tensor] | None = None,
     cond_drop_prob: float = 0.0,
 ) -> Batch:
     """This process's share of global micro-batch number `micro_step` of `stream`."""

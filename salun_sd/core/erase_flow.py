@@ -40,12 +40,12 @@ from salun_sd.core.trainer import check_train_config, list_checkpoints, unlearn
 
 @dataclass
 class Loaded:
-    """What an erase trains on: the denoiser, D_f, D_r (None when the method has no use for it) and the c' ids."""
+    """What an erase trains on: the denoiser, D_f, D_r (None when the method has no use for it) and the c' ids of each concept."""
 
     den: Denoiser
     forget: ConceptData
     remain: ConceptData | None
-    misaligned: list[int]
+    misaligned: list[list[int]]  # misaligned[k]: the c' ids of concept k (forget.concept indexes it)
 
 
 class EraseJob(ABC):

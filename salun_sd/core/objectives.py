@@ -30,10 +30,16 @@ class Batch:
     noise: torch.Tensor
     t: torch.Tensor
     misaligned: torch.Tensor | None = None  # c' per example, for objectives that need one
+    weight: torch.Tensor | None = None  # per example, its concept's weight in the forget term (None: all 1)
 
 
 def per_example_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def weighted(losses: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Per-example forget losses times their concept's weight (unchanged when the batch has no weights)."""
+    return losses if batch.weight is None else losses * batch.weight
 
 
 def diffusion_loss(den: Denoiser, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -43,13 +49,14 @@ def diffusion_loss(den: Denoiser, model: nn.Module, batch: Batch) -> torch.Tenso
 
 
 def guided_forget_loss(den: Denoiser, model: nn.Module, batch: Batch, guidance: float) -> torch.Tensor:
-    """Per-example diffusion loss of the guided prediction, e.g. (1+w)·ε(x_t|c) − w·ε(x_t|∅) (den.guided_prediction).
+    """Per-example diffusion loss of the guided prediction, e.g. (1+w)·ε(x_t|c) − w·ε(x_t|∅) (den.guided_prediction),
+    times the example's concept weight.
 
     Its gradient at the original weights is SalUn's saliency (official SD code: w = 7.5; DDPM: 2.0).
     """
     x_t = den.add_noise(batch.x0, batch.noise, batch.t)
     guided = den.guided_prediction(model, x_t, batch.t, batch.cond, guidance)
-    return per_example_mse(guided, den.target(batch.x0, batch.noise, batch.t))
+    return weighted(per_example_mse(guided, den.target(batch.x0, batch.noise, batch.t)), batch)
 
 
 def _forget_and_remain(den: Denoiser, model: nn.Module, forget: Batch, remain: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,14 +73,14 @@ def salun_loss(den: Denoiser, model: nn.Module, forget: Batch, remain: Batch | N
     x_f, pred_f, remain_loss = _forget_and_remain(den, model, forget, remain)
     with torch.no_grad():
         target = den.predict(model, x_f, forget.t, forget.misaligned)
-    forget_loss = per_example_mse(pred_f, target).mean()
+    forget_loss = weighted(per_example_mse(pred_f, target), forget).mean()
     return forget_loss + cfg.alpha * remain_loss, {"forget": forget_loss, "remain": remain_loss}
 
 
 def gradient_ascent_loss(den: Denoiser, model: nn.Module, forget: Batch, remain: Batch | None, cfg: TrainConfig, frozen: nn.Module | None):
     """GA baseline: maximise the diffusion loss on D_f (α·D_r term kept so α=0 gives the plain baseline)."""
     x_f, pred_f, remain_loss = _forget_and_remain(den, model, forget, remain)
-    forget_loss = per_example_mse(pred_f, den.target(forget.x0, forget.noise, forget.t)).mean()
+    forget_loss = weighted(per_example_mse(pred_f, den.target(forget.x0, forget.noise, forget.t)), forget).mean()
     return -forget_loss + cfg.alpha * remain_loss, {"forget": forget_loss, "remain": remain_loss}
 
 
@@ -109,7 +116,7 @@ def esd_loss(den: Denoiser, model: nn.Module, forget: Batch, remain: Batch | Non
     with torch.no_grad():
         e_c, e_u = den.predict(frozen, torch.cat([x_t, x_t]), torch.cat([forget.t, forget.t]), torch.cat([forget.cond, null])).chunk(2)
         target = e_u - cfg.negative_guidance * (e_c - e_u)
-    forget_loss = per_example_mse(den.predict(model, x_t, forget.t, forget.cond), target).mean()
+    forget_loss = weighted(per_example_mse(den.predict(model, x_t, forget.t, forget.cond), target), forget).mean()
     return forget_loss, {"forget": forget_loss}
 
 
@@ -120,7 +127,7 @@ def attention_resteering_loss(den: Denoiser, model: nn.Module, forget: Batch, re
     cross-attention layer, head and query position (the FMN code takes one norm over the batch).
     """
     x_t = den.add_noise(forget.x0, forget.noise, forget.t)
-    attention = den.concept_attention(model, x_t, forget.t, forget.cond).mean()
+    attention = weighted(den.concept_attention(model, x_t, forget.t, forget.cond), forget).mean()
     return attention, {"attention": attention}
 
 

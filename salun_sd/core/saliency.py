@@ -267,16 +267,28 @@ def make_masks(
 ) -> Mask:
     """The mask step of every adapter: one gradient pass, a mask per fraction saved in run_dir; returns cfg.fraction's.
 
+    With cfg.per_concept and several concepts in `forget`, one pass per concept and the union of their masks
+    (each concept keeps its own top fraction, so the union keeps at least `fraction`).
+
     `include` picks the trainable weights. The official code ranks every weight and trains the selected
     ones that made the cut (cfg.rank_over=model); rank_over=trainable ranks among the selected alone.
     """
     ranked = include if cfg.rank_over == "trainable" else lambda name: True
-    scores = accumulate_saliency(den, forget, accelerator, cfg.guidance, cfg.batch_size, seed, ranked, cfg.max_grad_norm)
-    masks = {f: {n: m for n, m in mask.items() if include(n)} for f, mask in saliency_masks(scores, [cfg.fraction, *cfg.extra_fractions], cfg.scope).items()}
+    fractions = [cfg.fraction, *cfg.extra_fractions]
+    concepts = forget.concept.unique().tolist() if cfg.per_concept and forget.concept is not None else [None]
+    masks: dict[float, Mask] = {}
+    for k in concepts:  # one pass over all of D_f, or (per_concept) one per concept whose masks are united
+        data = forget if k is None else forget.select(forget.concept == k)
+        scores = accumulate_saliency(den, data, accelerator, cfg.guidance, cfg.batch_size, seed, ranked, cfg.max_grad_norm)
+        for f, mask in saliency_masks(scores, fractions, cfg.scope).items():
+            mask = {n: m for n, m in mask.items() if include(n)}
+            masks[f] = mask if f not in masks else {n: masks[f][n] | m for n, m in mask.items()}
+        del scores
     for fraction, m in masks.items():
         whole = gather_mask(m, accelerator.is_main_process)  # under FSDP, gathered one tensor at a time
         if accelerator.is_main_process:
-            meta = {"fraction": fraction, "scope": cfg.scope, "rank_over": cfg.rank_over, "guidance": cfg.guidance, "max_grad_norm": cfg.max_grad_norm, "forget_examples": len(forget), **info}
+            meta = {"fraction": fraction, "scope": cfg.scope, "rank_over": cfg.rank_over, "guidance": cfg.guidance, "max_grad_norm": cfg.max_grad_norm,
+                    "forget_examples": len(forget), "per_concept": len(concepts) if cfg.per_concept else 0, **info}
             save_mask(whole, mask_path(run_dir, None if fraction == cfg.fraction else fraction), meta)
     if accelerator.is_main_process:
         summary = mask_info(mask_path(run_dir))["summary"]

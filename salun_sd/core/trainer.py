@@ -141,7 +141,7 @@ def unlearn(
     den: Denoiser,
     forget: ConceptData,
     remain: ConceptData | None,
-    misaligned: list[int],
+    misaligned: list[list[int]],
     cfg: TrainConfig,
     accelerator: Accelerator,
     run_dir: Path,
@@ -149,6 +149,8 @@ def unlearn(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> nn.Module:
     """Fine-tune den.model with cfg.method; returns the unwrapped model. Checkpoints go to run_dir/checkpoints.
+
+    misaligned[k]: the c' condition ids of concept k (forget.concept says each example's; one list for one concept).
 
     on_step(step, logged values) is called after each optimizer step (the benchmark times steps with it).
     """
@@ -171,7 +173,7 @@ def unlearn(
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     den.to(device)
     forget, remain = forget.to(device), remain.to(device) if remain is not None else None
-    candidates = torch.tensor(misaligned, dtype=torch.long) if method.uses_misaligned else None
+    candidates = [torch.tensor(ids, dtype=torch.long) for ids in misaligned] if method.uses_misaligned else None
     global_batch = cfg.batch_size * world
     first = (draw_batch(forget, den, cfg.seed, "forget", 0, global_batch, rank, cfg.batch_size, candidates),
              draw_batch(remain, den, cfg.seed, "remain", 0, global_batch, rank, cfg.batch_size) if method.uses_remain else None)

@@ -27,10 +27,10 @@ from salun_sd.core.saliency import Mask
 MISALIGNED = {"next": lambda k, n: [(k + 1) % n], "random": lambda k, n: [c for c in range(n) if c != k]}
 
 
-def forget_data(cfg: DDPMConfig) -> tuple[ConceptData, ConceptData, list[int]]:
-    """(D_f, D_r, the misaligned class ids c') from the training split."""
+def forget_data(cfg: DDPMConfig) -> tuple[ConceptData, ConceptData, list[list[int]]]:
+    """(D_f, D_r, the misaligned class ids c' of the one forgotten class) from the training split."""
     forget, remain = split_by_class(load_split(cfg.data, "train"), cfg.forget_class)
-    return forget, remain, MISALIGNED[cfg.misaligned](cfg.forget_class, cfg.model.num_classes)
+    return forget, remain, [MISALIGNED[cfg.misaligned](cfg.forget_class, cfg.model.num_classes)]
 
 
 class DDPMErase(EraseJob):

@@ -5,9 +5,11 @@ Plain dataclasses (no torch or diffusers imports), loaded from YAML and `--key` 
 
 from __future__ import annotations
 
+import csv
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import ClassVar
 
 from salun_sd.core.config import MaskConfig, TrainConfig
@@ -35,13 +37,35 @@ class ImageGroup:
 
 
 @dataclass
+class ConceptConfig:
+    """One concept of a multi-concept erase: its own forget data, misaligned concept c' and words."""
+
+    name: str = ""  # how the model card and per-concept reports name it (default: its first forget prompt)
+    forget: list[ImageGroup] = field(default_factory=list)  # its forget set
+    misaligned_prompts: list[str] = field(default_factory=list)  # its c' (default: data.misaligned_prompts, else the remain prompts)
+    concept_words: list[str] = field(default_factory=list)  # words naming it in its forget prompts (fmn, attack); default: its forget-prompt words no remain prompt has
+    weight: float = 1.0  # its examples' weight in the forget term and in the mask's gradient
+
+
+CONCEPT_COLUMNS = ("name", "forget", "misaligned")  # required columns of data.concepts_file; optional: words, weight
+
+
+@dataclass
 class DataConfig:
-    """Forget set D_f, remain set D_r, and the misaligned prompts c' (default: the remain prompts)."""
+    """Forget set D_f, remain set D_r, and the misaligned prompts c' (default: the remain prompts).
+
+    One concept: data.forget (+ misaligned_prompts, concept_words). Several: data.concepts and/or
+    data.concepts_file, each concept with its own forget data and c', and the one shared remain set.
+    """
 
     forget: list[ImageGroup] = field(default_factory=list)
     remain: list[ImageGroup] = field(default_factory=list)
     misaligned_prompts: list[str] = field(default_factory=list)
     concept_words: list[str] = field(default_factory=list)  # words naming the concept in the forget prompts (fmn); default: forget-prompt words no remain prompt has
+    concepts: list[ConceptConfig] = field(default_factory=list)  # several concepts erased at once (instead of data.forget)
+    concepts_file: str = ""  # CSV of concepts, one a row, columns name, forget, misaligned (several prompts split by |), optional words, weight
+    concepts_file_generate: int = 800  # images the base model draws for each forget prompt of a concepts_file row
+    keep_erased: bool = True  # --model is a salun-sd export: the forget prompts of the concepts it erased join the remain set, drawn by it, so they stay erased
     resolution: int = 0  # training image size; 0: the UNet's native size (512 for SD-1.x)
     generation_steps: int = 50  # sampler steps when the base model draws D_f/D_r images
     generation_guidance: float = 7.5  # guidance scale for those images
@@ -54,10 +78,80 @@ class DataConfig:
 
     def concept(self) -> list[str]:
         """The concept's words: given, or those of the forget prompts that no remain prompt uses ("nude" in "a photo of a nude person")."""
-        if self.concept_words:
-            return self.concept_words
+        return self.concept_words or self.unshared_words(self.forget)
+
+    def unshared_words(self, groups: list[ImageGroup]) -> list[str]:
         remain = {w for g in self.remain for w in words(g.prompt)}
-        return list(dict.fromkeys(w for g in self.forget for w in words(g.prompt) if w not in remain))
+        return list(dict.fromkeys(w for g in groups for w in words(g.prompt) if w not in remain))
+
+    def concept_list(self, single_name: str = "") -> list[ConceptConfig]:
+        """Every concept to erase with its defaults filled in (c', words, name), checked; no model needed.
+
+        data.forget is the one concept named `single_name` (the config's `concept`), exactly as before
+        multi-concept configs existed; data.concepts and data.concepts_file list several.
+        """
+        listed = [*self.concepts, *(read_concepts_file(self.concepts_file, self.concepts_file_generate) if self.concepts_file else [])]
+        if listed and self.forget:
+            raise UserError("give data.forget (one concept) or data.concepts / data.concepts_file (several), not both")
+        if listed and single_name:
+            raise UserError("`concept` names the one concept of data.forget; with data.concepts each concept has its own name")
+        if not listed:
+            if not self.forget:
+                raise UserError("the forget set is empty: give data.forget at least one group with a prompt and images (or data.concepts)")
+            return [ConceptConfig(single_name or self.forget[0].prompt, self.forget, self.misaligned(), self.concept())]
+        resolved = []
+        for i, c in enumerate(listed):
+            name = c.name or (c.forget[0].prompt if c.forget else f"concept {i + 1}")
+            if not c.forget:
+                raise UserError(f"concept {name!r} has no forget data: give it at least one forget group")
+            if not (math.isfinite(c.weight) and c.weight >= 0):
+                raise UserError(f"concept {name!r}: weight must be a non-negative number, got {c.weight}")
+            resolved.append(replace(c, name=name, misaligned_prompts=c.misaligned_prompts or self.misaligned(), concept_words=c.concept_words or self.unshared_words(c.forget)))
+        names = [c.name for c in resolved]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate is not None:
+            raise UserError(f"two concepts are named {duplicate!r}: concept names must be unique")
+        forget_of = {g.prompt: c.name for c in resolved for g in c.forget}
+        for c in resolved:
+            same = next((p for p in c.misaligned_prompts if p == c.name or forget_of.get(p) == c.name), None)
+            if same is not None:
+                raise UserError(f"concept {c.name!r}: its misaligned prompt c' {same!r} is the concept itself; c' must be another concept")
+            erased = next((p for p in c.misaligned_prompts if p in forget_of), None)
+            if erased is not None:
+                raise UserError(f"concept {c.name!r}: its misaligned prompt c' {erased!r} is a forget prompt of concept {forget_of[erased]!r}, which is erased too")
+        if not any(c.weight > 0 for c in resolved):
+            raise UserError("every concept has weight 0: at least one must count in the forget term")
+        return resolved
+
+
+def read_concepts_file(path: str, generate: int) -> list[ConceptConfig]:
+    """Concepts from a CSV, one a row: name, forget prompt(s), c' (several split by |), optional words, weight.
+
+    Each forget prompt gets `generate` images drawn by the base model, so "these 50 artists" is one file."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"data.concepts_file {path} does not exist")
+    with file.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in CONCEPT_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise UserError(f"data.concepts_file {path} needs a header row with columns {', '.join(CONCEPT_COLUMNS)} (missing {missing[0]!r})")
+        rows = list(reader)
+    if not rows:
+        raise UserError(f"data.concepts_file {path} lists no concept")
+
+    def split(cell: str | None) -> list[str]:
+        return [p.strip() for p in (cell or "").split("|") if p.strip()]
+
+    concepts = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            weight = float(row.get("weight") or 1.0)
+        except ValueError:
+            raise UserError(f"data.concepts_file {path} line {line}: weight must be a number, got {row['weight']!r}") from None
+        forget = [ImageGroup(prompt=p, generate=generate) for p in split(row["forget"])]
+        concepts.append(ConceptConfig((row["name"] or "").strip(), forget, split(row["misaligned"]), split(row.get("words")), weight))
+    return concepts
 
 
 def words(prompt: str) -> list[str]:

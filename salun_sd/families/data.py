@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from salun_sd.core.denoiser import ConceptData
 from salun_sd.errors import UserError
 from salun_sd.evaluation.imagefiles import list_images, load_rgb
-from salun_sd.families.config import DataConfig, ImageGroup
+from salun_sd.families.config import ConceptConfig, DataConfig, ImageGroup
 from salun_sd.families.loading import family_of
 from salun_sd.generation import ImageRequest, draw_images
 from salun_sd.run.files import atomic, save_image, write_json
@@ -101,10 +101,10 @@ def generate_share(pipe: DiffusionPipeline, model_name: str, groups: list[ImageG
             generated_images(pipe, model_name, group, cfg, resolution, rank, processes)
 
 
-def check_sources(cfg: DataConfig) -> None:
+def check_sources(groups: list[ImageGroup]) -> None:
     """Each group names one source, and every image of a folder group opens: a broken file stops the run
     here, named, before any model loads rather than in the middle of encoding."""
-    for group in cfg.forget + cfg.remain:
+    for group in groups:
         if group.source() == "folder":
             for path in list_images(group.folder, "image folder", recursive=True)[: group.limit or None]:
                 load_rgb(path)
@@ -194,3 +194,12 @@ def concept_data(pipe: DiffusionPipeline, model_name: str, groups: list[ImageGro
         xs.append(latents)
         conds.append(torch.full((len(latents),), cond_of[group.prompt], dtype=torch.long))
     return ConceptData(torch.cat(xs), torch.cat(conds))
+
+
+def forget_set(pipe: StableDiffusionPipeline, model_name: str, concepts: list[ConceptConfig], cond_of: dict[str, int], cfg: DataConfig, resolution: int) -> ConceptData:
+    """Every concept's forget groups as one D_f, each example tagged with its concept (and its concept's weight
+    when one differs from 1). Concepts that share a prompt share its cached images and latents."""
+    parts = [concept_data(pipe, model_name, c.forget, cond_of, cfg, resolution, "forget") for c in concepts]
+    concept = torch.cat([torch.full((len(part),), k, dtype=torch.long) for k, part in enumerate(parts)])
+    weight = None if all(c.weight == 1 for c in concepts) else torch.cat([torch.full((len(part),), c.weight) for part, c in zip(parts, concepts)])
+    return ConceptData(torch.cat([part.x0 for part in parts]), torch.cat([part.cond for part in parts]), concept, weight)

@@ -20,9 +20,9 @@ from salun_sd.errors import UserError
 from salun_sd.run.manifest import manifest
 from salun_sd.core.objectives import Method, get_method
 from salun_sd.core.saliency import Mask, mask_summary
-from salun_sd.families.config import EraseConfig
-from salun_sd.families.data import check_sources, concept_data, generate_share
-from salun_sd.families.export import export, export_single_file, model_card
+from salun_sd.families.config import ConceptConfig, EraseConfig, ImageGroup
+from salun_sd.families.data import check_sources, concept_data, forget_set, generate_share
+from salun_sd.families.export import earlier_erasures, export, export_single_file, kept_erased_groups, model_card
 from salun_sd.families.loading import Family, check_model, family_of, is_single_file, load_pipeline
 from salun_sd.families.uce import NO_CROSS_ATTENTION, Concept, uce_edit
 from salun_sd.families.validation import draw_validation, write_validation_grid
@@ -39,24 +39,34 @@ class SDErase(EraseJob):
         self.pipe = None  # the base pipeline, once loaded: the export reuses its other components
         self.resolution = 0  # of the training images and the validation grid, once the pipeline is loaded
         self.base_images = []  # the validation prompts drawn by the base model
+        self.concepts: list[ConceptConfig] = []  # the concepts to erase (check)
+        self.earlier: list[dict] = []  # the erase steps already made on the base model, when it is a salun-sd export (check)
+        self.kept_erased: list[ImageGroup] = []  # their forget prompts, as remain groups drawn by the base model (check)
+        self.examples: list[int] = []  # D_f examples per concept (load)
+
+    def group_sizes(self, concept: ConceptConfig) -> list[int]:
+        """Images per forget group of a concept: a generated group's count, else 0 (a folder's or dataset's: known after loading)."""
+        return [g.generate if g.source() == "generate" else 0 for g in concept.forget]
 
     def check(self, method: Method) -> None:
         data, name = self.config.data, self.train.method
         family = check_model(self.config.model)
         if self.config.single_file.export and not is_single_file(self.config.model):
             raise UserError(f"single_file.export writes the layout of a single-file base model; --model {self.config.model} is not a .safetensors/.ckpt file")
-        if not data.forget:
-            raise UserError("the forget set is empty: give data.forget at least one group with a prompt and images")
+        self.concepts = data.concept_list(self.config.concept)
+        self.earlier = earlier_erasures(self.config.model)
+        self.kept_erased = kept_erased_groups(self.earlier) if data.keep_erased and method.uses_remain else []
         if method.closed_form:
             self.check_uce(family)
         else:
-            check_sources(data)
+            check_sources([g for c in self.concepts for g in c.forget] + data.remain)
         if method.uses_remain and not data.remain:
             raise UserError(f"method {name} trains on a remain set: give data.remain at least one group")
-        if method.uses_misaligned and not data.misaligned():
-            raise UserError(f"method {name} needs misaligned prompts c': give data.misaligned_prompts or data.remain groups")
-        if method.uses_concept_tokens and not data.concept_words and not data.remain:
-            raise UserError(f"method {name} needs to know which words name the concept: give data.concept_words (e.g. [nude])")
+        for c in self.concepts:
+            if method.uses_misaligned and not c.misaligned_prompts:
+                raise UserError(f"method {name} needs misaligned prompts c' for concept {c.name!r}: give data.misaligned_prompts or data.remain groups")
+            if (method.uses_concept_tokens or method.closed_form) and not c.concept_words:
+                raise UserError(f"method {name} needs to know which words name concept {c.name!r}: give data.concept_words (e.g. [nude])")
 
     def check_uce(self, family: Family | None) -> None:
         """UCE reads prompts only (no images): the concept words, the target, the preserved texts; and a family with cross-attention."""
@@ -64,17 +74,17 @@ class SDErase(EraseJob):
         uce.check()
         if family is not None:
             refuse_closed_form(family)
-        if uce.target == "misaligned" and not data.misaligned():
-            raise UserError("uce.target=misaligned sends the concept to c': give data.misaligned_prompts or data.remain groups")
-        erased = set(data.concept())
+        lacking = next((c.name for c in self.concepts if not c.misaligned_prompts), None)
+        if uce.target == "misaligned" and lacking is not None:
+            raise UserError(f"uce.target=misaligned sends each concept to its c': give data.misaligned_prompts or data.remain groups (concept {lacking!r} has none)")
+        erased = {w for c in self.concepts for w in c.concept_words}
         clash = next((p for p in self.uce_preserve() if p in erased), None)
         if clash is not None:
             raise UserError(f"uce.preserve names {clash!r}, a concept word it erases")
 
     def uce_concepts(self) -> list[Concept]:
-        """The concept's words, each sent to the empty prompt or to the c' prompts (uce.target)."""
-        data = self.config.data
-        return [Concept(data.concept(), [""] if self.config.uce.target == "empty" else data.misaligned())]
+        """Each concept's words, sent to the empty prompt or to its own c' prompts (uce.target)."""
+        return [Concept(c.concept_words, [""] if self.config.uce.target == "empty" else c.misaligned_prompts) for c in self.concepts]
 
     def uce_preserve(self) -> list[str]:
         return self.config.uce.preserve or [g.prompt for g in self.config.data.remain]
@@ -95,34 +105,36 @@ class SDErase(EraseJob):
         return uce_edit(self.pipe, family.text_states, self.uce_concepts(), self.uce_preserve(), self.config.uce)
 
     def load(self, accelerator: Accelerator, method: Method) -> Loaded:
-        """Load the base pipeline and build D_f, D_r and the denoiser over every prompt they use.
+        """Load the base pipeline and build D_f (every concept's forget data), D_r and the denoiser over every prompt they use.
 
         Every process draws its share of the images to generate; the main process then encodes and caches the latents.
         """
-        cfg, data = self.config, self.config.data
-        misaligned_prompts = data.misaligned() if method.uses_misaligned else []
-        concept_words = data.concept() if method.uses_concept_tokens else []
+        cfg, data, concepts = self.config, self.config.data, self.concepts
+        misaligned = [c.misaligned_prompts for c in concepts] if method.uses_misaligned else []
+        concept_words = list(dict.fromkeys(w for c in concepts for w in c.concept_words)) if method.uses_concept_tokens else []  # FMN: every concept's tokens
         family = self.load_base()
         pipe, network, resolution = self.pipe, family.network_of(self.pipe), self.resolution
-        remain_groups = data.remain if method.uses_remain else []
-        prompts = [g.prompt for g in data.forget + remain_groups] + misaligned_prompts
+        forget_groups = [g for c in concepts for g in c.forget]
+        remain_groups = data.remain + self.kept_erased if method.uses_remain else []
+        prompts = [g.prompt for g in forget_groups + remain_groups] + [p for ps in misaligned for p in ps]
         pipe.to(accelerator.device)
         den = family.denoiser(pipe, prompts, concept_words, resolution)
         cond_of = {p: den.cond_id(p) for p in prompts}
         source = f"{cfg.model} (EMA)" if cfg.single_file.ema and is_single_file(cfg.model) else cfg.model  # names the cached images
-        generate_share(pipe, source, data.forget + remain_groups, data, resolution, accelerator.process_index, accelerator.num_processes)
+        generate_share(pipe, source, forget_groups + remain_groups, data, resolution, accelerator.process_index, accelerator.num_processes)
         accelerator.wait_for_everyone()
         with accelerator.main_process_first():  # the main process encodes and caches the latents; the others read them
-            forget = concept_data(pipe, source, data.forget, cond_of, data, resolution, "forget")
-            remain = concept_data(pipe, source, data.remain, cond_of, data, resolution, "remain") if method.uses_remain else None
+            forget = forget_set(pipe, source, concepts, cond_of, data, resolution)
+            remain = concept_data(pipe, source, remain_groups, cond_of, data, resolution, "remain") if method.uses_remain else None
+        self.examples = [int((forget.concept == k).sum()) for k in range(len(concepts))]
         if method.uses_concept_tokens:
-            missing = [g.prompt for g in data.forget if not den.concept_tokens[cond_of[g.prompt]].any()]
+            missing = [(c.name, g.prompt) for c in concepts for g in c.forget if not den.concept_tokens[cond_of[g.prompt]].any()]
             if missing:
-                raise UserError(f"forget prompt {missing[0]!r} contains none of the concept words {concept_words}: set data.concept_words")
+                raise UserError(f"forget prompt {missing[0][1]!r} of concept {missing[0][0]!r} contains none of the concept words {concept_words}: set its concept_words")
         for component in pipe.components.values():  # conditions and latents are cached: the step needs only the network
             if isinstance(component, nn.Module) and component is not network:
                 component.to("cpu")
-        return Loaded(den, forget, remain, [cond_of[p] for p in misaligned_prompts])
+        return Loaded(den, forget, remain, [[cond_of[p] for p in ps] for ps in misaligned])
 
     def before_training(self, accelerator: Accelerator) -> None:
         if self.config.validation_grid and accelerator.is_main_process:
@@ -135,26 +147,32 @@ class SDErase(EraseJob):
         cfg, method = self.config, get_method(self.train.method)
         settings = {
             "method": self.train.method,
-            "forget prompts": [g.prompt for g in cfg.data.forget],
             "remain prompts": [g.prompt for g in cfg.data.remain],
-            **({"misaligned prompts": cfg.data.misaligned()} if method.uses_misaligned else {}),
-            **({"concept words": cfg.data.concept()} if method.uses_concept_tokens else {}),
-            **({"uce targets": self.uce_concepts()[0].targets, "uce preserved": self.uce_preserve(), **{f"uce.{k}": v for k, v in to_dict(cfg.uce).items()}}
+            **({"earlier concepts kept in the remain set": sorted({g.prompt for g in self.kept_erased})} if self.kept_erased else {}),
+            **({"uce targets": [c.targets for c in self.uce_concepts()], "uce preserved": self.uce_preserve(), **{f"uce.{k}": v for k, v in to_dict(cfg.uce).items()}}
                if method.closed_form else {f"unlearn.{k}": v for k, v in to_dict(self.train).items() if k not in ("resume_from_checkpoint",)}),
             **({f"mask.{k}": v for k, v in to_dict(self.mask).items()} if mask is not None else {}),
             "num_processes": num_processes,
         }
         kept = mask_summary(mask)["total"] if mask is not None else None
+        concepts = [
+            {"name": c.name, "forget": [{"prompt": g.prompt, "images": n} for g, n in zip(c.forget, self.group_sizes(c))],
+             **({"misaligned": c.misaligned_prompts} if method.uses_misaligned else {}),
+             **({"words": c.concept_words} if method.uses_concept_tokens or method.closed_form else {}), "weight": c.weight, "examples": n}
+            for c, n in zip(self.concepts, self.examples or [0] * len(self.concepts))  # no examples: UCE reads no images
+        ]
+        step = {"base_model": cfg.model, "concepts": concepts, "method": self.train.method, "mask_kept": kept, "settings": {"concepts": concepts, **settings}}
+        steps = [*self.earlier, step]
         family = family_of(self.pipe)
         network = family.network
         loader = type(model).__name__ if cfg.export_network_only else type(self.pipe).__name__
         optional = type(self.pipe)._optional_components
         absent = [] if cfg.export_network_only else [k for k, v in self.pipe.components.items() if v is None and k not in optional]
-        card = model_card(cfg.model, cfg.concept or cfg.data.forget[0].prompt, settings, kept, loader, network, absent, family.hub_tag)
-        info = manifest(to_dict(cfg), "erase", mask_kept_fraction=kept, num_processes=num_processes)
+        card = model_card(steps, loader, network, absent, family.hub_tag)
+        info = manifest(to_dict(cfg), "erase", mask_kept_fraction=kept, num_processes=num_processes, erased=steps)
         written = export(self.pipe.to("cpu"), network, model, self.out / self.product, card, info, cfg.export_network_only)
         if cfg.single_file.export:
-            summary = {"base_model": cfg.model, "concept": cfg.concept or cfg.data.forget[0].prompt, "method": self.train.method, "mask_kept": str(kept)}
+            summary = {"base_model": steps[0]["base_model"], "concept": ", ".join(c.name for c in self.concepts), "method": self.train.method, "mask_kept": str(kept), "erased": steps}
             export_single_file(cfg.model, model, self.out / "model.safetensors", {"salun_sd": json.dumps(summary)})
         return written
 

@@ -14,26 +14,70 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, load_single_file_checkpoint
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from salun_sd.families.config import ImageGroup
 from salun_sd.run.files import atomic, write_json
 from salun_sd.core.objectives import METHODS
 
 MANIFEST_NAME = "salun_manifest.json"
 
 
-def model_card(base_model: str, concept: str, settings: dict[str, Any], mask_kept: float | None, loader: str, network: str, absent: list[str],
-               family_tag: str) -> str:
-    """`loader`: the class that loads the export (the pipeline's, or the network's alone); `network`: the erased component;
+def earlier_erasures(model: str) -> list[dict[str, Any]]:
+    """The erase steps already made on `model` when it is a salun-sd export (its manifest's, or a single file's
+    metadata), oldest first; [] for any other model. A sequential erase appends its own step to these."""
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        return json.loads((path / MANIFEST_NAME).read_text()).get("erased", [])
+    if path.is_file() and path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("salun_sd")
+        return json.loads(meta).get("erased", []) if meta else []
+    return []
+
+
+def kept_erased_groups(steps: list[dict[str, Any]]) -> list[ImageGroup]:
+    """The forget prompts of every concept erased in `steps`, as remain groups: drawn by the model being erased now
+    (which no longer shows them), they hold those prompts where the earlier steps left them while a new concept is
+    erased. Each draws as many images as its step used (a folder group's share of its concept's examples)."""
+    groups: dict[str, ImageGroup] = {}
+    for step in steps:
+        for concept in step["concepts"]:
+            share = max(1, concept.get("examples", 0) // max(1, len(concept["forget"])))
+            for g in concept["forget"]:
+                groups.setdefault(g["prompt"], ImageGroup(prompt=g["prompt"], generate=g.get("images") or share))
+    return list(groups.values())
+
+
+def model_card(steps: list[dict[str, Any]], loader: str, network: str, absent: list[str], family_tag: str) -> str:
+    """The card of an export after every erase step in `steps` (oldest first; the last is this export's), each a
+    dict with base_model, concepts (name, forget, misaligned), method, settings and mask_kept.
+
+    `loader`: the class that loads the export (the pipeline's, or the network's alone); `network`: the erased component;
     `absent`: required components the base model was saved without (SD3 without T5), which loading must pass as None;
     `family_tag`: the family's Hub tag (Family.hub_tag)."""
     load_args = "".join(f", {name}=None" for name in absent)
-    method = settings.get("method", "salun")
-    rows = "\n".join(f"| {k} | `{json.dumps(v)}` |" for k, v in settings.items())
-    kept = (f"{mask_kept:.2%} of the trained weights" if mask_kept is not None
-            else "the cross-attention key/value projections (`attn2.to_k`, `attn2.to_v`), in closed form" if METHODS[method].closed_form
-            else "no mask (all trained weights)")
+    base_model, last = steps[0]["base_model"], steps[-1]
+    names = [c["name"] for step in steps for c in step["concepts"]]
+    title = ", ".join(f'"{n}"' for n in names)
+
+    def kept(step: dict[str, Any]) -> str:
+        return (f"{step['mask_kept']:.2%} of the trained weights" if step.get("mask_kept") is not None
+                else "the cross-attention key/value projections (`attn2.to_k`, `attn2.to_v`), in closed form" if METHODS[step["method"]].closed_form
+                else "no mask (all trained weights)")
+
+    order = "\n".join(
+        f"| {i} | {', '.join(c['name'] for c in step['concepts'])} | `{step['method']}` | {kept(step)} | `{step['base_model']}` |"
+        for i, step in enumerate(steps, 1)
+    )
+    details = "\n\n".join(
+        f"### Step {i}{' (this export)' if step is last else ''}: {', '.join(c['name'] for c in step['concepts'])}\n\n| setting | value |\n|---|---|\n"
+        + "\n".join(f"| {k} | `{json.dumps(v)}` |" for k, v in step["settings"].items())
+        for i, step in enumerate(steps, 1)
+    )
+    method = last["method"]
     return f"""---
 library_name: diffusers
 base_model: {base_model}
@@ -45,14 +89,20 @@ tags:
 - salun
 ---
 
-# {base_model} with "{concept}" erased
+# {base_model} with {title} erased
 
-This model is `{base_model}` after erasing the concept **{concept}** with salun-sd, the toolkit of
+This model is `{base_model}` after erasing the concept{'s' if len(names) > 1 else ''} **{', '.join(names)}** with salun-sd, the toolkit of
 [SalUn](https://arxiv.org/abs/2310.12508) (saliency unlearning, Fan et al., ICLR 2024).
 Only the `{network}` changed; every other component is the base model's.
 
 - **Method:** `{method}` ({METHODS[method].doc})
-- **Weights updated:** {kept}; every other weight is bit-for-bit the base model's.
+- **Weights updated:** {kept(last)}; every other weight is bit-for-bit {'the base model' if len(steps) == 1 else 'the previous step'}'s.
+
+## Concepts erased, in order
+
+| step | concepts | method | weights updated | erased from |
+|---|---|---|---|---|
+{order}
 
 ## Load it
 
@@ -61,11 +111,9 @@ from diffusers import {loader}
 model = {loader}.from_pretrained(folder{load_args})
 ```
 
-## Settings
+## Settings of each step
 
-| setting | value |
-|---|---|
-{rows}
+{details}
 
 The full resolved configuration, package versions and git revision are in `{MANIFEST_NAME}`.
 """

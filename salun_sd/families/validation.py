@@ -26,7 +26,7 @@ MAX_FORGET_PROMPTS = 4  # keeps the grid small for sets of many prompts (I2P)
 
 
 def validation_prompts(data: DataConfig) -> list[str]:
-    forget = list(dict.fromkeys(g.prompt for g in data.forget))[:MAX_FORGET_PROMPTS]
+    forget = list(dict.fromkeys(g.prompt for c in data.concept_list() for g in c.forget))[:MAX_FORGET_PROMPTS]  # every concept's
     return forget + [g.prompt for g in data.remain[:1]]
 
 
