@@ -44,9 +44,6 @@ class SDErase(EraseJob):
         self.kept_erased: list[ImageGroup] = []  # their forget prompts, as remain groups drawn by the base model (check)
         self.examples: list[int] = []  # D_f examples per concept (load)
 
-    def group_sizes(self, concept: ConceptConfig) -> list[int]:
-        """Images per forget group of a concept: a generated group's count, else 0 (a folder's or dataset's: known after loading)."""
-        return [g.generate if g.source() == "generate" else 0 for g in concept.forget]
 
     def check(self, method: Method) -> None:
         data, name = self.config.data, self.train.method
@@ -156,7 +153,7 @@ class SDErase(EraseJob):
         }
         kept = mask_summary(mask)["total"] if mask is not None else None
         concepts = [
-            {"name": c.name, "forget": [{"prompt": g.prompt, "images": n} for g, n in zip(c.forget, self.group_sizes(c))],
+            {"name": c.name, "forget": [{"prompt": g.prompt, "images": g.generate} for g in c.forget],  # 0: a folder's or dataset's (or UCE's: none)
              **({"misaligned": c.misaligned_prompts} if method.uses_misaligned else {}),
              **({"words": c.concept_words} if method.uses_concept_tokens or method.closed_form else {}), "weight": c.weight, "examples": n}
             for c, n in zip(self.concepts, self.examples or [0] * len(self.concepts))  # no examples: UCE reads no images
