@@ -101,7 +101,7 @@ def test_suite_with_clip_fid_and_ua_scorers(folders):
 
     classifier = ImageClassifier(FirstThreeClasses(), lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1), "rgb-mean")
     scorers = Scorers(clip=random_clip(), fid=feature_fid(RandomCNN(), "random-cnn-8"), classifier=classifier)
-    settings = EvaluateConfig(metrics=["clip", "fid", "ua"], reference=str(folders / "base"), forget_class="tench", batch_size=4)
+    settings = EvaluateConfig(metrics=["clip", "fid", "ua"], reference=str(folders / "base"), forget_class=["tench"], batch_size=4)
     sets = [ImageSet.open("base", folders / "base"), ImageSet.open("erased", folders / "erased")]
     results = evaluate_sets(sets, settings, scorers)
     base, erased = (s["metrics"] for s in results["sets"])
@@ -113,10 +113,15 @@ def test_suite_with_clip_fid_and_ua_scorers(folders):
     table = metric_table(results)
     assert "CLIP score (tiny-random, 100 * max(cos, 0))" in table
     assert f"FID vs {folders / 'base'} (random-cnn-8) | 0.00 |" in table
-    assert "UA, % (forgotten class: tench)" in table and "Accuracy on remaining classes, %" in table
+    assert "UA, % (forgotten class: tench)" in table and "Accuracy on remaining classes (erased by none), %" in table
     json_path, md_path = write_report(results, folders / "report_all", max_pairs=0)
     assert json.loads(json_path.read_text())["sets"][1]["metrics"]["ua"]["forget_class"] == "tench"
     assert "Before / after" not in md_path.read_text()
+    two = evaluate_sets(sets, EvaluateConfig(metrics=["ua"], forget_class=["tench", "church"], batch_size=4), scorers)  # two erased concepts
+    ua = two["sets"][1]["metrics"]["ua"]
+    assert {name: c["images"] for name, c in ua["per_concept"].items()} == {"tench": 2, "church": 2} and ua["remaining_images"] == 2
+    assert ua["ua"] == (ua["per_concept"]["tench"]["ua"] + ua["per_concept"]["church"]["ua"]) / 2  # as many images each
+    assert "|   UA, % (church) |" in metric_table(two) and "UA, % (forgotten class: tench, church)" in metric_table(two)
 
 
 def _error(capsys, argv) -> str:

@@ -73,3 +73,27 @@ def test_aggregate_over_seeds_gives_mean_and_std_in_the_table():
     assert rows[0]["UA"] == 0.75 and rows[0]["UA_std"] == 0.25 and rows[0]["seeds"] == 2
     md = markdown({"shape circle": rows}, CompareConfig(seeds=[0, 1]))
     assert "| salun | 0.750 ± 0.250 | 1.000 ± 0.000 | 2.00 ± 0.00 | 10 ± 0 |" in md and "mean ± std over seeds 0, 1" in md
+
+
+def test_several_concepts_keep_every_erased_concept_out_of_each_anchor():
+    spec = WorldSpec()
+    circle, square, red = Case("shape", "circle"), Case("shape", "square"), Case("colour", "red")
+    assert circle.anchor(spec, (circle, square)) == [f"a photo of a {c} triangle" for c in spec.colours]  # the next shape not erased
+    assert circle.anchor(spec, (circle, red)) == [f"a photo of a {c} square" for c in spec.colours if c != "red"]
+    assert Case.named("red", spec) == red
+
+
+def test_joint_and_sequential_cases_run_on_the_toy_world(tmp_path):
+    """Two concepts at once and one after another with SalUn, a few steps: UA per concept so far, the second step
+    erased from the first one's export (its card lists both), and the tables."""
+    from salun_sd.toyworld.compare import compare
+
+    cfg = CompareConfig(output_dir=str(tmp_path), methods=["salun"], single=False, joint=["circle", "red"], sequential=["circle", "red"], seeds=[0],
+                        attack=False, forget_per_prompt=2, remain_per_prompt=1, steps=2, eval_per_prompt=1)
+    md = compare(cfg).read_text()
+    assert "### Jointly: circle, red" in md and "### One after another: circle, red" in md
+    assert "| salun | 1 | " in md and "| salun | 2 | " in md and "| UA circle ↑ | UA red ↑ |" in md
+    step2 = tmp_path / "runs" / "seed0" / "sequential-circle-red" / "step2" / "salun" / "pipeline"
+    card = (step2 / "README.md").read_text()
+    assert '"shape circle", "colour red" erased' in card
+    assert card.count("| 1 | shape circle |") == 1 and "earlier concepts kept in the remain set" in card

@@ -151,26 +151,32 @@ def unlearning_accuracy(targets: Sequence[Hashable], predictions: Sequence[Hasha
 def imagenet_unlearning_accuracy(
     paths: Sequence[Path],
     class_names: Sequence[str],
-    forget_class: str,
+    forget_classes: Sequence[str],
     classifier: ImageClassifier,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
 ) -> dict:
-    """UA on the images of `forget_class`, and top-1 accuracy on the images of every other class, by ImageNet index."""
-    forget_index = imagenet_index(forget_class)
+    """UA on the images of the forgotten class(es), and top-1 accuracy on the images of every other class, by ImageNet
+    index; with several forgotten classes (a joint erase) also each one's UA on its own images."""
+    forget_index = {name: imagenet_index(name) for name in forget_classes}
     index_of = {name: imagenet_index(name) for name in class_names}
-    if forget_index not in index_of.values():
+    absent = next((name for name, index in forget_index.items() if index not in index_of.values()), None)
+    if absent is not None:
         raise UserError(
-            f"no image was generated for the forgotten class '{forget_class}' (classes present: "
+            f"no image was generated for the forgotten class '{absent}' (classes present: "
             f"{', '.join(sorted(set(class_names)))}); generate from a class-prompt CSV that includes it."
         )
     predictions = predict(paths, classifier, batch_size, device)
-    scores = unlearning_accuracy([index_of[name] for name in class_names], predictions, {forget_index})
+    targets = [index_of[name] for name in class_names]
+    scores = unlearning_accuracy(targets, predictions, set(forget_index.values()))
+    per_concept = {name: unlearning_accuracy(*zip(*[(t, p) for t, p in zip(targets, predictions) if t == index]), {index})
+                   for name, index in forget_index.items()} if len(forget_classes) > 1 else {}
     return {
         "classifier": classifier.name,
-        "forget_class": forget_class,
-        "forget_imagenet_index": forget_index,
+        "forget_class": ", ".join(forget_classes),
+        "forget_imagenet_index": next(iter(forget_index.values())) if len(forget_classes) == 1 else sorted(forget_index.values()),
         **scores,
+        **({"per_concept": {name: {"images": s["forget_images"], "ua": s["ua"]} for name, s in per_concept.items()}} if per_concept else {}),
         "per_class": {name: {"imagenet_index": index, **scores["per_class"][index]} for name, index in index_of.items()},
         "per_image": {Path(path).name: int(p) for path, p in zip(paths, predictions)},
     }

@@ -77,7 +77,7 @@ class EvaluateConfig:
     reference: str = ""  # FID reference: a folder of real images, or a .npz of saved statistics
     save_reference_stats: str = ""  # save the reference folder's FID statistics to this .npz, to pass as reference next time
     inception_weights: str = ""  # local FID Inception weights file (pt_inception-2015-12-05-6726825d.pth), for machines without a network
-    forget_class: str = ""  # the erased class for unlearning accuracy, an ImageNet class name (e.g. church, 'English springer')
+    forget_class: list[str] = field(default_factory=list)  # the erased class(es) for unlearning accuracy, ImageNet class names (e.g. church, 'English springer'); several: UA of each, accuracy on the images of none
     grid_pairs: int = 8  # before/after pairs shown in the report; 0 for none
     batch_size: int = 32  # images per model call while scoring
     device: str = "auto"  # torch device for scoring; auto: cuda when available, else cpu

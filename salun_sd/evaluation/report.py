@@ -49,8 +49,10 @@ def summary_rows(results: dict) -> list[Row]:
     if "fid" in first:
         rows.append((f"FID vs {s['reference']} ({first['fid']['extractor']})", _get("fid", "fid"), "{:.2f}"))
     if "ua" in first:
-        rows.append((f"UA, % (forgotten class: {s['forget_class']})", lambda m: _pct(_get("ua", "ua")(m)), "{:.2f}"))
-        rows.append(("Accuracy on remaining classes, %", lambda m: _pct(_get("ua", "remaining_accuracy")(m)), "{:.2f}"))
+        rows.append((f"UA, % (forgotten class: {', '.join(s['forget_class'])})", lambda m: _pct(_get("ua", "ua")(m)), "{:.2f}"))
+        if len(s["forget_class"]) > 1:  # several erased concepts: each one's UA
+            rows += [(f"  UA, % ({name})", lambda m, name=name: _pct(_get("ua", "per_concept", name, "ua")(m)), "{:.2f}") for name in s["forget_class"]]
+        rows.append(("Accuracy on remaining classes (erased by none), %", lambda m: _pct(_get("ua", "remaining_accuracy")(m)), "{:.2f}"))
     return rows
 
 

@@ -81,6 +81,9 @@ class DataConfig:
         return self.concept_words or self.unshared_words(self.forget)
 
     def unshared_words(self, groups: list[ImageGroup]) -> list[str]:
+        """Words of `groups`' prompts that no remain prompt uses; none without a remain set (nothing to tell them from)."""
+        if not self.remain:
+            return []
         remain = {w for g in self.remain for w in words(g.prompt)}
         return list(dict.fromkeys(w for g in groups for w in words(g.prompt) if w not in remain))
 

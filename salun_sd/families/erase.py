@@ -52,7 +52,8 @@ class SDErase(EraseJob):
             raise UserError(f"single_file.export writes the layout of a single-file base model; --model {self.config.model} is not a .safetensors/.ckpt file")
         self.concepts = data.concept_list(self.config.concept)
         self.earlier = earlier_erasures(self.config.model)
-        self.kept_erased = kept_erased_groups(self.earlier) if data.keep_erased and method.uses_remain else []
+        erasing = {g.prompt for c in self.concepts for g in c.forget}  # a prompt erased again now is no remain prompt
+        self.kept_erased = [g for g in kept_erased_groups(self.earlier) if g.prompt not in erasing] if data.keep_erased and method.uses_remain else []
         if method.closed_form:
             self.check_uce(family)
         else:

@@ -23,12 +23,13 @@ from salun_sd.attack.config import AttackConfig
 from salun_sd.evaluation.classify import unlearning_accuracy
 from salun_sd.evaluation.fid import ClassifierFeatures, FidMetric, feature_fid
 from salun_sd.core.config import MaskConfig, TrainConfig
-from salun_sd.families.config import DataConfig, EraseConfig, ImageGroup
+from salun_sd.errors import UserError
+from salun_sd.families.config import ConceptConfig, DataConfig, EraseConfig, ImageGroup
 from salun_sd.run.files import atomic, save_image, write_json, write_text
 from salun_sd.toyworld.classifier import ToyClassifier, load_classifier
 from salun_sd.toyworld.pipeline import PIPELINE_DIR, load_toy_pipeline
 from salun_sd.toyworld.scoring import generate
-from salun_sd.toyworld.world import WorldSpec, caption
+from salun_sd.toyworld.world import WorldSpec, caption, prompts
 
 FEATURES = "toyworld-classifier"
 
@@ -45,14 +46,37 @@ class Case:
         hit = [(c, s) for c, s in spec.concepts if (s if self.kind == "shape" else c) == self.value]
         return [caption(c, s) for c, s in hit], [caption(c, s) for c, s in spec.concepts if (c, s) not in hit]
 
-    def anchor(self, spec: WorldSpec) -> list[str]:
+    def anchor(self, spec: WorldSpec, erased: tuple["Case", ...] = ()) -> list[str]:
         """Misaligned prompts c' that keep one replacement concept (circle -> square, red -> green), as SalUn's
         nudity run maps "nude person" to "person wearing clothes"; the remaining prompts at random average
-        into blobs that the judge may still read as the erased shape."""
+        into blobs that the judge may still read as the erased shape. With several concepts erased, the
+        replacement is the next one not erased, and prompts that show an erased concept are left out."""
         names = spec.shapes if self.kind == "shape" else spec.colours
-        other = names[(names.index(self.value) + 1) % len(names)]
+        taken = {c.value for c in erased if c.kind == self.kind} | {self.value}
+        other = next(names[(names.index(self.value) + i) % len(names)] for i in range(1, len(names) + 1) if names[(names.index(self.value) + i) % len(names)] not in taken)
         pairs = [(c, other) for c in spec.colours] if self.kind == "shape" else [(other, s) for s in spec.shapes]
-        return [caption(c, s) for c, s in pairs]
+        return [caption(c, s) for c, s in pairs if not any(e.hits(c, s) for e in erased)]
+
+    def hits(self, colour: str, shape: str) -> bool:
+        return (shape if self.kind == "shape" else colour) == self.value
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} {self.value}"
+
+    @staticmethod
+    def named(value: str, spec: WorldSpec) -> "Case":
+        """The case erasing a shape or a colour, by its name alone ("circle", "red")."""
+        if value in spec.shapes:
+            return Case("shape", value)
+        if value in spec.colours:
+            return Case("colour", value)
+        raise UserError(f"{value!r} is neither a shape ({', '.join(spec.shapes)}) nor a colour ({', '.join(spec.colours)}) of the toy world")
+
+
+def none_of(cases: list[Case], spec: WorldSpec) -> list[str]:
+    """The prompts that show none of the cases' concepts."""
+    return [caption(c, s) for c, s in spec.concepts if not any(case.hits(c, s) for case in cases)]
 
 
 # Settings per method on the toy world (1 M-parameter UNet): the same data, batch (8), steps (200) and seeds
@@ -103,6 +127,9 @@ class CompareConfig:
     attack_prompts: int = 2  # forget prompts attacked per model (the first N of the case; 4 is all)
     attack_timesteps: int = 4  # timesteps of the attack schedule (the published 50 x 40 does not fit a CPU comparison of 42 models)
     attack_iterations: int = 20  # optimiser steps per timestep
+    single: bool = True  # the one-concept cases (cfg.shape, then cfg.colour)
+    joint: list[str] = field(default_factory=list)  # a multi-concept case: these shapes / colours erased at once (e.g. circle square); UA of each (no attack)
+    sequential: list[str] = field(default_factory=list)  # a sequential case: these erased one after another, each from the last step's export; UA of every concept so far after each step (no attack)
 
 
 def erase_config(cfg: CompareConfig, case: Case, method: str, out: Path, spec: WorldSpec) -> EraseConfig:
@@ -120,6 +147,64 @@ def erase_config(cfg: CompareConfig, case: Case, method: str, out: Path, spec: W
     train = TrainConfig(method=method, batch_size=cfg.batch_size, max_steps=cfg.steps, max_grad_norm=1.0, seed=cfg.seed, **METHOD_TRAIN.get(method, {}))
     return EraseConfig(model=cfg.base, concept=f"{case.kind} {case.value} (toy world)", output_dir=str(out / f"{case.kind}-{case.value}" / method),
                        overwrite=True, validation_grid=False, data=data, mask=MaskConfig(fraction=cfg.mask_fraction, guidance=cfg.mask_guidance, batch_size=32), unlearn=train)
+
+
+def concepts_config(cfg: CompareConfig, cases: list[Case], erased: list[Case], method: str, model: str, out: Path, spec: WorldSpec) -> EraseConfig:
+    """One erase of `cases` together from `model`, with every concept in `erased` (these and earlier steps') kept
+    out of the remain set and of each c'; the remaining prompts show none of them."""
+    one = erase_config(cfg, cases[0], method, out, spec)
+    concepts = [ConceptConfig(case.name, [ImageGroup(prompt=p, generate=cfg.forget_per_prompt) for p in case.split(spec)[0]],
+                              case.anchor(spec, tuple(erased)) if cfg.misaligned == "anchor" else []) for case in cases]
+    data = replace(one.data, forget=[], misaligned_prompts=[], concepts=concepts, remain=[ImageGroup(prompt=p, generate=cfg.remain_per_prompt) for p in none_of(erased, spec)])
+    return replace(one, model=model, concept="", data=data, output_dir=str(out / method))
+
+
+def evaluate_concepts(pipe, classifier: ToyClassifier, spec: WorldSpec, cases: list[Case], remaining: list[Case], cfg: CompareConfig) -> dict:
+    """UA of each case's concept on its prompts, and accuracy and images of the prompts that show none of `remaining`."""
+    texts = [t for t in prompts(spec) for _ in range(cfg.eval_per_prompt)]
+    images = generate(pipe, texts, seed=10_000 + cfg.seed, guidance=cfg.guidance)
+    s, c = classifier.predict(images)
+    targets, predicted = [parse(t, spec) for t in texts], list(zip(c.tolist(), s.tolist()))
+    pairs = {case: {parse(t, spec) for t in case.split(spec)[0]} for case in remaining}  # (colour, shape) ids each case forgets
+    row = {f"UA {case.value}": unlearning_accuracy(*zip(*[(t, p) for t, p in zip(targets, predicted) if t in pairs[case]]), pairs[case])["ua"] for case in cases}
+    row["remaining_acc"] = unlearning_accuracy(targets, predicted, set().union(*pairs.values()))["remaining_accuracy"]
+    rest = torch.tensor([t not in set().union(*pairs.values()) for t in targets])
+    return {**row, "remain_images": images[rest], "images": images, "texts": texts}
+
+
+def run_concepts(cfg: CompareConfig, cases: list[Case], sequential: bool, out: Path, log=print) -> list[dict]:
+    """Base row plus, per method, one row (joint: all cases at once) or one per step (sequential: case k erased from
+    step k-1's export); UA of every concept erased so far, remaining accuracy and FD on the prompts showing none of the
+    cases. Rows are cached in OUT/rows.pt with their settings, as run_case does."""
+    from salun_sd.run.runtime import make_accelerator
+    from salun_sd.families.erase import erase
+
+    cache = out / "rows.pt"
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("seeds", "output_dir")}
+    if cache.is_file() and (saved := torch.load(cache, weights_only=True))["config"] == settings:
+        return saved["rows"]
+    spec, classifier, accelerator = WorldSpec(), load_classifier(), make_accelerator("no")
+    base = evaluate_concepts(load_toy_pipeline(cfg.base), classifier, spec, cases, cases, cfg)
+    fd = feature_distance(classifier, base.pop("remain_images"))
+    rows = [{"method": "base", "step": 0, **base, "FD": 0.0, "seconds": 0.0}]
+    steps = [cases[: k + 1] for k in range(len(cases))] if sequential else [cases]
+    for method in cfg.methods:
+        model = cfg.base
+        for k, erased in enumerate(steps, 1):
+            now = erased[-1:] if sequential else erased
+            ecfg = concepts_config(cfg, now, erased, method, model, out / (f"step{k}" if sequential else "joint"), spec)
+            start = time.time()
+            run_dir = erase(ecfg, accelerator, ("mask", "erase"))  # the flow skips the mask for methods that train without one
+            seconds = time.time() - start
+            model = str(run_dir / "pipeline")
+            r = evaluate_concepts(load_toy_pipeline(model), classifier, spec, erased, cases, cfg)
+            row = {"method": method, "step": k, **r, "FD": fd.distance(r.pop("remain_images").split(512)), "seconds": seconds}
+            log(f"{'sequential' if sequential else 'joint'} {method} step {k}: " + ", ".join(f"{key} {v:.3f}" for key, v in row.items() if key.startswith("UA"))
+                + f", remaining {row['remaining_acc']:.3f}")
+            rows.append(row)
+    with atomic(cache) as tmp:
+        torch.save({"config": settings, "rows": rows}, tmp)
+    return rows
 
 
 def evaluate(pipe, classifier: ToyClassifier, spec: WorldSpec, case: Case, cfg: CompareConfig) -> dict:
@@ -261,6 +346,8 @@ METRICS = ("UA", "remaining_acc", "FD", "seconds")
 
 
 def metric_keys(row: dict) -> tuple[str, ...]:
+    if "step" in row:  # a multi-concept row: UA of each concept so far, then the rest
+        return tuple(k for k in row if k.startswith("UA ")) + METRICS[1:]
     return METRICS + (ATTACK_METRICS if "pre_ASR" in row else ())
 
 
@@ -269,7 +356,7 @@ def aggregate(per_seed: list[list[dict]]) -> list[dict]:
     rows = []
     for i, first in enumerate(per_seed[0]):
         values = {k: np.array([runs[i][k] for runs in per_seed]) for k in metric_keys(first)}
-        rows.append({"method": first["method"], "seeds": len(per_seed), **{k: float(v.mean()) for k, v in values.items()},
+        rows.append({"method": first["method"], **({"step": first["step"]} if "step" in first else {}), "seeds": len(per_seed), **{k: float(v.mean()) for k, v in values.items()},
                      **{f"{k}_std": float(v.std()) for k, v in values.items()}, "images": first["images"], "texts": first["texts"],
                      **({"attack_dir": first["attack_dir"]} if "attack_dir" in first else {})})
     return rows
@@ -313,6 +400,18 @@ def markdown(results: dict[str, list[dict]], cfg: CompareConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def concepts_markdown(name: str, rows: list[dict], cfg: CompareConfig) -> list[str]:
+    """A joint or sequential case's table: UA of each concept erased so far (— where not yet erased), remaining accuracy, FD, time."""
+    concepts = list(dict.fromkeys(k for r in rows for k in r if k.startswith("UA ") and not k.endswith("_std")))
+    seeds = f" (mean ± std over seeds {', '.join(map(str, cfg.seeds))})" if rows[0].get("seeds", 1) > 1 else ""
+    head = "| method | step | " + " | ".join(f"{k} ↑" for k in concepts) + " | remaining acc ↑ | FD vs base ↓ | wall time (s) |"
+    lines = [f"### {name}{seeds}", "", head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in rows:
+        cells = [_cell(r, k, 3) if k in r else "—" for k in concepts]
+        lines.append(f"| {r['method']} | {r['step']} | " + " | ".join(cells) + f" | {_cell(r, 'remaining_acc', 3)} | {_cell(r, 'FD', 2)} | {_cell(r, 'seconds', 0)} |")
+    return [*lines, ""]
+
+
 def compare(cfg: CompareConfig, log=print) -> Path:
     """Run both cases (cfg.shape, cfg.colour), write OUTPUT_DIR/RESULTS.md, results.json and grids; returns the Markdown path."""
     from salun_sd.run.manifest import manifest
@@ -321,7 +420,7 @@ def compare(cfg: CompareConfig, log=print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "manifest.json", manifest(asdict(cfg), "compare"))
     results, numbers = {}, {}
-    for case in (Case("shape", cfg.shape), Case("colour", cfg.colour)):
+    for case in (Case("shape", cfg.shape), Case("colour", cfg.colour)) if cfg.single else ():
         name = f"{case.kind} {case.value}"
         per_seed = [run_case(replace(cfg, seed=seed), case, out / "runs" / f"seed{seed}", log) for seed in cfg.seeds]
         rows = aggregate(per_seed)
@@ -332,4 +431,16 @@ def compare(cfg: CompareConfig, log=print) -> Path:
         numbers[name] = {"per_seed": {seed: [{k: r[k] for k in ("method", *metric_keys(r))} for r in runs] for seed, runs in zip(cfg.seeds, per_seed)},
                          "mean_std": [{m: v for m, v in r.items() if m not in ("images", "texts")} for r in rows]}
         write_json(out / "results.json", numbers)
-    return write_text(out / "RESULTS.md", markdown(results, cfg))
+    spec, extra = WorldSpec(), []
+    for kind, values in (("joint", cfg.joint), ("sequential", cfg.sequential)):
+        if not values:
+            continue
+        cases = [Case.named(v, spec) for v in values]
+        name = f"{'Jointly' if kind == 'joint' else 'One after another'}: {', '.join(values)}"
+        per_seed = [run_concepts(replace(cfg, seed=seed), cases, kind == "sequential", out / "runs" / f"seed{seed}" / f"{kind}-{'-'.join(values)}", log) for seed in cfg.seeds]
+        rows = aggregate(per_seed)
+        extra += concepts_markdown(name, rows, cfg)
+        numbers[name] = {"per_seed": {seed: [{k: r[k] for k in ("method", "step", *metric_keys(r))} for r in runs] for seed, runs in zip(cfg.seeds, per_seed)},
+                         "mean_std": [{m: v for m, v in r.items() if m not in ("images", "texts")} for r in rows]}
+        write_json(out / "results.json", numbers)
+    return write_text(out / "RESULTS.md", markdown(results, cfg) + ("\n".join(extra) + "\n" if extra else ""))
