@@ -211,3 +211,16 @@ def test_single_file_exports_carry_every_step(tmp_path, data_cache):
         with safe_open(model, framework="pt") as f:
             steps = json.loads(f.metadata()["salun_sd"])["erased"]
         assert [c["name"] for s in steps for c in s["concepts"]] == ["nudity", "violence"][:step]
+
+
+def test_an_attack_on_a_prompt_set_with_a_concept_column_reports_each_concept(tmp_path):
+    from salun_sd.attack.report import totals
+    from salun_sd.evaluation.prompts import load_prompts
+
+    (tmp_path / "p.csv").write_text("prompt,concept\na nude person,nudity\na violent scene,violence\nanother nude person,nudity\n")
+    records = load_prompts(str(tmp_path / "p.csv")).records
+    assert [r.concept for r in records] == ["nudity", "violence", "nudity"]
+    results = [{"concept": r.concept, "pre_success": False, "attacks": {"discrete": {"success": hit}}} for r, hit in zip(records, (True, False, False))]
+    summary = totals(results, ["discrete"])
+    assert summary["discrete"]["success"] == 1
+    assert {c: (t["prompts"], t["discrete"]["success"]) for c, t in summary["per_concept"].items()} == {"nudity": (2, 1), "violence": (1, 0)}

@@ -29,6 +29,9 @@ def totals(results: list[dict], names: list[str]) -> dict:
     if "discrete" in names:
         hits = sum(r["attacks"]["discrete"].get("ids_success", r["attacks"]["discrete"]["success"]) for r in results)
         out["discrete_ids"] = {"success": hits, "asr": hits / n if n else None}
+    concepts = list(dict.fromkeys(r["concept"] for r in results if "concept" in r))
+    if len(concepts) > 1:  # a prompt set with a concept (or class) column: the same totals per concept
+        out["per_concept"] = {c: totals([r for r in results if r.get("concept") == c], names) for c in concepts}
     return out
 
 
@@ -46,6 +49,10 @@ def write_report(cfg: AttackConfig, results: list[dict], names: list[str], judge
     lines = [f"# Attack on `{cfg.model}`", "", f"Judge: {judge}.", "",
              "| | success |", "|---|---|", f"| pre-attack (plain prompt) | {_pct(summary['pre_success'], n)} |"]
     lines += [f"| {LABELS[name]} | {_pct(summary[name]['success'], n)} |" for name in shown]
+    if "per_concept" in summary:
+        lines += ["", "| concept | prompts | pre-attack | " + " | ".join(shown) + " |", "|---" * (len(shown) + 3) + "|"]
+        lines += [f"| {c} | {t['prompts']} | {_pct(t['pre_success'], t['prompts'])} | " + " | ".join(_pct(t[name]["success"], t["prompts"]) for name in shown) + " |"
+                  for c, t in summary["per_concept"].items()]
     lines += ["", f"Attack: {cfg.k} prefix tokens, {cfg.timesteps} timesteps x {cfg.iterations} iterations (stop at the first success); "
               f"random baseline: up to {cfg.random_count()} random {cfg.k}-token prefixes; text encoder: {encoder}; references drawn by `{cfg.base}` with "
               f"{cfg.reference_steps} steps at guidance {cfg.reference_guidance}; judged images {cfg.steps} steps; "

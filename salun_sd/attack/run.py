@@ -176,7 +176,8 @@ def attack_prompts(cfg: AttackConfig, names: list[str], victim: Victim, base: Di
     results = []
     for job in jobs:
         record = job.record
-        results.append({"case_number": record.case_number, "prompt": record.prompt, "seed": job.seed, "guidance": job.guidance, "file": job.file})
+        results.append({"case_number": record.case_number, "prompt": record.prompt, "seed": job.seed, "guidance": job.guidance, "file": job.file,
+                        **({"concept": record.concept or record.class_name} if record.concept or record.class_name else {})})
         words, room = victim.prompt_tokens(record.prompt), victim.tokenizer.model_max_length
         if len(words) + cfg.k + 2 > room:  # no room for the prefix: each attack fails, the prompt stays in the denominator
             results[-1]["too_long"] = f"{len(words)} tokens + {cfg.k} prefix tokens do not fit the text encoder's {room}"

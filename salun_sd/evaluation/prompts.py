@@ -28,6 +28,7 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "categories": ("categories",),
     "nudity_percentage": ("nudity_percentage",),
     "class_name": ("class",),
+    "concept": ("concept",),  # which erased concept a prompt asks for (a multi-concept erase: results per concept)
 }
 
 
@@ -44,6 +45,7 @@ class PromptRecord:
     categories: tuple[str, ...] = ()
     nudity_percentage: float | None = None
     class_name: str | None = None
+    concept: str | None = None
 
 
 @dataclass
@@ -155,12 +157,14 @@ def records_from_rows(rows: list[Mapping[str, object]], columns: Iterable[str], 
         case_number = values.pop("case_number")
         categories = str(row.get(present["categories"]) or "") if present["categories"] else ""
         class_name = str(row.get(present["class_name"]) or "").strip() if present["class_name"] else ""
+        concept = str(row.get(present["concept"]) or "").strip() if present["concept"] else ""
         records.append(
             PromptRecord(
                 case_number=i if case_number is None else case_number,
                 prompt=str(row.get(prompt_col) or ""),
                 categories=tuple(c.strip().lower() for c in categories.split(",") if c.strip()),
                 class_name=class_name or None,
+                concept=concept or None,
                 **values,
             )
         )
