@@ -36,7 +36,7 @@ def config(count: int, per_prompt: int, steps: int, out: Path):
     data = DataConfig(concepts=concepts, remain=[ImageGroup(prompt="a photo", generate=per_prompt)], generation_steps=25, generation_guidance=3.0,
                       generation_batch_size=64, cache_dir=str(out / "cache"))
     return EraseConfig(model=str(PIPELINE_DIR), output_dir=str(out / f"n{count}"), overwrite=True, validation_grid=False, data=data,
-                       mask=MaskConfig(fraction=0.5, guidance=3.0, batch_size=32), train=TrainConfig(learning_rate=5e-4, batch_size=8, max_steps=steps))
+                       mask=MaskConfig(fraction=0.5, guidance=3.0, batch_size=32), unlearn=TrainConfig(learning_rate=5e-4, batch_size=8, max_steps=steps))
 
 
 def one(count: int, per_prompt: int, steps: int, out: Path) -> dict:
