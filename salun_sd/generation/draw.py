@@ -1,11 +1,11 @@
 """Draw images with any family's pipeline, each from its own keyed starting noise, in batched pipeline calls.
 
 An image's starting noise is draw `draw` of a CPU generator seeded with `seed`, in fp32 (of shape
-[draw + 1, C, H/f, W/f], the row `draw`): so image (seed, 0) is the image of a plain one-image pipeline call
-with `generator=torch.Generator().manual_seed(seed)`, and (seed, k) is image k of a plain call of one prompt
+[draw + 1, C, H/f, W/f], the row `draw`): so in fp32 image (seed, 0) is the image of a plain one-image pipeline
+call with `generator=torch.Generator().manual_seed(seed)`, and (seed, k) is image k of a plain call of one prompt
 with num_images_per_prompt = k + 1. The same generator, past that draw, gives a stochastic sampler's step noise
 (DDPM, ancestral Euler), so with any scheduler an image depends on its request alone: not on the batch it was
-drawn in, nor on the process or device. The noise is drawn in the VAE's latent layout ([C, H/f, W/f]) and put
+drawn in nor on the process, and on the device only through float rounding (the noise is the same everywhere). The noise is drawn in the VAE's latent layout ([C, H/f, W/f]) and put
 into the pipeline's (FLUX: packed 2x2 patches) by the family.
 """
 
@@ -52,8 +52,8 @@ def use_scheduler(pipe: DiffusionPipeline, name: str) -> DiffusionPipeline:
 
 def batches(requests: Sequence[ImageRequest], batch_size: int) -> Iterator[list[int]]:
     """Positions of up to `batch_size` requests that can share one pipeline call (same guidance and size), in order."""
-    order = sorted(range(len(requests)), key=lambda i: (requests[i].guidance, requests[i].height, requests[i].width))
-    for _, group in groupby(order, key=lambda i: (requests[i].guidance, requests[i].height, requests[i].width)):
+    call = lambda i: (requests[i].guidance, requests[i].height, requests[i].width)  # noqa: E731
+    for _, group in groupby(sorted(range(len(requests)), key=call), key=call):
         group = list(group)
         for start in range(0, len(group), batch_size):
             yield group[start : start + batch_size]
