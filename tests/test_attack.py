@@ -187,6 +187,8 @@ def test_the_discrete_attack_judges_its_prompt_as_typed(victim):
     tok = eos_padded(other)
     assert tok("a", padding="max_length").input_ids[-1] == tok.eos_token_id != other("a", padding="max_length").input_ids[-1]
     assert tok is not other and other.pad_token == "photo"
+    ids = outcome.slots.ids.tolist() + case.words
+    assert tok.decode(ids) == victim.tokenizer.decode(ids) and "</w>" not in tok.decode(ids)  # the copy decodes as the original
 
 
 def test_every_prompt_counts_and_the_random_baseline_judges_as_many_images_as_the_attack(tmp_path, monkeypatch):
@@ -201,6 +203,7 @@ def test_every_prompt_counts_and_the_random_baseline_judges_as_many_images_as_th
     assert totals["prompts"] == 3 and totals["too_long"] == 1 and totals["pre_asr"] == 0 and totals["random"] == {"success": 0, "asr": 0.0}
     assert [p["attacks"]["random"].get("judged") for p in prompts] == [3, 3, None]
     assert "not_run" in prompts[2]["attacks"]["discrete"] and prompts[0]["attacks"]["discrete"]["ids_success"] is False
+    assert not [p for p in prompts[:2] for name in ("discrete", "random") if "</w>" in p["attacks"][name]["adversarial_prompt"]]
     base = load_toy_pipeline()
     victim = Victim(attack_pipeline(base, base), k=5, timesteps=3, steps=3)
     cases = [victim.case(ImageRequest(p, 0, 16, 16, 3.0), reference_latent(base, p)) for p in SQUARES]

@@ -145,6 +145,9 @@ def eos_padded(tokenizer):
     """A copy of the tokenizer that pads with end-of-text, as the official attack tokenises (text_grad_.py: pad_token = eos_token)."""
     padded = copy.deepcopy(tokenizer)
     padded.pad_token = padded.eos_token
+    rewrap = getattr(padded, "_wrap_decode_method_backend_tokenizer", None)
+    if rewrap is not None:  # transformers' CLIP tokenizer patches its backend's decode at init (drops "</w>"); a deep copy loses the patch
+        rewrap()
     return padded
 
 
