@@ -97,6 +97,15 @@ def test_a_concept_with_several_targets_goes_to_their_mean(pipe):
     assert relative_gaps(before, new, c, "nude", "mean", [])[0] < 1e-3
 
 
+def test_several_concepts_are_erased_at_once_each_to_its_own_target(pipe):
+    c = last_word_states(pipe, encode_prompts, ["nude", "violence", "", "a photo of a dog", *KEEP])
+    concepts = [Concept(["nude"], [""]), Concept(["violence"], ["a photo of a dog"])]
+    new, before = edited(pipe, encode_prompts, UCEConfig(lamb=1e-3), concepts)
+    nude, kept = relative_gaps(before, new, c, "nude", "", KEEP)
+    violence, _ = relative_gaps(before, new, c, "violence", "a photo of a dog", KEEP)
+    assert nude < 1e-3 and violence < 1e-3 and max(kept) < 1e-3
+
+
 def test_trailing_tokens_align_the_last_words_and_preserve_the_empty_prompt_when_nothing_else_is(pipe):
     source, target = torch.arange(77.0)[:, None], 100 + torch.arange(77.0)[:, None]
     rows, to = erase_pair(source, 4, target, 0, "trailing")  # "a photo of a nude" -> "": nude, <end>, padding... -> <start>, <end>, ...
