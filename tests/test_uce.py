@@ -216,3 +216,19 @@ def test_compare_runs_uce_on_the_toy_world_concept_word_with_the_remaining_promp
     assert check_config(job).closed_form
     assert job.uce_concepts()[0].words == ["circle"] and job.uce_concepts()[0].targets == [""]
     assert job.uce_preserve() == Case("shape", "circle").split(spec)[1] and len(job.uce_preserve()) == 12
+
+
+def test_a_config_with_two_concepts_sends_each_concepts_words_to_its_own_c_prime(pipe, tmp_path):
+    cfg = load_yaml(EraseConfig, Path(__file__).resolve().parents[1] / "configs" / "tiny_two_concepts.yaml")
+    cfg.output_dir, cfg.validation_grid, cfg.unlearn.method = str(tmp_path / "run"), False, "uce"
+    cfg.uce.target, cfg.uce.lamb = "misaligned", 1e-3
+    AcceleratorState._reset_state(True)
+    erase(cfg, Accelerator(cpu=True), ("erase",))
+    erased = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    calm, clothes = "a photo of a calm person", REMAIN
+    c = last_word_states(pipe, encode_prompts, ["nude", "violent", calm, clothes])
+    before = [p.weight.detach().double() for p in projections(pipe.unet)]
+    assert relative_gaps(before, erased, c, "nude", clothes, [calm])[0] < 1e-3
+    assert relative_gaps(before, erased, c, "violent", calm, [clothes])[0] < 1e-3
+    card = (tmp_path / "run" / "pipeline" / "README.md").read_text()
+    assert "nudity" in card and "violence" in card
