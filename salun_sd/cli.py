@@ -26,6 +26,7 @@ COMMANDS = {
     "attack": ("salun_sd.attack.commands", "attack a pipeline with adversarial prompts (UnlearnDiffAtk) and embeddings: pre-ASR, ASR, report"),
     "relearn": ("salun_sd.relearn.commands", "relearning attack: fine-tune the erased model on a few images of the concept; how fast UA falls"),
     "ddpm": ("salun_sd.ddpm.commands", "class-conditional CFG DDPM: train, sample, mask, erase, retrain, evaluate"),
+    "classify": ("salun_sd.classify.commands", "SalUn for image classification: train, retrain, mask, forget, evaluate (UA, RA, TA, MIA-efficacy)"),
 }
 
 

@@ -164,3 +164,15 @@ def apply_config_flags(cfg: T, args: argparse.Namespace) -> T:
         hint = typing.get_type_hints(type(target))[leaf]
         setattr(target, leaf, _convert(hint, value, f"--{dest[4:]}"))
     return cfg
+
+
+def add_step_group(subparsers: argparse._SubParsersAction, name: str, summary: str, steps: dict, cfg_cls: type, epilog: str, configs: str) -> None:
+    """A command with steps (`salun-sd ddpm train`, `salun-sd classify forget`): each step takes the YAML config
+    (`configs` names the shipped ones) and a flag per config key; `steps` maps a step to (function, help)."""
+    parser = subparsers.add_parser(name, help=summary, description=summary)
+    group = parser.add_subparsers(dest=f"{name}_command", metavar="STEP", required=True)
+    for step, (func, help_text) in steps.items():
+        p = group.add_parser(step, help=help_text, description=help_text, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("config", nargs="?", help=f"YAML config ({configs}); flags below override its keys")
+        add_config_flags(p, cfg_cls)
+        p.set_defaults(func=func)

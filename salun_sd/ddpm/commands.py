@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from salun_sd.config import add_config_flags, apply_config_flags, load_yaml, to_dict
+from salun_sd.config import add_step_group, apply_config_flags, load_yaml, to_dict
 from salun_sd.ddpm.config import DDPMConfig
 from salun_sd.errors import UserError
 from salun_sd.run.files import write_json
@@ -144,10 +144,4 @@ COMMANDS = {
 }
 def register(subparsers: argparse._SubParsersAction) -> None:
     summary = "class-conditional DDPM with classifier-free guidance (the paper's CIFAR-10 setting; digits offline)"
-    parser = subparsers.add_parser("ddpm", help=summary, description=summary)
-    steps = parser.add_subparsers(dest="ddpm_command", metavar="STEP", required=True)
-    for name, (func, help_text) in COMMANDS.items():
-        p = steps.add_parser(name, help=help_text, description=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("config", nargs="?", help="YAML config (configs/ddpm_cifar10.yaml, configs/ddpm_digits.yaml); flags below override its keys")
-        add_config_flags(p, DDPMConfig)
-        p.set_defaults(func=func)
+    add_step_group(subparsers, "ddpm", summary, COMMANDS, DDPMConfig, EPILOG, "configs/ddpm_cifar10.yaml, configs/ddpm_digits.yaml")
