@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import platform
-import re
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from salun_sd.classify.data import load_splits
 from salun_sd.classify.evaluate import METRICS, average_gap, evaluate
 from salun_sd.classify.forget import make_masks, train_base, unlearn
 from salun_sd.config import load_yaml
+from salun_sd.run.files import write_section
 from salun_sd.run.manifest import git_revision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,13 +91,6 @@ def paper_table() -> str:
         ua, ra, ta, mia, gap = PAPER_10[method]
         lines.append(f"| {NAMES[method]} | {ua:.2f} | {ra:.2f} | {ta:.2f} | {mia:.2f} | {gap:.2f} | {PAPER_50_GAP[method]:.2f} |")
     return "\n".join(lines)
-
-
-def write_results(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Results\n"
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def main() -> None:
@@ -162,7 +155,7 @@ digits numbers show that the code runs the protocol end to end, not how SalUn ra
 
 {paper_table()}
 {END}"""
-    write_results(Path(args.results), section)
+    write_section(args.results, BEGIN, END, section)
     print(f"written to {args.results}; {cpu / 60:.1f} min CPU, {wall / 60:.1f} min wall")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from salun_sd.ddpm.config import DDPMConfig
 from salun_sd.ddpm.data import load_split
 from salun_sd.ddpm.evaluate import Features
 from salun_sd.evaluation.classify import unlearning_accuracy
+from salun_sd.run.files import write_section
 from salun_sd.run.manifest import git_revision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,14 +84,6 @@ def table(cfg: DDPMConfig, rows: dict[str, dict], seconds: dict[str, float], tot
     return "\n".join(lines)
 
 
-def write_results(path: Path, section: str) -> None:
-    """Replace this benchmark's section of RESULTS.md, keeping everything else in the file."""
-    text = path.read_text() if path.exists() else "# Results\n"
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default="outputs/ddpm-digits-benchmark")
@@ -114,7 +106,7 @@ def main() -> None:
         rows[name] = json.loads((folder / "eval.json").read_text())
     classifier_acc = json.loads((cfg.classifier_dir() / "classifier.json").read_text())["test_accuracy"]
     section = table(cfg, rows, seconds, total, classifier_acc)
-    write_results(Path(args.results), section)
+    write_section(args.results, BEGIN, END, section)
     (Path(args.work_dir) / "results.json").write_text(json.dumps({"rows": rows, "seconds": seconds, "total_seconds": total}, indent=2))
     print(section)
 

@@ -1,6 +1,7 @@
 """The classification side on real scikit-learn digits: the core's mask and masked SGD, the splits, MIA, Retrain, a forget run."""
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -88,6 +89,15 @@ def test_masked_sgd_keeps_masked_weights_bitwise_and_is_torch_sgd_inside_the_mas
             F.cross_entropy(net(x), y).backward()
             opt.step()
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), ours.parameters()))
+
+
+def test_the_cifar10_config_is_the_official_recipe_and_the_defaults():
+    cfg = load_yaml(ClassifyConfig, "configs/classify_cifar10.yaml")
+    assert dataclasses.asdict(cfg) == dataclasses.asdict(ClassifyConfig())
+    assert (cfg.train.learning_rate, cfg.train.epochs, cfg.train.milestones, cfg.train.batch_size) == (0.1, 182, [91, 136], 256)
+    assert (cfg.methods.salun.learning_rate, cfg.methods.salun.epochs, cfg.mask.fraction, cfg.data.forget_fraction) == (0.013, 10, 0.5, 0.1)
+    assert (cfg.model.widths, cfg.model.blocks) == ([64, 128, 256, 512], [2, 2, 2, 2])
+    assert sum(p.numel() for p in ResNet(cfg.model).parameters()) == 11_173_962  # ResNet-18 for 10 classes
 
 
 def test_random_forget_set_is_a_pure_function_of_the_seed_and_drawn_as_the_official_code_draws_it():

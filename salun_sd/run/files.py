@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,3 +81,13 @@ def save_image(image: Image.Image, path: str | Path) -> Path:
     with atomic(path) as tmp:
         image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
     return path
+
+
+def write_section(path: str | Path, begin: str, end: str, section: str) -> Path:
+    """Replace the part of a Markdown file from marker `begin` to marker `end` (both in `section`) by `section`, or
+    append it; the rest of the file is kept (a script's results table in docs/RESULTS.md)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Results\n"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
+    return write_text(path, text)
