@@ -146,7 +146,6 @@ def test_mia_efficacy_is_lower_on_the_training_data_than_on_held_out_data(traine
 def test_a_digits_salun_run_of_seconds_forgets_and_keeps_the_retain_accuracy(trained, tmp_path):
     cfg, splits, base = trained
     before = evaluate(base, splits, "cpu")
-    assert before["RA"] > 99  # the base model fits its training split
     cfg = copy.deepcopy(cfg)
     cfg.methods.salun.epochs = 3
     mask = make_masks(copy.deepcopy(base), splits.forget_set, cfg, Accelerator(cpu=True), tmp_path)
