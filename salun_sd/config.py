@@ -1,27 +1,47 @@
-"""Configs are dataclasses; YAML files and `--section.key value` flags map onto them.
+"""Configs are dataclasses; YAML files and `--section.key value` flags map onto them, for every command.
 
-One mapping serves every command: a YAML file gives the whole run, each scalar field is also a
-command-line flag (e.g. `--unlearn.learning_rate 1e-5`), and unknown keys are errors, not surprises.
-A key that was renamed stays listed in its dataclass's `RENAMED` ({old: new}), so a config or flag
-still using it is refused with the new name, in one line.
+One mapping serves every command (`add_config_arguments` + `config_from_args`): a YAML file gives the
+whole run, each scalar field is also a command-line flag (e.g. `--unlearn.learning_rate 1e-5`), and
+unknown keys are errors, not surprises. How a field is written:
+
+    learning_rate: float = setting(1e-5, "Adam's learning rate")      # its --help text is the field's metadata
+    optimizer: Literal["adam", "adam_fused"] = setting("adam", "...")  # a choice: validated here, listed in --help
+    groups: list[str] = setting(factory=list, doc="...")               # a mutable default
+
+Choices are `typing.Literal` types, checked in one place (`check_choices`: after the flags, and by each
+section's `check()` for configs built in code); "" among them means "left empty: the protocol's or the
+built-in value". A key that was renamed stays listed in its dataclass's `RENAMED` ({old: new}), so a
+config or flag still using it is refused with the new name, in one line.
+
+Why not a library: tyro, jsonargparse and simple-parsing each map nested dataclasses to flags too, but each
+would change the flags' spelling or nesting rules and the error messages, or add a large dependency, and
+HfArgumentParser takes no nested dataclasses; the mapping here is ~150 lines on argparse and PyYAML.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import re
 import types
 import typing
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
 from salun_sd.errors import UserError
 
 T = TypeVar("T")
+SCALARS = (int, float, str, bool)
+
+
+def setting(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
+    """A config field with its `--help` text (the field's metadata); `factory` for a mutable default."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"help": doc})
+    return dataclasses.field(default=default, metadata={"help": doc})
 
 
 def _unwrap_optional(tp: Any) -> Any:
@@ -29,6 +49,11 @@ def _unwrap_optional(tp: Any) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0] if len(args) == 1 else tp
     return tp
+
+
+def _scalar_type(tp: Any) -> Any:
+    """The Python type a flag's text converts to: a Literal's is its values' type."""
+    return type(typing.get_args(tp)[0]) if typing.get_origin(tp) is Literal else tp
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -43,6 +68,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list):
             value = [value]
         return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    tp = _scalar_type(tp)
     if tp is bool:
         if isinstance(value, str):
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -55,6 +81,25 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         except (TypeError, ValueError):
             raise UserError(f"{where} must be {tp.__name__}, got {value!r}") from None
     return value
+
+
+def choices_text(choices: tuple) -> str:
+    named = ", ".join(str(c) for c in choices if c != "")
+    return f"{named} (or empty)" if "" in choices else named
+
+
+def check_choices(cfg: Any, where: str = "") -> None:
+    """Every Literal field of `cfg` and of its sections holds one of its values: the one check of every choice."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        tp, value, name = _unwrap_optional(hints[f.name]), getattr(cfg, f.name), f"{where}{f.name}"
+        items = value if typing.get_origin(tp) is list and isinstance(value, list) else [value]
+        item_tp = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+        for item in items:
+            if dataclasses.is_dataclass(item):
+                check_choices(item, f"{name}.")
+            elif typing.get_origin(item_tp) is Literal and item not in typing.get_args(item_tp) and not (item is None and tp is not hints[f.name]):
+                raise UserError(f"{name} must be one of {choices_text(typing.get_args(item_tp))}, got {item!r}")
 
 
 def renamed_keys(cls: type) -> dict[str, str]:
@@ -90,22 +135,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def field_comments(cls: type) -> dict[str, str]:
-    """The `# comment` after each field in the dataclass source (and its dataclass bases'): the one place a setting is documented."""
-    comments: dict[str, str] = {}
-    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        comments.update(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, flags=re.M))
-    return comments
-
-
-SCALARS = (int, float, str, bool)
-
-
-def _renamed_flags(cls: type, prefix: str = ""):
+def _renamed_flags(cls: type, prefix: str = "") -> Iterator[tuple[str, str]]:
     """(old flag key, new flag key) for every renamed key, and for every key under a renamed section."""
     hints = typing.get_type_hints(cls)
     for old, new in renamed_keys(cls).items():
@@ -120,37 +150,44 @@ def _renamed_flags(cls: type, prefix: str = ""):
             yield from _renamed_flags(tp, f"{prefix}{f.name}.")
 
 
-def _scalar_fields(cls: type, prefix: str = ""):
-    """(key, type, default, doc) of every field a flag can set: scalars, and lists of scalars (type `list`)."""
+def _scalar_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, Any, Any, str]]:
+    """(key, type, default, help) of every field a flag can set: scalars and choices, and lists of them (type `list[...]`)."""
     hints = typing.get_type_hints(cls)
-    docs = field_comments(cls)
     for f in dataclasses.fields(cls):
         tp = _unwrap_optional(hints[f.name])
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
         if dataclasses.is_dataclass(tp):
             yield from _scalar_fields(tp, f"{prefix}{f.name}.")
-        elif tp in SCALARS or (typing.get_origin(tp) is list and typing.get_args(tp)[0] in SCALARS):
+        elif _scalar_type(item) in SCALARS:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-            yield f"{prefix}{f.name}", tp, default, docs.get(f.name, "")
+            yield f"{prefix}{f.name}", tp, default, f.metadata.get("help", "")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One `--key` flag per scalar or list field (dotted for nested sections); values override the YAML.
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, configs: str = "configs/") -> None:
+    """The optional YAML config and one `--key` flag per scalar or list field (dotted for nested sections); flags override the YAML.
 
     A list flag takes its items space-separated (`--metrics nudenet clip`); given with none it empties the list.
     """
+    parser.add_argument("config", nargs="?", help=f"YAML config (see {configs}); the flags below override its keys")
+    parser.set_defaults(config_class=cls)
     group = parser.add_argument_group("config overrides (each key of the YAML config)")
     for key, tp, default, doc in _scalar_fields(cls):
         item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
-        metavar = {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}[item]
+        metavar = {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}[_scalar_type(item)]
         extra = {"nargs": "*"} if item is not tp else {"nargs": "?", "const": "true"} if tp is bool else {}  # `--overwrite` alone means true
+        choices = typing.get_args(item) if typing.get_origin(item) is Literal else ()
+        if choices and not all(re.search(rf"\b{re.escape(c)}\b", doc) for c in choices if c):  # the text may name them already
+            doc = f"{doc} (one of {choices_text(choices)})" if doc else f"one of {choices_text(choices)}"
         text = doc if "(default:" in doc else f"{doc} (default: {default!r})" if doc else f"default: {default!r}"
         group.add_argument(f"--{key}", dest=f"cfg:{key}", metavar=metavar, default=None, help=text.replace("%", "%%"), **extra)
     for old, new in _renamed_flags(cls):  # hidden: only there to say the new name
         parser.add_argument(f"--{old}", dest=f"renamed:{old}:{new}", nargs="*", default=None, help=argparse.SUPPRESS)
 
 
-def apply_config_flags(cfg: T, args: argparse.Namespace) -> T:
-    """Set every `--key` flag the user gave on the config, with the field's type."""
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The command's config: its YAML file (or the defaults), then every `--key` flag given, then the choices checked."""
+    cls = args.config_class
+    cfg = load_yaml(cls, args.config) if args.config else cls()
     for dest, value in vars(args).items():
         if dest.startswith("renamed:") and value is not None:
             _, old, new = dest.split(":")
@@ -163,6 +200,7 @@ def apply_config_flags(cfg: T, args: argparse.Namespace) -> T:
             target = getattr(target, part)
         hint = typing.get_type_hints(type(target))[leaf]
         setattr(target, leaf, _convert(hint, value, f"--{dest[4:]}"))
+    check_choices(cfg)
     return cfg
 
 
@@ -173,6 +211,5 @@ def add_step_group(subparsers: argparse._SubParsersAction, name: str, summary: s
     group = parser.add_subparsers(dest=f"{name}_command", metavar="STEP", required=True)
     for step, (func, help_text) in steps.items():
         p = group.add_parser(step, help=help_text, description=help_text, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("config", nargs="?", help=f"YAML config ({configs}); flags below override its keys")
-        add_config_flags(p, cfg_cls)
+        add_config_arguments(p, cfg_cls, configs)
         p.set_defaults(func=func)

@@ -26,10 +26,11 @@ import csv
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from typing import Literal
 from pathlib import Path
 
-from salun_sd.config import add_config_flags, apply_config_flags
+from salun_sd.config import add_config_arguments, config_from_args, setting
 from salun_sd.evaluation.stats import mcnemar, wilson
 from salun_sd.toyworld.compare import METHOD_TRAIN, Case, CompareConfig, erase_config
 from salun_sd.toyworld.pipeline import PIPELINE_DIR
@@ -42,30 +43,30 @@ STAGES = ("erase", "pilot", "relearn", "attack")
 
 @dataclass
 class RobustnessConfig:
-    output_dir: str = "outputs/robustness"  # models/, relearn/, attack/, pilot/, robustness.md, robustness.json, timings.jsonl
-    methods: list[str] = field(default_factory=lambda: list(METHOD_TRAIN))  # every method of `salun-sd compare`, with its settings there
-    shape: str = "circle"  # the shape erased in the first case
-    colour: str = "red"  # the colour erased in the second case
-    cases: list[str] = field(default_factory=lambda: ["shape", "colour"])  # which cases run: shape (erase `shape`) and/or colour (erase `colour`)
-    erase_seed: int = 0  # the seed of every erase (data, mask, training): one erased model per method and case
-    stages: list[str] = field(default_factory=lambda: list(STAGES))  # erase | pilot | relearn | attack
-    seeds_per_prompt: int = 75  # image seeds per forget prompt: 4 prompts x 75 = 300 paired instances per method and case
-    first_image_seed: int = 20_000  # instance (prompt, s) draws its judged images from seed first_image_seed + s
-    round_seeds: int = 5  # seeds per round: each round attacks 4 x round_seeds more instances on every method
-    attacks: str = "discrete,embedding,random"  # `salun-sd attack --attacks`: random is the chance floor (random prefixes, as many judged images)
-    timesteps: int = 4  # judged images per instance and attack (published: 50)
-    iterations: int = 50  # optimiser steps per timestep (published: 40 over 50 timesteps)
-    batch_size: int = 64  # instances per forward/backward pass of the attack (`salun-sd attack --batch_size`)
-    pilot_instances: int = 8  # instances of the pilot (the first ones; the SalUn model of the first case)
-    pilot_iterations: list[int] = field(default_factory=lambda: [10, 25, 50, 100])  # budgets the pilot compares (per timestep)
-    relearn_images: int = 8  # base-model images the relearning fine-tune trains on (2 per forget prompt)
-    relearn_steps: int = 100  # steps of the relearning fine-tune
-    relearn_eval_at: list[int] = field(default_factory=lambda: [0, 10, 25, 50, 100])  # steps at which UA is measured
-    relearn_eval_images: int = 16  # UA images per forget prompt at each point
-    relearn_learning_rate: float = 5e-4  # one rate for every model: the toy world's erase rate (SalUn, RL, FT, ESD, FMN)
-    relearn_control: bool = True  # also fine-tune the base model (the control curve); false: only the methods' models (e.g. a second process beside one that runs it)
-    budget_minutes: float = 0.0  # stop between two attack calls once this much wall time has passed since the start (0: no limit)
-    results_md: str = "docs/RESULTS.md"  # the table is written between the markers of this file ("": only OUTPUT_DIR)
+    output_dir: str = setting("outputs/robustness", "models/, relearn/, attack/, pilot/, robustness.md, robustness.json, timings.jsonl")
+    methods: list[str] = setting(factory=lambda: list(METHOD_TRAIN), doc="every method of `salun-sd compare`, with its settings there")
+    shape: str = setting("circle", "the shape erased in the first case")
+    colour: str = setting("red", "the colour erased in the second case")
+    cases: list[Literal["shape", "colour"]] = setting(factory=lambda: ["shape", "colour"], doc="which cases run: shape (erase `shape`) and/or colour (erase `colour`)")
+    erase_seed: int = setting(0, "the seed of every erase (data, mask, training): one erased model per method and case")
+    stages: list[Literal["erase", "pilot", "relearn", "attack"]] = setting(factory=lambda: list(STAGES), doc="erase | pilot | relearn | attack")
+    seeds_per_prompt: int = setting(75, "image seeds per forget prompt: 4 prompts x 75 = 300 paired instances per method and case")
+    first_image_seed: int = setting(20_000, "instance (prompt, s) draws its judged images from seed first_image_seed + s")
+    round_seeds: int = setting(5, "seeds per round: each round attacks 4 x round_seeds more instances on every method")
+    attacks: str = setting("discrete,embedding,random", "`salun-sd attack --attacks`: random is the chance floor (random prefixes, as many judged images)")
+    timesteps: int = setting(4, "judged images per instance and attack (published: 50)")
+    iterations: int = setting(50, "optimiser steps per timestep (published: 40 over 50 timesteps)")
+    batch_size: int = setting(64, "instances per forward/backward pass of the attack (`salun-sd attack --batch_size`)")
+    pilot_instances: int = setting(8, "instances of the pilot (the first ones; the SalUn model of the first case)")
+    pilot_iterations: list[int] = setting(factory=lambda: [10, 25, 50, 100], doc="budgets the pilot compares (per timestep)")
+    relearn_images: int = setting(8, "base-model images the relearning fine-tune trains on (2 per forget prompt)")
+    relearn_steps: int = setting(100, "steps of the relearning fine-tune")
+    relearn_eval_at: list[int] = setting(factory=lambda: [0, 10, 25, 50, 100], doc="steps at which UA is measured")
+    relearn_eval_images: int = setting(16, "UA images per forget prompt at each point")
+    relearn_learning_rate: float = setting(5e-4, "one rate for every model: the toy world's erase rate (SalUn, RL, FT, ESD, FMN)")
+    relearn_control: bool = setting(True, "also fine-tune the base model (the control curve); false: only the methods' models (e.g. a second process beside one that runs it)")
+    budget_minutes: float = setting(0.0, "stop between two attack calls once this much wall time has passed since the start (0: no limit)")
+    results_md: str = setting("docs/RESULTS.md", "the table is written between the markers of this file (\"\": only OUTPUT_DIR)")
 
 
 def cases(cfg: RobustnessConfig) -> list[Case]:
@@ -321,11 +322,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(1)  # the toy models are tiny: on a shared CPU, spinning threads cost more than they give
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(parser, RobustnessConfig)
-    cfg = apply_config_flags(RobustnessConfig(), parser.parse_args(argv))
-    unknown = [s for s in cfg.stages if s not in STAGES] + [c for c in cfg.cases if c not in ("shape", "colour")]
-    if unknown:
-        raise SystemExit(f"unknown stage(s) or case(s) {unknown}; stages: {', '.join(STAGES)}; cases: shape, colour")
+    add_config_arguments(parser, RobustnessConfig)
+    cfg = config_from_args(parser.parse_args(argv))
     start = time.time()
     deadline = start + 60 * cfg.budget_minutes if cfg.budget_minutes else None
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)

@@ -40,3 +40,19 @@ def test_renamed_keys_and_flags_are_refused_with_the_new_name(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_choices_are_literal_types_checked_in_one_place(capsys):
+    from typing import get_args
+
+    from salun_sd.cli import main
+    from salun_sd.core.config import MethodName
+    from salun_sd.core.objectives import METHODS
+
+    assert get_args(MethodName) == tuple(METHODS)  # every method a config may name is implemented, and no other
+    with pytest.raises(SystemExit):
+        main(["run", "--mask.scope", "layer"])
+    assert "mask.scope must be one of global, per_layer, got 'layer'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--seeding", "per_batch"])
+    assert "seeding must be one of per_image, per_prompt (or empty), got 'per_batch'" in capsys.readouterr().err

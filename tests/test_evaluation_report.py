@@ -141,7 +141,7 @@ def test_cli_bad_input_is_named(folders, tmp_path, capsys):
     err = _error(capsys, ["evaluate", "--images", base, "--metrics", "fid", "--reference", str(tmp_path / "no_ref"), "--output_dir", str(tmp_path / "r")])
     assert "FID needs a reference set" in err and "no_ref does not exist" in err
     assert "pass --forget_class" in _error(capsys, ["evaluate", "--images", base, "--metrics", "ua", "--output_dir", str(tmp_path / "r")])
-    assert "unknown metric(s) nudity" in _error(capsys, ["evaluate", "--images", base, "--metrics", "nudity", "--output_dir", str(tmp_path / "r")])
+    assert "metrics must be one of nudenet, clip, fid, ua, got 'nudity'" in _error(capsys, ["evaluate", "--images", base, "--metrics", "nudity", "--output_dir", str(tmp_path / "r")])
     assert "--labels names 1 folder(s) but 2" in _error(
         capsys, ["evaluate", "--images", base, "--compare", base, "--labels", "only", "--output_dir", str(tmp_path / "r")]
     )

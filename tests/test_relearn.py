@@ -48,7 +48,7 @@ def test_relearning_brings_an_erased_concept_back_and_the_base_keeps_it(erased, 
 def test_bad_settings_fail_before_any_model_loads(tmp_path):
     with pytest.raises(UserError, match="eval_at must list steps between 0 and steps=15"):
         relearn(toy_config(tmp_path, "missing", eval_at=[0, 30]))
-    with pytest.raises(UserError, match="targets: unknown erased"):
+    with pytest.raises(UserError, match="targets must be one of model, base, got 'erased'"):
         toy_config(tmp_path, "missing", targets=["erased"]).check()
     with pytest.raises(UserError, match="the toyworld judge needs --concept"):
         toy_config(tmp_path, "missing", concept="").check()

@@ -55,10 +55,10 @@ def test_compare_command_parses():
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
-    from salun_sd.config import apply_config_flags
+    from salun_sd.config import config_from_args
 
     args = parser.parse_args(["compare", "--methods", "salun", "ft", "--steps", "5", "--attack", "false", "--output_dir", "x"])
-    cfg = apply_config_flags(CompareConfig(), args)
+    cfg = config_from_args(args)
     assert cfg.methods == ["salun", "ft"] and cfg.steps == 5 and cfg.shape == "circle" and cfg.colour == "red" and not cfg.attack and cfg.output_dir == "x"
     assert all(action.help for action in parser._subparsers._group_actions[0].choices["compare"]._actions)  # every flag has a help line
 

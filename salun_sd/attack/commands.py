@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from salun_sd.attack.config import AttackConfig
-from salun_sd.config import add_config_flags, apply_config_flags, load_yaml
+from salun_sd.config import add_config_arguments, config_from_args
 
 EPILOG = """examples:
   salun-sd attack --model outputs/nudity/pipeline --prompts nudity.csv --judge nudenet --output_dir outputs/attack-nudity
@@ -25,7 +25,7 @@ def run_attack(args: argparse.Namespace) -> None:
     from salun_sd.run.lock import run_lock
     from salun_sd.run.runtime import finish, make_accelerator
 
-    cfg = apply_config_flags(load_yaml(AttackConfig, args.config) if args.config else AttackConfig(), args)
+    cfg = config_from_args(args)
     cfg.check()
     accelerator = make_accelerator("no")
     with run_lock(cfg.output_dir, accelerator.is_main_process):
@@ -38,6 +38,5 @@ def run_attack(args: argparse.Namespace) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     summary = "attack a pipeline with adversarial prompts (UnlearnDiffAtk), prefix embeddings and a random baseline; pre-ASR, ASR, report"
     p = subparsers.add_parser("attack", help=summary, description=summary, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", nargs="?", help="YAML attack config; flags below override its keys")
-    add_config_flags(p, AttackConfig)
+    add_config_arguments(p, AttackConfig)
     p.set_defaults(func=run_attack)

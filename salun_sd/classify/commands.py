@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from salun_sd.classify.config import METHODS, ClassifyConfig
-from salun_sd.config import add_step_group, apply_config_flags, load_yaml, to_dict
+from salun_sd.config import add_step_group, config_from_args, to_dict
 from salun_sd.errors import UserError
 from salun_sd.run.files import write_json
 from salun_sd.run.lock import run_lock
@@ -25,8 +25,7 @@ Models load with salun_sd.classify.model.load_model("MODEL_DIR")."""
 
 
 def load_config(args: argparse.Namespace) -> ClassifyConfig:
-    cfg = load_yaml(ClassifyConfig, args.config) if args.config else ClassifyConfig()
-    cfg = apply_config_flags(cfg, args)
+    cfg = config_from_args(args)
     cfg.check()
     return cfg
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from salun_sd.config import setting
 from salun_sd.core.config import check_fraction
 from salun_sd.errors import UserError
 
@@ -23,16 +24,16 @@ FORGET_KINDS = ("random", "class")
 class DataConfig:
     """Which images, how they split, and which to forget."""
 
-    dataset: str = "cifar10"  # cifar10 (torchvision, downloaded to root) | digits (scikit-learn's 8x8 digits, offline)
-    root: str = "data"  # torchvision download folder
-    split_seed: int = 2  # RandomState seed of the validation split, 10 % of each class (dataset.py cifar10_dataloaders; arg_parser --seed 2)
-    forget: str = "random"  # random (a random share of the training split) | class (every training image of forget_class; the class also leaves the test set, dataset.py)
-    forget_fraction: float = 0.1  # random: share of the training split (official --num_indexes_to_replace 4500 = 10 % of 45,000; 22,500 = 50 %)
-    forget_seed: int = 1  # random: RandomState seed of the draw (dataset.py replace_class: --seed − 1 = 1)
-    forget_class: int = 0  # class: the class to forget (--class_to_replace)
-    test_fraction: float = 0.2  # digits only (no official split): share of each class held out as the test set, by RandomState(split_seed)
-    crop_padding: int = 4  # training augmentation: random crop with this zero padding (RandomCrop(32, padding=4), dataset.py)
-    flip: bool = True  # training augmentation: random horizontal flip (dataset.py; off for digits: a mirrored digit is another shape)
+    dataset: str = setting("cifar10", "cifar10 (torchvision, downloaded to root) | digits (scikit-learn's 8x8 digits, offline)")
+    root: str = setting("data", "torchvision download folder")
+    split_seed: int = setting(2, "RandomState seed of the validation split, 10 % of each class (dataset.py cifar10_dataloaders; arg_parser --seed 2)")
+    forget: str = setting("random", "random (a random share of the training split) | class (every training image of forget_class; the class also leaves the test set, dataset.py)")
+    forget_fraction: float = setting(0.1, "random: share of the training split (official --num_indexes_to_replace 4500 = 10 % of 45,000; 22,500 = 50 %)")
+    forget_seed: int = setting(1, "random: RandomState seed of the draw (dataset.py replace_class: --seed − 1 = 1)")
+    forget_class: int = setting(0, "class: the class to forget (--class_to_replace)")
+    test_fraction: float = setting(0.2, "digits only (no official split): share of each class held out as the test set, by RandomState(split_seed)")
+    crop_padding: int = setting(4, "training augmentation: random crop with this zero padding (RandomCrop(32, padding=4), dataset.py)")
+    flip: bool = setting(True, "training augmentation: random horizontal flip (dataset.py; off for digits: a mirrored digit is another shape)")
 
     def check(self) -> None:
         if self.dataset not in ("cifar10", "digits"):
@@ -57,9 +58,9 @@ class ModelConfig:
 
     in_channels: int = 3
     num_classes: int = 10
-    widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # channels per stage; stages after the first halve the resolution
-    blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # BasicBlocks per stage (ResNet-18: 2, 2, 2, 2)
-    mean: list[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])  # per channel (utils.py, CIFAR-10)
+    widths: list[int] = setting(factory=lambda: [64, 128, 256, 512], doc="channels per stage; stages after the first halve the resolution")
+    blocks: list[int] = setting(factory=lambda: [2, 2, 2, 2], doc="BasicBlocks per stage (ResNet-18: 2, 2, 2, 2)")
+    mean: list[float] = setting(factory=lambda: [0.4914, 0.4822, 0.4465], doc="per channel (utils.py, CIFAR-10)")
     std: list[float] = field(default_factory=lambda: [0.2470, 0.2435, 0.2616])
 
 
@@ -70,13 +71,13 @@ class SGDConfig:
 
     learning_rate: float = 0.1
     epochs: int = 182
-    milestones: list[int] = field(default_factory=lambda: [91, 136])  # arg_parser --decreasing_lr 91,136 (never reached in 10-epoch unlearning)
-    batch_size: int = 256  # arg_parser --batch_size
-    momentum: float = 0.9  # arg_parser --momentum
-    weight_decay: float = 5e-4  # arg_parser --weight_decay; with a mask, only inside it
-    alpha: float = 0.0  # l1_sparse: the ℓ1 weight at epoch 0, decaying linearly to 0 (unlearn/FT.py); iu: the step size of the WoodFisher perturbation (unlearn/Wfisher.py)
-    soft_ratio: float = 0.5  # salun_soft: share of weights reset to θ0 at the first step, shrinking linearly (unlearn/RL_pro.py; its args.mask_ratio is undefined as shipped)
-    iu_samples: int = 1000  # iu: retain samples in the WoodFisher estimate (unlearn/Wfisher.py N; it visits N + 2)
+    milestones: list[int] = setting(factory=lambda: [91, 136], doc="arg_parser --decreasing_lr 91,136 (never reached in 10-epoch unlearning)")
+    batch_size: int = setting(256, "arg_parser --batch_size")
+    momentum: float = setting(0.9, "arg_parser --momentum")
+    weight_decay: float = setting(5e-4, "arg_parser --weight_decay; with a mask, only inside it")
+    alpha: float = setting(0.0, "l1_sparse: the ℓ1 weight at epoch 0, decaying linearly to 0 (unlearn/FT.py); iu: the step size of the WoodFisher perturbation (unlearn/Wfisher.py)")
+    soft_ratio: float = setting(0.5, "salun_soft: share of weights reset to θ0 at the first step, shrinking linearly (unlearn/RL_pro.py; its args.mask_ratio is undefined as shipped)")
+    iu_samples: int = setting(1000, "iu: retain samples in the WoodFisher estimate (unlearn/Wfisher.py N; it visits N + 2)")
 
     def check(self, section: str) -> None:
         if not self.learning_rate > 0 or self.epochs < 0 or self.batch_size < 1:
@@ -88,24 +89,24 @@ class SGDConfig:
 class MethodsConfig:
     """Each method's settings, as published (unlearn/*.py; lrs and epochs from the README's commands)."""
 
-    retrain: SGDConfig = field(default_factory=lambda: SGDConfig(learning_rate=0.1, epochs=160))  # old README: --unlearn retrain --unlearn_epochs 160 --unlearn_lr 0.1
-    ft: SGDConfig = field(default_factory=lambda: SGDConfig(learning_rate=0.01, epochs=10))  # old README: FT --unlearn_lr 0.01 --unlearn_epochs 10
-    ga: SGDConfig = field(default_factory=lambda: SGDConfig(learning_rate=1e-4, epochs=5))  # old README: GA --unlearn_lr 0.0001 --unlearn_epochs 5 (maintainer in issue #8: 5e-4 to 1e-3)
-    rl: SGDConfig = field(default_factory=lambda: SGDConfig(learning_rate=0.013, epochs=10))  # ours: SalUn's settings without the mask (main_random.py without --mask_path crashes as shipped)
-    l1_sparse: SGDConfig = field(default_factory=lambda: SGDConfig(learning_rate=0.01, epochs=10, alpha=5e-4))  # old README: FT_prune --unlearn_lr 0.01 --unlearn_epochs 10 --alpha ${alpha}; α 5e-4 is ours (no value in either repository's code)
-    salun: SGDConfig = field(default_factory=lambda: SGDConfig(learning_rate=0.013, epochs=10))  # README: --unlearn RL --unlearn_epochs 10 --unlearn_lr 0.013 --mask_path with_0.5.pt
-    salun_soft: SGDConfig = field(default_factory=lambda: SGDConfig(learning_rate=0.1, epochs=10))  # old README: RL_proximal --unlearn_lr 0.1 --unlearn_epochs 10
-    iu: SGDConfig = field(default_factory=lambda: SGDConfig(alpha=0.2))  # README: wfisher --alpha 0.2 (one-shot: no SGD)
+    retrain: SGDConfig = setting(factory=lambda: SGDConfig(learning_rate=0.1, epochs=160), doc="old README: --unlearn retrain --unlearn_epochs 160 --unlearn_lr 0.1")
+    ft: SGDConfig = setting(factory=lambda: SGDConfig(learning_rate=0.01, epochs=10), doc="old README: FT --unlearn_lr 0.01 --unlearn_epochs 10")
+    ga: SGDConfig = setting(factory=lambda: SGDConfig(learning_rate=1e-4, epochs=5), doc="old README: GA --unlearn_lr 0.0001 --unlearn_epochs 5 (maintainer in issue #8: 5e-4 to 1e-3)")
+    rl: SGDConfig = setting(factory=lambda: SGDConfig(learning_rate=0.013, epochs=10), doc="ours: SalUn's settings without the mask (main_random.py without --mask_path crashes as shipped)")
+    l1_sparse: SGDConfig = setting(factory=lambda: SGDConfig(learning_rate=0.01, epochs=10, alpha=5e-4), doc="old README: FT_prune --unlearn_lr 0.01 --unlearn_epochs 10 --alpha ${alpha}; α 5e-4 is ours (no value in either repository's code)")
+    salun: SGDConfig = setting(factory=lambda: SGDConfig(learning_rate=0.013, epochs=10), doc="README: --unlearn RL --unlearn_epochs 10 --unlearn_lr 0.013 --mask_path with_0.5.pt")
+    salun_soft: SGDConfig = setting(factory=lambda: SGDConfig(learning_rate=0.1, epochs=10), doc="old README: RL_proximal --unlearn_lr 0.1 --unlearn_epochs 10")
+    iu: SGDConfig = setting(factory=lambda: SGDConfig(alpha=0.2), doc="README: wfisher --alpha 0.2 (one-shot: no SGD)")
 
 
 @dataclass
 class MaskConfig:
     """The saliency mask: one pass over the forget set, |summed gradient|, top fraction over every weight (generate_mask.py)."""
 
-    fraction: float = 0.5  # share of weights SalUn may update (README: with_0.5.pt for 10 % random forgetting)
-    extra_fractions: list[float] = field(default_factory=list)  # more masks from the same pass (generate_mask.py saves 0.1 ... 1.0)
-    batch_size: int = 256  # forget images per backward pass (arg_parser --batch_size)
-    path: str = ""  # use this mask file instead of WORK_DIR/salun-<forget>/mask.safetensors
+    fraction: float = setting(0.5, "share of weights SalUn may update (README: with_0.5.pt for 10 % random forgetting)")
+    extra_fractions: list[float] = setting(factory=list, doc="more masks from the same pass (generate_mask.py saves 0.1 ... 1.0)")
+    batch_size: int = setting(256, "forget images per backward pass (arg_parser --batch_size)")
+    path: str = setting("", "use this mask file instead of WORK_DIR/salun-<forget>/mask.safetensors")
 
     def check(self) -> None:
         for fraction in (self.fraction, *self.extra_fractions):
@@ -122,11 +123,11 @@ class ClassifyConfig:
     """The whole classification experiment. Defaults are the official CIFAR-10 ResNet-18 settings."""
 
     work_dir: str = "outputs/classify-cifar10"
-    output_dir: str = ""  # this step's output folder (default: the folder under work_dir the step's description names)
-    model_dir: list[str] = field(default_factory=list)  # model folder(s) a step reads: one for mask and forget (default: WORK_DIR/base); any for evaluate (default: every model of this forget set under work_dir)
-    method: str = "salun"  # forget: ft | ga | rl | l1_sparse | salun | salun_soft | iu
-    seed: int = 1  # initial weights, batch order, augmentation and random labels (arg_parser --train_seed 1)
-    overwrite: bool = False  # replace an earlier result in the target folder
+    output_dir: str = setting("", "this step's output folder (default: the folder under work_dir the step's description names)")
+    model_dir: list[str] = setting(factory=list, doc="model folder(s) a step reads: one for mask and forget (default: WORK_DIR/base); any for evaluate (default: every model of this forget set under work_dir)")
+    method: str = setting("salun", "forget: ft | ga | rl | l1_sparse | salun | salun_soft | iu")
+    seed: int = setting(1, "initial weights, batch order, augmentation and random labels (arg_parser --train_seed 1)")
+    overwrite: bool = setting(False, "replace an earlier result in the target folder")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: SGDConfig = field(default_factory=SGDConfig)

@@ -1,24 +1,24 @@
 """The knobs of the core: the saliency mask and the unlearning loop.
 
 Plain dataclasses without torch, so configs are validated and `--help` is printed instantly.
-Each field's comment is its documentation (it becomes the `--help` text of its flag).
+Each field's metadata is its documentation (the `--help` text of its flag; salun_sd/config.py says how to write one).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import ClassVar, Literal, get_args
 
+from salun_sd.config import check_choices, setting
 from salun_sd.errors import UserError
 
 # Names a config may use; each denoiser says what they mean on its network (Denoiser.scopes, set_attention).
-SCOPES = ("all", "xattn", "noxattn")
-ATTENTION = ("sdpa", "eager", "xformers")
-MASK_SCOPES = ("global", "per_layer")
-REPORT_TO = ("tensorboard", "wandb")
-MASK_RANK_OVER = ("model", "trainable")
-ESD_X_T = ("noised", "sampled")  # objectives.ESD_X_T says how each one draws x_t
+Scope = Literal["all", "xattn", "noxattn"]
+Attention = Literal["sdpa", "eager", "xformers"]
+MethodName = Literal["salun", "rl", "ga", "ft", "esd_x", "esd_u", "fmn", "uce"]  # objectives.METHODS implements each (tested)
+MixedPrecision = Literal["no", "fp16", "bf16"]  # Accelerate autocast; weights stay fp32
+SCOPES, ATTENTION = get_args(Scope), get_args(Attention)
 
 
 def check_fraction(fraction: float, where: str) -> None:
@@ -44,25 +44,22 @@ def check_step_settings(cfg: object, section: str) -> None:
 class MaskConfig:
     """Saliency mask. Defaults are the official SalUn SD settings (top 50 % globally, guidance 7.5)."""
 
-    fraction: float = 0.5  # share of weights kept trainable
-    extra_fractions: list[float] = field(default_factory=list)  # more masks from the same gradient pass
-    guidance: float = 7.5  # w in the guided forget loss (official DDPM: 2.0; FLUX-dev: its guidance embedding is set to 1 + w)
-    scope: str = "global"  # global | per_layer
-    rank_over: str = "model"  # with unlearn.trainable restricted: model (top fraction over every weight, then only the trainable ones kept: official SalUn; needs all weights' gradients) | trainable (top fraction among the trainable weights)
-    batch_size: int = 8  # forget examples per backward pass (the mask does not depend on it unless max_grad_norm is set)
-    max_grad_norm: float = 0.0  # clip each batch's gradient to this norm before adding it up (official DDPM; 0: no clipping)
-    path: str = ""  # use this mask file instead of computing one
-    per_concept: bool = False  # several concepts: the union of each concept's own top `fraction` (one gradient pass per concept), not the top `fraction` of the gradient over all of them
+    fraction: float = setting(0.5, "share of weights kept trainable")
+    extra_fractions: list[float] = setting(factory=list, doc="more masks from the same gradient pass")
+    guidance: float = setting(7.5, "w in the guided forget loss (official DDPM: 2.0; FLUX-dev: its guidance embedding is set to 1 + w)")
+    scope: Literal["global", "per_layer"] = setting("global", "global | per_layer")
+    rank_over: Literal["model", "trainable"] = setting("model", "with unlearn.trainable restricted: model (top fraction over every weight, then only the trainable ones kept: official SalUn; needs all weights' gradients) | trainable (top fraction among the trainable weights)")
+    batch_size: int = setting(8, "forget examples per backward pass (the mask does not depend on it unless max_grad_norm is set)")
+    max_grad_norm: float = setting(0.0, "clip each batch's gradient to this norm before adding it up (official DDPM; 0: no clipping)")
+    path: str = setting("", "use this mask file instead of computing one")
+    per_concept: bool = setting(False, "several concepts: the union of each concept's own top `fraction` (one gradient pass per concept), not the top `fraction` of the gradient over all of them")
 
     def check(self, section: str = "mask") -> None:
         """The values a gradient pass would otherwise reach only after minutes; `section` names them in errors."""
         check_fraction(self.fraction, f"{section}.fraction")
         for fraction in self.extra_fractions:
             check_fraction(fraction, f"{section}.extra_fractions")
-        if self.scope not in MASK_SCOPES:
-            raise UserError(f"{section}.scope must be one of {', '.join(MASK_SCOPES)}, got {self.scope!r}")
-        if self.rank_over not in MASK_RANK_OVER:
-            raise UserError(f"{section}.rank_over must be one of {', '.join(MASK_RANK_OVER)}, got {self.rank_over!r}")
+        check_choices(self, f"{section}.")
         if self.batch_size < 1:
             raise UserError(f"{section}.batch_size must be at least 1, got {self.batch_size}")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
@@ -75,48 +72,45 @@ class TrainConfig:
 
     RENAMED: ClassVar[dict[str, str]] = {"compile_unet": "compile"}  # true for every family (the network may be a transformer)
 
-    method: str = "salun"  # salun | rl | ga | ft | esd_x | esd_u | fmn | uce (closed form: no mask, no training loop; its settings are uce.*) (salun_sd.core.objectives.METHODS; configs/methods/ has each one's usual settings)
-    alpha: float = 0.1  # weight of the remain-set loss (salun, rl, ga)
-    negative_guidance: float = 1.0  # η of esd_x / esd_u: how far the target is guided away from the concept
-    esd_x_t: str = "noised"  # x_t of esd_x / esd_u: noised (a D_f image noised to t: fast) | sampled (DDIM from the model being trained, stopped at a random step, as the ESD code)
-    esd_sample_steps: int = 50  # esd_x_t=sampled: DDIM steps of a whole trajectory (ESD: 50)
-    esd_sample_guidance: float = 3.0  # esd_x_t=sampled: guidance scale s of ε(∅) + s·(ε(c) − ε(∅)) while sampling (ESD: 3)
+    method: MethodName = setting("salun", "salun | rl | ga | ft | esd_x | esd_u | fmn | uce (closed form: no mask, no training loop; its settings are uce.*) (salun_sd.core.objectives.METHODS; configs/methods/ has each one's usual settings)")
+    alpha: float = setting(0.1, "weight of the remain-set loss (salun, rl, ga)")
+    negative_guidance: float = setting(1.0, "η of esd_x / esd_u: how far the target is guided away from the concept")
+    esd_x_t: Literal["noised", "sampled"] = setting("noised", "x_t of esd_x / esd_u: noised (a D_f image noised to t: fast) | sampled (DDIM from the model being trained, stopped at a random step, as the ESD code)")
+    esd_sample_steps: int = setting(50, "esd_x_t=sampled: DDIM steps of a whole trajectory (ESD: 50)")
+    esd_sample_guidance: float = setting(3.0, "esd_x_t=sampled: guidance scale s of ε(∅) + s·(ε(c) − ε(∅)) while sampling (ESD: 3)")
     learning_rate: float = 1e-5
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    weight_decay: float = 0.0  # decoupled, applied only to masked-in weights
-    batch_size: int = 8  # forget examples per process per micro-step (and as many remain examples)
+    weight_decay: float = setting(0.0, "decoupled, applied only to masked-in weights")
+    batch_size: int = setting(8, "forget examples per process per micro-step (and as many remain examples)")
     gradient_accumulation_steps: int = 1
-    epochs: float = 1.0  # passes over the forget set; used when max_steps is 0
+    epochs: float = setting(1.0, "passes over the forget set; used when max_steps is 0")
     max_steps: int = 0
-    max_grad_norm: float = 0.0  # 0 disables clipping
-    clip_before_mask: bool = False  # clip the whole gradient before the mask zeroes frozen weights (official DDPM), not after
-    cond_drop_prob: float = 0.0  # share of conditions replaced by the null one, per example and term (official DDPM: 0.1)
-    trainable: str = "all"  # all | xattn (cross-attention) | noxattn (all but cross-attention); esd_x and esd_u fix their own
+    max_grad_norm: float = setting(0.0, "0 disables clipping")
+    clip_before_mask: bool = setting(False, "clip the whole gradient before the mask zeroes frozen weights (official DDPM), not after")
+    cond_drop_prob: float = setting(0.0, "share of conditions replaced by the null one, per example and term (official DDPM: 0.1)")
+    trainable: Scope = setting("all", "all | xattn (cross-attention) | noxattn (all but cross-attention); esd_x and esd_u fix their own")
     gradient_checkpointing: bool = False
     # Speed and memory levers (docs/BENCHMARKS.md); each gives the plain path's loss and update.
-    optimizer: str = "adam"  # adam | adam_fused (one kernel per step) | adam8bit (bitsandbytes: 8-bit moments, for 24 GB cards)
-    attention: str = "sdpa"  # sdpa (flash/memory-efficient kernels) | eager (materialised, as the official code) | xformers (CUDA)
-    channels_last: bool = False  # NHWC weights and activations for the convolutions
-    compile: bool = False  # torch.compile the network (the UNet or the transformer)
-    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
-    checkpointing_steps: int = 0  # 0: no intermediate checkpoints
+    optimizer: Literal["adam", "adam_fused", "adam8bit"] = setting("adam", "adam | adam_fused (one kernel per step) | adam8bit (bitsandbytes: 8-bit moments, for 24 GB cards)")
+    attention: Attention = setting("sdpa", "sdpa (flash/memory-efficient kernels) | eager (materialised, as the official code) | xformers (CUDA)")
+    channels_last: bool = setting(False, "NHWC weights and activations for the convolutions")
+    compile: bool = setting(False, "torch.compile the network (the UNet or the transformer)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = setting("default", "torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune")
+    checkpointing_steps: int = setting(0, "0: no intermediate checkpoints")
     checkpoints_total_limit: int = 2
-    resume_from_checkpoint: str = ""  # "" | latest | path to a checkpoint folder
+    resume_from_checkpoint: str = setting("", "\"\" | latest | path to a checkpoint folder")
     seed: int = 0
-    report_to: str = ""  # also hand every step's losses to Accelerate's tracker: tensorboard | wandb (OUTPUT_DIR/log.jsonl is always written)
+    report_to: Literal["", "tensorboard", "wandb"] = setting("", "also hand every step's losses to Accelerate's tracker: tensorboard | wandb (OUTPUT_DIR/log.jsonl is always written)")
 
     def check(self, section: str = "unlearn") -> None:
         """The values torch or the loop would otherwise reject with a raw traceback; `section` names them in errors."""
+        check_choices(self, f"{section}.")
         check_step_settings(self, section)
         for name in ("gradient_accumulation_steps", "esd_sample_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{section}.{name} must be at least 1, got {getattr(self, name)}")
-        if self.report_to not in ("", *REPORT_TO):
-            raise UserError(f"{section}.report_to must be one of {', '.join(REPORT_TO)} (or empty), got {self.report_to!r}")
-        if self.esd_x_t not in ESD_X_T:
-            raise UserError(f"{section}.esd_x_t must be one of {', '.join(ESD_X_T)}, got {self.esd_x_t!r}")
 
     def total_steps(self, num_forget: int, num_processes: int) -> int:
         if self.max_steps > 0:

@@ -102,7 +102,7 @@ def sampled_x_t(den: Denoiser, forget: Batch, cfg: TrainConfig) -> torch.Tensor:
     return ddim_partway(den, den.model, forget.noise, forget.cond, steps, cfg.esd_sample_steps, cfg.esd_sample_guidance - 1)
 
 
-ESD_X_T: dict[str, Callable] = {"noised": noised_x_t, "sampled": sampled_x_t}  # unlearn.esd_x_t (core/config.ESD_X_T)
+ESD_X_T: dict[str, Callable] = {"noised": noised_x_t, "sampled": sampled_x_t}  # unlearn.esd_x_t (TrainConfig.esd_x_t)
 
 
 def esd_loss(den: Denoiser, model: nn.Module, forget: Batch, remain: Batch | None, cfg: TrainConfig, frozen: nn.Module | None):

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from salun_sd.config import add_step_group, apply_config_flags, load_yaml, to_dict
+from salun_sd.config import add_step_group, config_from_args, to_dict
 from salun_sd.ddpm.config import DDPMConfig
 from salun_sd.errors import UserError
 from salun_sd.run.files import write_json
@@ -29,10 +29,6 @@ Models load with UNet2DModel.from_pretrained("MODEL_DIR/unet") (base training al
 MODEL_DIR/unet_ema; --weights ema reads them) and DDPMScheduler.from_pretrained("MODEL_DIR/scheduler")."""
 
 
-def load_config(args: argparse.Namespace) -> DDPMConfig:
-    cfg = load_yaml(DDPMConfig, args.config) if args.config else DDPMConfig()
-    return apply_config_flags(cfg, args)
-
 
 def model_dir(cfg: DDPMConfig) -> Path:
     """The one model a step reads: model_dir, else the base model."""
@@ -47,7 +43,7 @@ def run_train(args: argparse.Namespace, exclude_class: int = -1) -> None:
     from salun_sd.ddpm.train import train_base
     from salun_sd.core.erase_flow import claim_run_folder
 
-    cfg = load_config(args)
+    cfg = config_from_args(args)
     cfg.train.check()
     out = Path(cfg.output_dir) if cfg.output_dir else cfg.retrain_dir() if exclude_class >= 0 else cfg.base_dir()
     accelerator = make_accelerator(cfg.mixed_precision)
@@ -67,13 +63,13 @@ def run_train(args: argparse.Namespace, exclude_class: int = -1) -> None:
 
 
 def run_retrain(args: argparse.Namespace) -> None:
-    run_train(args, exclude_class=load_config(args).forget_class)
+    run_train(args, exclude_class=config_from_args(args).forget_class)
 
 
 def run_forget(args: argparse.Namespace, steps: tuple[str, ...]) -> None:
     from salun_sd.ddpm.forget import erase
 
-    cfg = load_config(args)
+    cfg = config_from_args(args)
     out = Path(cfg.output_dir) if cfg.output_dir else cfg.erase_dir()
     accelerator = make_accelerator(cfg.mixed_precision, cfg.unlearn.report_to, str(out))
     with run_lock(out, accelerator.is_main_process):
@@ -85,7 +81,7 @@ def run_sample(args: argparse.Namespace) -> None:
     from salun_sd.ddpm.model import load_denoiser
     from salun_sd.ddpm.sample import class_labels, sample, save_samples
 
-    cfg = load_config(args)
+    cfg = config_from_args(args)
     model = model_dir(cfg)
     out = Path(cfg.output_dir) if cfg.output_dir else model / "samples"
     if (out / "samples.safetensors").exists() and not cfg.overwrite:
@@ -101,7 +97,7 @@ def run_classifier(args: argparse.Namespace) -> None:
     from salun_sd.ddpm.classifier import classifier_info, save_classifier, train_classifier
     from salun_sd.ddpm.data import load_split
 
-    cfg = load_config(args)
+    cfg = config_from_args(args)
     out = Path(cfg.output_dir) if cfg.output_dir else cfg.classifier_dir()
     if (out / "classifier.json").exists() and not cfg.overwrite:
         raise UserError(f"{out / 'classifier.json'} already exists: pass --overwrite to replace it")
@@ -116,7 +112,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from salun_sd.ddpm.classifier import load_classifier
     from salun_sd.ddpm.evaluate import Features, evaluate_model, remaining_reference
 
-    cfg = load_config(args)
+    cfg = config_from_args(args)
     models = [Path(m) for m in cfg.model_dir] or [d for d in (cfg.base_dir(), cfg.retrain_dir(), cfg.erase_dir()) if (d / "unet").is_dir()]
     if not models:
         raise UserError(f"no trained model under {cfg.work_dir}; pass --model_dir DIR")

@@ -11,9 +11,11 @@ Each model folder gets samples/ from `ddpm sample` and eval.json from `ddpm eval
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
-from salun_sd.core.config import MaskConfig, TrainConfig, check_step_settings
+from salun_sd.config import setting
+from salun_sd.core.config import MaskConfig, MixedPrecision, TrainConfig, check_step_settings
 
 # The official DDPM code sums squared errors over C·H·W (3·32·32 on CIFAR-10) in its remain, mask and training
 # losses where ours average them (its forget term is already a mean). So an official remain weight α is
@@ -28,11 +30,11 @@ class ModelConfig:
     """UNet and schedule. Defaults are the official CIFAR-10 model; the digits config shrinks it."""
 
     sample_size: int = 32
-    channels: int = 3  # image channels (3 for CIFAR-10, 1 for digits)
-    num_classes: int = 10  # real classes; the class embedding gets num_classes + 1 rows
+    channels: int = setting(3, "image channels (3 for CIFAR-10, 1 for digits)")
+    num_classes: int = setting(10, "real classes; the class embedding gets num_classes + 1 rows")
     block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 256, 256])
     layers_per_block: int = 2
-    attention_resolutions: list[int] = field(default_factory=lambda: [16])  # feature-map sizes with self-attention
+    attention_resolutions: list[int] = setting(factory=lambda: [16], doc="feature-map sizes with self-attention")
     mid_attention: bool = True
     dropout: float = 0.1
     norm_num_groups: int = 32
@@ -47,14 +49,14 @@ class DataConfig:
     `hf_dataset` instead loads a Hugging Face dataset with an image and a label column."""
 
     dataset: str = "cifar10"
-    root: str = "data"  # torchvision download folder
-    hf_dataset: str = ""  # e.g. uoft-cs/cifar10
+    root: str = setting("data", "torchvision download folder")
+    hf_dataset: str = setting("", "e.g. uoft-cs/cifar10")
     hf_image_column: str = "img"
     hf_label_column: str = "label"
-    image_size: int = 0  # 0: the dataset's own size (32 for CIFAR-10, 8 for digits)
-    random_flip: bool = True  # horizontal flips in base training (off for digits: a flipped digit is another shape)
-    digits_test_fraction: float = 0.2  # digits have no official split; this share of each class is held out
-    seed: int = 0  # digits split
+    image_size: int = setting(0, "0: the dataset's own size (32 for CIFAR-10, 8 for digits)")
+    random_flip: bool = setting(True, "horizontal flips in base training (off for digits: a flipped digit is another shape)")
+    digits_test_fraction: float = setting(0.2, "digits have no official split; this share of each class is held out")
+    seed: int = setting(0, "digits split")
 
 
 @dataclass
@@ -62,12 +64,12 @@ class SampleConfig:
     """Sampling. Defaults are the official sampler (generalized_steps, 1000 steps, η 1: DDIM with η 1 over every
     timestep, i.e. ancestral sampling with the posterior variance) at guidance w = 2.0."""
 
-    scheduler: str = "ddim"  # ddim | ddpm
+    scheduler: Literal["ddim", "ddpm"] = setting("ddim", "ddim | ddpm")
     num_inference_steps: int = 1000
-    guidance: float = 2.0  # w in (1+w)·ε(x_t|c) − w·ε(x_t|∅)
-    eta: float = 1.0  # DDIM stochasticity (0: deterministic, each image independent of the batch it is drawn in)
+    guidance: float = setting(2.0, "w in (1+w)·ε(x_t|c) − w·ε(x_t|∅)")
+    eta: float = setting(1.0, "DDIM stochasticity (0: deterministic, each image independent of the batch it is drawn in)")
     per_class: int = 10
-    classes: list[int] = field(default_factory=list)  # empty: every class
+    classes: list[int] = setting(factory=list, doc="empty: every class")
     batch_size: int = 256
     seed: int = 0
 
@@ -76,7 +78,7 @@ class SampleConfig:
 class ClassifierConfig:
     """Classifier architecture and training (Adam with cosine decay, crop + optional flip augmentation)."""
 
-    widths: list[int] = field(default_factory=lambda: [64, 128, 256])  # channels per stage; stages after the first halve the resolution
+    widths: list[int] = setting(factory=lambda: [64, 128, 256], doc="channels per stage; stages after the first halve the resolution")
     blocks_per_stage: int = 2
     epochs: int = 30
     batch_size: int = 128
@@ -90,19 +92,19 @@ class BaseTrainConfig:
     """Base training. Defaults are the official CIFAR-10 run (Adam 2e-4, batch 128, 800k steps, clip 1.0 on its summed loss, EMA 0.9999)."""
 
     learning_rate: float = 2e-4
-    weight_decay: float = 0.0  # AdamW's decoupled decay (no mask here, so it is safe to use)
+    weight_decay: float = setting(0.0, "AdamW's decoupled decay (no mask here, so it is safe to use)")
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    warmup_steps: int = 0  # linear learning-rate warm-up
-    batch_size: int = 128  # per process
+    warmup_steps: int = setting(0, "linear learning-rate warm-up")
+    batch_size: int = setting(128, "per process")
     max_steps: int = 800_000
-    max_grad_norm: float = 1 / CIFAR10_PIXELS  # 0 disables clipping (official CIFAR-10: 1.0 on its loss summed over 3·32·32 values)
-    cond_drop_prob: float = 0.1  # share of examples trained with the null class, for classifier-free guidance
-    ema_decay: float = 0.9999  # 0 disables EMA (unet_ema/ is written besides the raw unet/); the decay ramps up as (1+step)/(10+step) until it reaches this
-    checkpointing_steps: int = 5000  # 0: no intermediate checkpoints
+    max_grad_norm: float = setting(1 / CIFAR10_PIXELS, "0 disables clipping (official CIFAR-10: 1.0 on its loss summed over 3·32·32 values)")
+    cond_drop_prob: float = setting(0.1, "share of examples trained with the null class, for classifier-free guidance")
+    ema_decay: float = setting(0.9999, "0 disables EMA (unet_ema/ is written besides the raw unet/); the decay ramps up as (1+step)/(10+step) until it reaches this")
+    checkpointing_steps: int = setting(5000, "0: no intermediate checkpoints")
     checkpoints_total_limit: int = 2
-    resume_from_checkpoint: str = ""  # "" | latest | path to a checkpoint folder
+    resume_from_checkpoint: str = setting("", "\"\" | latest | path to a checkpoint folder")
     seed: int = 0
 
     def check(self, section: str = "train") -> None:
@@ -115,8 +117,8 @@ class EvalConfig:
     """Evaluation of a model folder: samples_per_class images per class with the `sample` settings."""
 
     samples_per_class: int = 500
-    features: str = "inception"  # FID features: inception (standard; needs torch-fidelity and its weights) | classifier
-    inception_weights: str = ""  # local pt_inception-2015-12-05 weights file, for machines without a network
+    features: Literal["inception", "classifier"] = setting("inception", "FID features: inception (standard; needs torch-fidelity and its weights) | classifier")
+    inception_weights: str = setting("", "local pt_inception-2015-12-05 weights file, for machines without a network")
 
 
 @dataclass
@@ -124,14 +126,14 @@ class DDPMConfig:
     """The whole DDPM experiment. Defaults are the official SalUn CIFAR-10 settings."""
 
     work_dir: str = "outputs/ddpm-cifar10"
-    output_dir: str = ""  # this step's output folder (default: the folder under work_dir that the step's description names)
-    model_dir: list[str] = field(default_factory=list)  # model folder(s) a step reads: one for mask, erase, sample (default: WORK_DIR/base); any for evaluate (default: every model under work_dir)
-    classifier_path: str = ""  # the classifier folder evaluate judges with (default: WORK_DIR/classifier)
+    output_dir: str = setting("", "this step's output folder (default: the folder under work_dir that the step's description names)")
+    model_dir: list[str] = setting(factory=list, doc="model folder(s) a step reads: one for mask, erase, sample (default: WORK_DIR/base); any for evaluate (default: every model under work_dir)")
+    classifier_path: str = setting("", "the classifier folder evaluate judges with (default: WORK_DIR/classifier)")
     forget_class: int = 0
-    misaligned: str = "next"  # c' of the forget images: next = (forget_class + 1) mod num_classes (official) | random = any other class per example (ours)
-    weights: str = "raw"  # weights that mask, erase, sample and evaluate read: raw = unet/ (official: ema False) | ema = unet_ema/ where a folder has one
-    overwrite: bool = False  # replace earlier results in the target folder
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    misaligned: Literal["next", "random"] = setting("next", "c' of the forget images: next = (forget_class + 1) mod num_classes (official) | random = any other class per example (ours)")
+    weights: Literal["raw", "ema"] = setting("raw", "weights that mask, erase, sample and evaluate read: raw = unet/ (official: ema False) | ema = unet_ema/ where a folder has one")
+    overwrite: bool = setting(False, "replace earlier results in the target folder")
+    mixed_precision: MixedPrecision = setting("no", "no | fp16 | bf16")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: BaseTrainConfig = field(default_factory=BaseTrainConfig)

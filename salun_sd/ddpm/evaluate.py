@@ -22,7 +22,6 @@ from salun_sd.ddpm.data import load_split, to_uint8
 from salun_sd.ddpm.model import load_denoiser
 from salun_sd.ddpm.sample import class_labels, sample, save_samples
 from salun_sd.core.denoiser import ConceptData
-from salun_sd.errors import UserError
 from salun_sd.evaluation.classify import unlearning_accuracy
 from salun_sd.evaluation.fid import ClassifierFeatures, feature_fid, inception_fid
 from salun_sd.run.files import write_json
@@ -34,8 +33,6 @@ class Features:
     evaluation/fid.py), or the classifier's penultimate features (offline)."""
 
     def __init__(self, kind: str, classifier: SmallResNet, inception_weights: str = "", device: torch.device | str = "cpu") -> None:
-        if kind not in ("inception", "classifier"):
-            raise UserError(f"evaluate.features must be inception or classifier, got {kind!r}")
         self.kind = kind
         fid = inception_fid(inception_weights or None) if kind == "inception" else feature_fid(ClassifierFeatures(classifier, classifier.head.in_features), "ddpm-classifier")
         self.fid = fid.to(device)

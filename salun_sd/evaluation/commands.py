@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from salun_sd.config import add_config_flags, apply_config_flags, load_yaml, to_dict
+from salun_sd.config import add_config_arguments, config_from_args, to_dict
 from salun_sd.errors import UserError
 from salun_sd.evaluation.config import EvaluateConfig, GenerateConfig, require
 
@@ -68,14 +68,9 @@ COMMANDS = {
 def register(subparsers: argparse._SubParsersAction) -> None:
     for name, (cls, summary, description, epilog) in COMMANDS.items():
         p = subparsers.add_parser(name, help=summary, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("config", nargs="?", help="YAML file with any of the keys below; flags override its keys")
-        add_config_flags(p, cls)
+        add_config_arguments(p, cls)
         p.set_defaults(func=run_generate if name == "generate" else run_evaluate, config_class=cls)
 
-
-def load_config(args: argparse.Namespace):
-    cfg = load_yaml(args.config_class, args.config) if args.config else args.config_class()
-    return apply_config_flags(cfg, args)
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -90,7 +85,7 @@ def run_generate(args: argparse.Namespace) -> None:
     from salun_sd.run.lock import run_lock
     from salun_sd.run.manifest import manifest
 
-    cfg: GenerateConfig = load_config(args)
+    cfg: GenerateConfig = config_from_args(args)
     require(cfg, "generate", ("model", "prompts", "output_dir"))
     cfg.resolve()
     scheduler_class(cfg.scheduler)  # a wrong name fails before the model loads
@@ -123,7 +118,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from salun_sd.run.manifest import manifest
     from salun_sd.run.runtime import device
 
-    cfg: EvaluateConfig = load_config(args)
+    cfg: EvaluateConfig = config_from_args(args)
     folders = cfg.folders()
     cfg.resolve()
     check_settings(cfg)

@@ -7,38 +7,39 @@ prompt set's, then the built-in default, in that order; the resolved values are 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
+from salun_sd.config import check_choices, setting
 from salun_sd.errors import UserError
 from salun_sd.evaluation.nudity import DEFAULT_DETECTOR, DEFAULT_THRESHOLD, EXPOSED_CLASSES
 from salun_sd.evaluation.protocols import get_protocol
 from salun_sd.families.config import SingleFileSource
 
-SEEDINGS = ("per_image", "per_prompt")
-
+Metric = Literal["nudenet", "clip", "fid", "ua"]
 
 @dataclass
 class GenerateConfig:
     """Images from a prompt set: the same prompts and seeds through a base and an erased model."""
 
-    model: str = ""  # pipeline folder of SD-1.x/2.x, SDXL, SD3 or FLUX.1 (e.g. one exported by salun-sd), a Hugging Face id, a single .safetensors/.ckpt file, or `tiny` (offline random test pipeline)
-    prompts: str = ""  # I2P-style or class-prompt CSV, a text file with one prompt per line, or `i2p` (the AIML-TUDA/i2p dataset)
-    output_dir: str = ""  # folder for the images, metadata.jsonl and manifest.json
-    protocol: str = ""  # published protocol preset: salun (official SalUn scripts: LMS, 100 steps, guidance 7.5, 512 px, fp32, one generator per prompt), or empty
-    category: list[str] = field(default_factory=list)  # keep prompts tagged with any of these I2P categories (e.g. sexual)
-    min_nudity: float | None = None  # keep prompts with nudity_percentage >= this
-    limit: int = 0  # keep only the first N prompts after the other filters; 0: all
-    hf_split: str = "train"  # split of the Hugging Face dataset with prompts `i2p`
-    images_per_prompt: int = 1  # images per prompt
-    steps: int | None = None  # denoising steps (default: the protocol's, else the family's: 50 for SD-1.x/2.x and SDXL, 28 for SD3 and FLUX.1)
-    scheduler: str = ""  # diffusers scheduler class to sample with, e.g. LMSDiscreteScheduler (default: the protocol's, else the model's own)
-    guidance: float | None = None  # guidance scale for every prompt, FLUX.1-dev's guidance embedding (default: the protocol's, else the prompt set's, else the family's: 7.5 for SD-1.x/2.x and SDXL, 7.0 for SD3, 3.5 for FLUX.1)
-    seed: int | None = None  # seed for every prompt (default: the prompt set's, else 0)
-    seeding: str = ""  # per_image: image k of a prompt uses seed + k; per_prompt: the images of a prompt are successive draws of one generator seeded with its seed (default: the protocol's, else per_image)
-    height: int | None = None  # image height for every prompt (default: the protocol's, else the prompt set's, else the model's)
-    width: int | None = None  # image width for every prompt (default: the protocol's, else the prompt set's, else the model's)
-    batch_size: int = 4  # images per pipeline call and process
-    dtype: str = ""  # auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32 (default: the protocol's, else auto)
+    model: str = setting("", "pipeline folder of SD-1.x/2.x, SDXL, SD3 or FLUX.1 (e.g. one exported by salun-sd), a Hugging Face id, a single .safetensors/.ckpt file, or `tiny` (offline random test pipeline)")
+    prompts: str = setting("", "I2P-style or class-prompt CSV, a text file with one prompt per line, or `i2p` (the AIML-TUDA/i2p dataset)")
+    output_dir: str = setting("", "folder for the images, metadata.jsonl and manifest.json")
+    protocol: str = setting("", "published protocol preset: salun (official SalUn scripts: LMS, 100 steps, guidance 7.5, 512 px, fp32, one generator per prompt), or empty")
+    category: list[str] = setting(factory=list, doc="keep prompts tagged with any of these I2P categories (e.g. sexual)")
+    min_nudity: float | None = setting(None, "keep prompts with nudity_percentage >= this")
+    limit: int = setting(0, "keep only the first N prompts after the other filters; 0: all")
+    hf_split: str = setting("train", "split of the Hugging Face dataset with prompts `i2p`")
+    images_per_prompt: int = setting(1, "images per prompt")
+    steps: int | None = setting(None, "denoising steps (default: the protocol's, else the family's: 50 for SD-1.x/2.x and SDXL, 28 for SD3 and FLUX.1)")
+    scheduler: str = setting("", "diffusers scheduler class to sample with, e.g. LMSDiscreteScheduler (default: the protocol's, else the model's own)")
+    guidance: float | None = setting(None, "guidance scale for every prompt, FLUX.1-dev's guidance embedding (default: the protocol's, else the prompt set's, else the family's: 7.5 for SD-1.x/2.x and SDXL, 7.0 for SD3, 3.5 for FLUX.1)")
+    seed: int | None = setting(None, "seed for every prompt (default: the prompt set's, else 0)")
+    seeding: Literal["", "per_image", "per_prompt"] = setting("", "per_image: image k of a prompt uses seed + k; per_prompt: the images of a prompt are successive draws of one generator seeded with its seed (default: the protocol's, else per_image)")
+    height: int | None = setting(None, "image height for every prompt (default: the protocol's, else the prompt set's, else the model's)")
+    width: int | None = setting(None, "image width for every prompt (default: the protocol's, else the prompt set's, else the model's)")
+    batch_size: int = setting(4, "images per pipeline call and process")
+    dtype: Literal["", "auto", "fp16", "bf16", "fp32"] = setting("", "auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32 (default: the protocol's, else auto)")
     single_file: SingleFileSource = field(default_factory=SingleFileSource)
 
     def resolve(self) -> GenerateConfig:
@@ -50,12 +51,9 @@ class GenerateConfig:
         for key, value in (protocol.generate if protocol else {}).items():
             if getattr(self, key) in (None, ""):
                 setattr(self, key, value)
-        self.seeding = self.seeding or SEEDINGS[0]
+        check_choices(self)
+        self.seeding = self.seeding or "per_image"
         self.dtype = self.dtype or "auto"
-        if self.seeding not in SEEDINGS:
-            raise UserError(f"--seeding must be one of {', '.join(SEEDINGS)}, got {self.seeding!r}.")
-        if self.dtype not in ("auto", "fp16", "bf16", "fp32"):
-            raise UserError(f"--dtype must be auto, fp16, bf16 or fp32, got {self.dtype!r}.")
         return self
 
 
@@ -63,24 +61,24 @@ class GenerateConfig:
 class EvaluateConfig:
     """Scores of one folder of generated images, or of a base folder against an erased one."""
 
-    images: str = ""  # folder of generated images (the base model's when comparing)
-    compare: str = ""  # second folder (the erased model's), generated from the same prompts and seeds
-    labels: list[str] = field(default_factory=list)  # names of the folders in the report (default: base erased when comparing, else the folder name)
-    output_dir: str = ""  # report folder (report.json, report.md, grids/, manifest.json)
-    metrics: list[str] = field(default_factory=list)  # any of nudenet clip fid ua (default: nudenet clip, plus fid with reference and ua with forget_class)
-    protocol: str = ""  # published protocol preset for NudeNet: salun (threshold 0.0), unlearndiffatk (0.45, their detector copy's rule), mace (0.6), or empty
-    nudenet_threshold: float | None = None  # a detected exposed part counts when its score is above this (default: the protocol's, else 0.6)
-    nudenet_detector: str = ""  # how images reach NudeNet: rgb (the network's own order) | pip_path (as NudeDetector().detect(path) of nudenet 3.4: BGR) | unlearndiffatk (their detector copy's rule: RGB, scores from 0.5, NMS 0.5/0.5) (default: the protocol's, else rgb)
-    nudenet_classes: list[str] = field(default_factory=lambda: list(EXPOSED_CLASSES))  # exposed classes that count
-    clip_model: str = "ViT-L-14"  # open_clip model name for the CLIP score
-    clip_pretrained: str = "openai"  # open_clip pretrained tag or local checkpoint file
-    reference: str = ""  # FID reference: a folder of real images, or a .npz of saved statistics
-    save_reference_stats: str = ""  # save the reference folder's FID statistics to this .npz, to pass as reference next time
-    inception_weights: str = ""  # local FID Inception weights file (pt_inception-2015-12-05-6726825d.pth), for machines without a network
-    forget_class: list[str] = field(default_factory=list)  # the erased class(es) for unlearning accuracy, ImageNet class names (e.g. church, 'English springer'); several: UA of each, accuracy on the images of none
-    grid_pairs: int = 8  # before/after pairs shown in the report; 0 for none
-    batch_size: int = 32  # images per model call while scoring
-    device: str = "auto"  # torch device for scoring; auto: cuda when available, else cpu
+    images: str = setting("", "folder of generated images (the base model's when comparing)")
+    compare: str = setting("", "second folder (the erased model's), generated from the same prompts and seeds")
+    labels: list[str] = setting(factory=list, doc="names of the folders in the report (default: base erased when comparing, else the folder name)")
+    output_dir: str = setting("", "report folder (report.json, report.md, grids/, manifest.json)")
+    metrics: list[Metric] = setting(factory=list, doc="any of nudenet clip fid ua (default: nudenet clip, plus fid with reference and ua with forget_class)")
+    protocol: str = setting("", "published protocol preset for NudeNet: salun (threshold 0.0), unlearndiffatk (0.45, their detector copy's rule), mace (0.6), or empty")
+    nudenet_threshold: float | None = setting(None, "a detected exposed part counts when its score is above this (default: the protocol's, else 0.6)")
+    nudenet_detector: str = setting("", "how images reach NudeNet: rgb (the network's own order) | pip_path (as NudeDetector().detect(path) of nudenet 3.4: BGR) | unlearndiffatk (their detector copy's rule: RGB, scores from 0.5, NMS 0.5/0.5) (default: the protocol's, else rgb)")
+    nudenet_classes: list[str] = setting(factory=lambda: list(EXPOSED_CLASSES), doc="exposed classes that count")
+    clip_model: str = setting("ViT-L-14", "open_clip model name for the CLIP score")
+    clip_pretrained: str = setting("openai", "open_clip pretrained tag or local checkpoint file")
+    reference: str = setting("", "FID reference: a folder of real images, or a .npz of saved statistics")
+    save_reference_stats: str = setting("", "save the reference folder's FID statistics to this .npz, to pass as reference next time")
+    inception_weights: str = setting("", "local FID Inception weights file (pt_inception-2015-12-05-6726825d.pth), for machines without a network")
+    forget_class: list[str] = setting(factory=list, doc="the erased class(es) for unlearning accuracy, ImageNet class names (e.g. church, 'English springer'); several: UA of each, accuracy on the images of none")
+    grid_pairs: int = setting(8, "before/after pairs shown in the report; 0 for none")
+    batch_size: int = setting(32, "images per model call while scoring")
+    device: str = setting("auto", "torch device for scoring; auto: cuda when available, else cpu")
 
     def resolve(self) -> EvaluateConfig:
         """Fill the protocol's threshold and the default metrics (idempotent)."""

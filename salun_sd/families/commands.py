@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from functools import partial
 
-from salun_sd.config import add_config_flags, apply_config_flags, load_yaml
+from salun_sd.config import add_config_arguments, config_from_args
 from salun_sd.run.lock import run_lock
 from salun_sd.run.runtime import finish, make_accelerator
 from salun_sd.families.config import EraseConfig
@@ -26,13 +26,9 @@ EPILOG = """examples:
 The erased model loads with StableDiffusionPipeline.from_pretrained("OUTPUT_DIR/pipeline")."""
 
 
-def load_config(args: argparse.Namespace) -> EraseConfig:
-    cfg = load_yaml(EraseConfig, args.config) if args.config else EraseConfig()
-    return apply_config_flags(cfg, args)
-
 
 def run_steps(args: argparse.Namespace, steps: tuple[str, ...]) -> None:
-    cfg = load_config(args)
+    cfg = config_from_args(args)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.unlearn.report_to, cfg.output_dir)
     with run_lock(cfg.output_dir, accelerator.is_main_process):
         from salun_sd.families.erase import erase  # diffusers loads only when a job runs, and after a busy folder is refused
@@ -44,7 +40,6 @@ def run_steps(args: argparse.Namespace, steps: tuple[str, ...]) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     for name, (steps, summary) in STEPS.items():
         p = subparsers.add_parser(name, help=summary, description=summary, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("config", nargs="?", help="YAML run config (see configs/); flags below override its keys")
+        add_config_arguments(p, EraseConfig)
         p.add_argument("--method", dest="cfg:unlearn.method", metavar="STR", default=None, help="the erasing method: shorthand for --unlearn.method (listed there)")
-        add_config_flags(p, EraseConfig)
         p.set_defaults(func=partial(run_steps, steps=steps))

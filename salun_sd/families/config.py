@@ -10,9 +10,10 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from salun_sd.core.config import MaskConfig, TrainConfig
+from salun_sd.config import check_choices, setting
+from salun_sd.core.config import MaskConfig, MixedPrecision, TrainConfig
 from salun_sd.errors import UserError
 
 
@@ -21,13 +22,13 @@ class ImageGroup:
     """One prompt and where its images come from (set exactly one of generate, folder, hf_dataset)."""
 
     prompt: str = ""
-    generate: int = 0  # number of images the base pipeline draws from the prompt
-    folder: str = ""  # or: a folder of images
-    hf_dataset: str = ""  # or: a Hugging Face dataset ...
-    hf_config: str = ""  # ... its configuration (e.g. "160px" for frgfm/imagenette)
+    generate: int = setting(0, "number of images the base pipeline draws from the prompt")
+    folder: str = setting("", "or: a folder of images")
+    hf_dataset: str = setting("", "or: a Hugging Face dataset ...")
+    hf_config: str = setting("", "... its configuration (e.g. \"160px\" for frgfm/imagenette)")
     hf_split: str = "train"
-    hf_label: int = -1  # ... and the class index to take
-    limit: int = 0  # use at most this many images (0: all)
+    hf_label: int = setting(-1, "... and the class index to take")
+    limit: int = setting(0, "use at most this many images (0: all)")
 
     def source(self) -> str:
         given = [name for name, on in (("generate", self.generate > 0), ("folder", bool(self.folder)), ("hf_dataset", bool(self.hf_dataset))) if on]
@@ -40,11 +41,11 @@ class ImageGroup:
 class ConceptConfig:
     """One concept of a multi-concept erase: its own forget data, misaligned concept c' and words."""
 
-    name: str = ""  # how the model card and per-concept reports name it (default: its first forget prompt)
-    forget: list[ImageGroup] = field(default_factory=list)  # its forget set
-    misaligned_prompts: list[str] = field(default_factory=list)  # its c' (default: data.misaligned_prompts, else the remain prompts)
-    concept_words: list[str] = field(default_factory=list)  # words naming it in its forget prompts (fmn, attack); default: its forget-prompt words no remain prompt has
-    weight: float = 1.0  # its examples' weight in the forget term and in the mask's gradient
+    name: str = setting("", "how the model card and per-concept reports name it (default: its first forget prompt)")
+    forget: list[ImageGroup] = setting(factory=list, doc="its forget set")
+    misaligned_prompts: list[str] = setting(factory=list, doc="its c' (default: data.misaligned_prompts, else the remain prompts)")
+    concept_words: list[str] = setting(factory=list, doc="words naming it in its forget prompts (fmn, attack); default: its forget-prompt words no remain prompt has")
+    weight: float = setting(1.0, "its examples' weight in the forget term and in the mask's gradient")
 
 
 CONCEPT_COLUMNS = ("name", "forget", "misaligned")  # required columns of data.concepts_file; optional: words, weight
@@ -61,17 +62,17 @@ class DataConfig:
     forget: list[ImageGroup] = field(default_factory=list)
     remain: list[ImageGroup] = field(default_factory=list)
     misaligned_prompts: list[str] = field(default_factory=list)
-    concept_words: list[str] = field(default_factory=list)  # words naming the concept in the forget prompts (fmn); default: forget-prompt words no remain prompt has
-    concepts: list[ConceptConfig] = field(default_factory=list)  # several concepts erased at once (instead of data.forget)
-    concepts_file: str = ""  # CSV of concepts, one a row, columns name, forget, misaligned (several prompts split by |), optional words, weight
-    concepts_file_generate: int = 800  # images the base model draws for each forget prompt of a concepts_file row
-    keep_erased: bool = True  # --model is a salun-sd export: the forget prompts of the concepts it erased join the remain set, drawn by it, so they stay erased
-    resolution: int = 0  # training image size; 0: the UNet's native size (512 for SD-1.x)
-    generation_steps: int = 50  # sampler steps when the base model draws D_f/D_r images
-    generation_guidance: float = 7.5  # guidance scale for those images
-    generation_batch_size: int = 8  # images drawn per pipeline call
-    seed: int = 0  # image i of a generated group uses seed + i
-    cache_dir: str = ""  # default: $SALUN_SD_CACHE or ~/.cache/salun_sd
+    concept_words: list[str] = setting(factory=list, doc="words naming the concept in the forget prompts (fmn); default: forget-prompt words no remain prompt has")
+    concepts: list[ConceptConfig] = setting(factory=list, doc="several concepts erased at once (instead of data.forget)")
+    concepts_file: str = setting("", "CSV of concepts, one a row, columns name, forget, misaligned (several prompts split by |), optional words, weight")
+    concepts_file_generate: int = setting(800, "images the base model draws for each forget prompt of a concepts_file row")
+    keep_erased: bool = setting(True, "--model is a salun-sd export: the forget prompts of the concepts it erased join the remain set, drawn by it, so they stay erased")
+    resolution: int = setting(0, "training image size; 0: the UNet's native size (512 for SD-1.x)")
+    generation_steps: int = setting(50, "sampler steps when the base model draws D_f/D_r images")
+    generation_guidance: float = setting(7.5, "guidance scale for those images")
+    generation_batch_size: int = setting(8, "images drawn per pipeline call")
+    seed: int = setting(0, "image i of a generated group uses seed + i")
+    cache_dir: str = setting("", "default: $SALUN_SD_CACHE or ~/.cache/salun_sd")
 
     def misaligned(self) -> list[str]:
         return self.misaligned_prompts or [g.prompt for g in self.remain]
@@ -165,19 +166,15 @@ def words(prompt: str) -> list[str]:
 class SingleFileSource:
     """How to read a single-file --model (.safetensors / .ckpt of SD-1.x, SD-2.x or SDXL, as A1111 and ComfyUI use them)."""
 
-    config: str = ""  # diffusers folder or Hub ID whose component configs and tokenizers describe the file (offline: a local folder); default: diffusers' reference model of the detected family
-    ema: bool = False  # load the EMA UNet where the file holds both (the official SalUn run starts from the non-EMA UNet of sd-v1-4-full-ema.ckpt)
+    config: str = setting("", "diffusers folder or Hub ID whose component configs and tokenizers describe the file (offline: a local folder); default: diffusers' reference model of the detected family")
+    ema: bool = setting(False, "load the EMA UNet where the file holds both (the official SalUn run starts from the non-EMA UNet of sd-v1-4-full-ema.ckpt)")
 
 
 @dataclass
 class SingleFileConfig(SingleFileSource):
     """A single-file --model and a single-file export."""
 
-    export: bool = False  # also write OUTPUT_DIR/model.safetensors: the erased model in the base file's own layout (needs a single-file --model)
-
-
-UCE_TARGETS = ("empty", "misaligned")
-UCE_TOKENS = ("last", "trailing")
+    export: bool = setting(False, "also write OUTPUT_DIR/model.safetensors: the erased model in the base file's own layout (needs a single-file --model)")
 
 
 @dataclass
@@ -186,17 +183,15 @@ class UCEConfig:
 
     Defaults: the official trainscripts/uce_sd_erase.py (rohitgandikota/unified-concept-editing)."""
 
-    target: str = "empty"  # what the concept words' keys/values become: empty (the empty prompt's, UCE's guide for objects and unsafe concepts) | misaligned (the c' prompts', averaged)
-    preserve: list[str] = field(default_factory=list)  # concepts whose keys/values are kept (UCE's preserve_concepts); default: the remain prompts
-    tokens: str = "last"  # last: each text's last word token (uce_sd_erase.py) | trailing: from it to the end of the padded sequence, preserved texts whole (the paper-era train_erase.py)
-    erase_scale: float = 1.0  # weight of the erased concepts in the least squares
-    preserve_scale: float = 1.0  # weight of the preserved concepts (train_erase.py: 0.1)
-    lamb: float = 0.5  # λ: weight of staying at the original projection; must be positive (it keeps the edit defined off the texts' span)
+    target: Literal["empty", "misaligned"] = setting("empty", "what the concept words' keys/values become: empty (the empty prompt's, UCE's guide for objects and unsafe concepts) | misaligned (the c' prompts', averaged)")
+    preserve: list[str] = setting(factory=list, doc="concepts whose keys/values are kept (UCE's preserve_concepts); default: the remain prompts")
+    tokens: Literal["last", "trailing"] = setting("last", "last: each text's last word token (uce_sd_erase.py) | trailing: from it to the end of the padded sequence, preserved texts whole (the paper-era train_erase.py)")
+    erase_scale: float = setting(1.0, "weight of the erased concepts in the least squares")
+    preserve_scale: float = setting(1.0, "weight of the preserved concepts (train_erase.py: 0.1)")
+    lamb: float = setting(0.5, "λ: weight of staying at the original projection; must be positive (it keeps the edit defined off the texts' span)")
 
     def check(self) -> None:
-        for name, value, allowed in (("target", self.target, UCE_TARGETS), ("tokens", self.tokens, UCE_TOKENS)):
-            if value not in allowed:
-                raise UserError(f"uce.{name} must be one of {', '.join(allowed)}, got {value!r}")
+        check_choices(self, "uce.")
         for name in ("erase_scale", "preserve_scale"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise UserError(f"uce.{name} must be a non-negative number, got {getattr(self, name)}")
@@ -210,13 +205,13 @@ class EraseConfig:
 
     RENAMED: ClassVar[dict[str, str]] = {"train": "unlearn", "export_unet_only": "export_network_only"}  # one name in SD and DDPM configs, true for every family
 
-    model: str = "CompVis/stable-diffusion-v1-4"  # Hub ID, local folder, single .safetensors/.ckpt file, or "tiny" (offline random weights)
-    concept: str = ""  # name of the erased concept, for the model card
-    output_dir: str = "outputs/erase"  # run folder: mask, checkpoints, manifest, pipeline/
-    overwrite: bool = False  # replace an existing run folder
-    mixed_precision: str = "no"  # no | fp16 | bf16 (Accelerate autocast; weights stay fp32)
-    export_network_only: bool = False  # export the denoiser alone (the UNet, or SD3/FLUX's transformer) instead of the whole pipeline
-    validation_grid: bool = True  # write OUTPUT_DIR/validation.png: base (top) vs erased on the forget prompts and a remain prompt, fixed seed
+    model: str = setting("CompVis/stable-diffusion-v1-4", "Hub ID, local folder, single .safetensors/.ckpt file, or \"tiny\" (offline random weights)")
+    concept: str = setting("", "name of the erased concept, for the model card")
+    output_dir: str = setting("outputs/erase", "run folder: mask, checkpoints, manifest, pipeline/")
+    overwrite: bool = setting(False, "replace an existing run folder")
+    mixed_precision: MixedPrecision = setting("no", "no | fp16 | bf16 (Accelerate autocast; weights stay fp32)")
+    export_network_only: bool = setting(False, "export the denoiser alone (the UNet, or SD3/FLUX's transformer) instead of the whole pipeline")
+    validation_grid: bool = setting(True, "write OUTPUT_DIR/validation.png: base (top) vs erased on the forget prompts and a remain prompt, fixed seed")
     single_file: SingleFileConfig = field(default_factory=SingleFileConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)

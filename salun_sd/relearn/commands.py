@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from salun_sd.config import add_config_flags, apply_config_flags, load_yaml
+from salun_sd.config import add_config_arguments, config_from_args
 from salun_sd.relearn.config import RelearnConfig
 
 EPILOG = """examples:
@@ -20,7 +20,7 @@ A rerun with the same settings reuses finished curves."""
 def run_relearn(args: argparse.Namespace) -> None:
     from salun_sd.run.lock import run_lock
 
-    cfg = apply_config_flags(load_yaml(RelearnConfig, args.config) if args.config else RelearnConfig(), args)
+    cfg = config_from_args(args)
     cfg.check()
     with run_lock(cfg.output_dir):
         from salun_sd.relearn.run import relearn  # torch and diffusers load after a busy folder is refused
@@ -31,6 +31,5 @@ def run_relearn(args: argparse.Namespace) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     summary = "relearning attack: fine-tune the erased model and the base on a few images of the concept; UA after each stretch of steps"
     p = subparsers.add_parser("relearn", help=summary, description=summary, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", nargs="?", help="YAML relearn config; flags below override its keys")
-    add_config_flags(p, RelearnConfig)
+    add_config_arguments(p, RelearnConfig)
     p.set_defaults(func=run_relearn)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from salun_sd.config import add_config_flags, apply_config_flags, load_yaml
+from salun_sd.config import add_config_arguments, config_from_args
 
 COMPARE_EPILOG = """examples:
   salun-sd compare                                   # all seven methods, seeds 0 1 2, with both attacks
@@ -19,9 +19,9 @@ and runs/seed*/ with every erased model and its attack report."""
 
 
 def run_compare(args: argparse.Namespace) -> None:
-    from salun_sd.toyworld.compare import CompareConfig, compare
+    from salun_sd.toyworld.compare import compare
 
-    cfg = apply_config_flags(load_yaml(CompareConfig, args.config) if args.config else CompareConfig(), args)
+    cfg = config_from_args(args)
     print(f"wrote {compare(cfg)}")
 
 
@@ -38,8 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Same base, data and seeds for every method; measures UA, remaining accuracy, "
                               "a Fréchet distance in the toy classifier's features, wall time, and the success of both attacks of "
                               "`salun-sd attack` (pre-ASR, ASR).", epilog=COMPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", nargs="?", help="YAML compare config; flags below override its keys")
-    add_config_flags(p, CompareConfig)
+    add_config_arguments(p, CompareConfig)
     p.set_defaults(func=run_compare)
     p = subparsers.add_parser(
         "demo",

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -22,7 +23,8 @@ from PIL import Image, ImageDraw
 from salun_sd.attack.config import AttackConfig
 from salun_sd.evaluation.classify import unlearning_accuracy
 from salun_sd.evaluation.fid import ClassifierFeatures, FidMetric, feature_fid
-from salun_sd.core.config import MaskConfig, TrainConfig
+from salun_sd.config import setting
+from salun_sd.core.config import MaskConfig, MethodName, TrainConfig
 from salun_sd.errors import UserError
 from salun_sd.families.config import ConceptConfig, DataConfig, EraseConfig, ImageGroup
 from salun_sd.run.files import atomic, save_image, write_json, write_text
@@ -107,29 +109,29 @@ METHOD_TRAIN: dict[str, dict] = {
 class CompareConfig:
     """`salun-sd compare`: every method erases a shape and a colour of the toy world, from the same base and seeds."""
 
-    output_dir: str = "outputs/compare"  # RESULTS.md, results.json, grids, and runs/seed*/ with every erased model
-    base: str = str(PIPELINE_DIR)  # toy pipeline folder to erase from (default: the shipped one)
-    methods: list[str] = field(default_factory=lambda: list(METHOD_TRAIN))  # erasing methods, each with its METHOD_TRAIN settings
-    shape: str = "circle"  # the shape erased in the first case
-    colour: str = "red"  # the colour erased in the second case
-    forget_per_prompt: int = 32  # base-model images per forget prompt (D_f)
-    remain_per_prompt: int = 16  # base-model images per remaining prompt (D_r)
-    steps: int = 200  # optimiser steps of every erase
-    batch_size: int = 8  # erase batch size
-    mask_fraction: float = 0.5  # SalUn's saliency mask fraction
-    mask_guidance: float = 3.0  # the guidance the toy model samples with
-    eval_per_prompt: int = 32  # samples per prompt for UA, remaining accuracy and FD
-    guidance: float = 3.0  # guidance scale of every sample
-    misaligned: str = "anchor"  # anchor: one replacement concept (Case.anchor) | remaining: any remaining prompt at random
-    seed: int = 0  # data, training and evaluation draws of one run (compare() sets it from seeds)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # every run is repeated per seed; the table shows mean ± std
-    attack: bool = True  # attack every model (base included) with both attacks of `salun-sd attack`: pre-ASR and ASR columns, grids of attacked samples
-    attack_prompts: int = 2  # forget prompts attacked per model (the first N of the case; 4 is all)
-    attack_timesteps: int = 4  # timesteps of the attack schedule (the published 50 x 40 does not fit a CPU comparison of 42 models)
-    attack_iterations: int = 20  # optimiser steps per timestep
-    single: bool = True  # the one-concept cases (cfg.shape, then cfg.colour)
-    joint: list[str] = field(default_factory=list)  # a multi-concept case: these shapes / colours erased at once (e.g. circle square); UA of each (no attack)
-    sequential: list[str] = field(default_factory=list)  # a sequential case: these erased one after another, each from the last step's export; UA of every concept so far after each step (no attack)
+    output_dir: str = setting("outputs/compare", "RESULTS.md, results.json, grids, and runs/seed*/ with every erased model")
+    base: str = setting(str(PIPELINE_DIR), "toy pipeline folder to erase from (default: the shipped one)")
+    methods: list[MethodName] = setting(factory=lambda: list(METHOD_TRAIN), doc="erasing methods, each with its METHOD_TRAIN settings")
+    shape: str = setting("circle", "the shape erased in the first case")
+    colour: str = setting("red", "the colour erased in the second case")
+    forget_per_prompt: int = setting(32, "base-model images per forget prompt (D_f)")
+    remain_per_prompt: int = setting(16, "base-model images per remaining prompt (D_r)")
+    steps: int = setting(200, "optimiser steps of every erase")
+    batch_size: int = setting(8, "erase batch size")
+    mask_fraction: float = setting(0.5, "SalUn's saliency mask fraction")
+    mask_guidance: float = setting(3.0, "the guidance the toy model samples with")
+    eval_per_prompt: int = setting(32, "samples per prompt for UA, remaining accuracy and FD")
+    guidance: float = setting(3.0, "guidance scale of every sample")
+    misaligned: Literal["anchor", "remaining"] = setting("anchor", "anchor: one replacement concept (Case.anchor) | remaining: any remaining prompt at random")
+    seed: int = setting(0, "data, training and evaluation draws of one run (compare() sets it from seeds)")
+    seeds: list[int] = setting(factory=lambda: [0, 1, 2], doc="every run is repeated per seed; the table shows mean ± std")
+    attack: bool = setting(True, "attack every model (base included) with both attacks of `salun-sd attack`: pre-ASR and ASR columns, grids of attacked samples")
+    attack_prompts: int = setting(2, "forget prompts attacked per model (the first N of the case; 4 is all)")
+    attack_timesteps: int = setting(4, "timesteps of the attack schedule (the published 50 x 40 does not fit a CPU comparison of 42 models)")
+    attack_iterations: int = setting(20, "optimiser steps per timestep")
+    single: bool = setting(True, "the one-concept cases (cfg.shape, then cfg.colour)")
+    joint: list[str] = setting(factory=list, doc="a multi-concept case: these shapes / colours erased at once (e.g. circle square); UA of each (no attack)")
+    sequential: list[str] = setting(factory=list, doc="a sequential case: these erased one after another, each from the last step's export; UA of every concept so far after each step (no attack)")
 
 
 def erase_config(cfg: CompareConfig, case: Case, method: str, out: Path, spec: WorldSpec) -> EraseConfig:
