@@ -232,3 +232,23 @@ def test_a_config_with_two_concepts_sends_each_concepts_words_to_its_own_c_prime
     assert relative_gaps(before, erased, c, "violent", calm, [clothes])[0] < 1e-3
     card = (tmp_path / "run" / "pipeline" / "README.md").read_text()
     assert "nudity" in card and "violence" in card
+
+
+def test_a_second_uce_step_from_the_first_ones_export_keeps_the_first_concept_erased_and_the_card_lists_both(pipe, tmp_path):
+    first = tiny_config(tmp_path / "a", tmp_path / "cache", method="uce")
+    first.validation_grid, first.uce.lamb = False, 1e-3
+    AcceleratorState._reset_state(True)
+    erase(first, Accelerator(cpu=True), ("erase",))
+    second = tiny_config(tmp_path / "b", tmp_path / "cache", method="uce")
+    second.model, second.concept, second.validation_grid, second.uce.lamb = str(tmp_path / "a" / "pipeline"), "violence", False, 1e-3
+    second.data.forget[0].prompt = "a photo of a violent person"
+    AcceleratorState._reset_state(True)
+    erase(second, Accelerator(cpu=True), ("erase",))
+    erased = StableDiffusionPipeline.from_pretrained(tmp_path / "b" / "pipeline")
+    c = last_word_states(pipe, encode_prompts, ["nude", "violent", ""])
+    base = [p.weight.detach().double() for p in projections(pipe.unet)]
+    step1 = [p.weight.detach().double() for p in projections(StableDiffusionPipeline.from_pretrained(tmp_path / "a" / "pipeline").unet)]
+    assert relative_gaps(base, erased, c, "nude", "", [])[0] < 1e-3  # the first concept kept where step 1 put it (preserved)
+    assert relative_gaps(step1, erased, c, "violent", "", [])[0] < 1e-3  # the second sent to the empty prompt's keys/values of step 1's model
+    card = (tmp_path / "b" / "pipeline" / "README.md").read_text()
+    assert card.index("nudity") < card.index("violence")

@@ -19,7 +19,7 @@ STEPS = {
 EPILOG = """examples:
   salun-sd run configs/nudity.yaml
   salun-sd run configs/nudity.yaml --model ./stable-diffusion-v1-4 --output_dir outputs/nudity
-  salun-sd erase configs/methods/esd_u.yaml                # a baseline (configs/methods/: esd_x, esd_u, fmn, ga, rl, ft)
+  salun-sd erase configs/methods/esd_u.yaml                # a baseline (configs/methods/: esd_x, esd_u, fmn, ga, rl, ft, uce)
   accelerate launch --num_processes 4 -m salun_sd run configs/nudity.yaml --unlearn.batch_size 2
   salun-sd erase configs/nudity.yaml --unlearn.resume_from_checkpoint latest   # continue an interrupted run
 

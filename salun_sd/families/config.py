@@ -184,7 +184,7 @@ class UCEConfig:
     Defaults: the official trainscripts/uce_sd_erase.py (rohitgandikota/unified-concept-editing)."""
 
     target: Literal["empty", "misaligned"] = setting("empty", "what the concept words' keys/values become: empty (the empty prompt's, UCE's guide for objects and unsafe concepts) | misaligned (the c' prompts', averaged)")
-    preserve: list[str] = setting(factory=list, doc="concepts whose keys/values are kept (UCE's preserve_concepts); default: the remain prompts")
+    preserve: list[str] = setting(factory=list, doc="concepts whose keys/values are kept (UCE's preserve_concepts); default: the remain prompts (from an export, with data.keep_erased, also the concepts it erased)")
     tokens: Literal["last", "trailing"] = setting("last", "last: each text's last word token (uce_sd_erase.py) | trailing: from it to the end of the padded sequence, preserved texts whole (the paper-era train_erase.py)")
     erase_scale: float = setting(1.0, "weight of the erased concepts in the least squares")
     preserve_scale: float = setting(1.0, "weight of the preserved concepts (train_erase.py: 0.1)")

@@ -85,7 +85,12 @@ class SDErase(EraseJob):
         return [Concept(c.concept_words, [""] if self.config.uce.target == "empty" else c.misaligned_prompts) for c in self.concepts]
 
     def uce_preserve(self) -> list[str]:
-        return self.config.uce.preserve or [g.prompt for g in self.config.data.remain]
+        """uce.preserve (default: the remain prompts) and, when --model is an export (data.keep_erased), the words and forget
+        prompts of the concepts it erased: kept at their erased keys/values, else the new edit can bring them back."""
+        erasing = {w for c in self.concepts for w in c.concept_words}
+        earlier = [t for step in self.earlier for c in step["concepts"] for t in (*c.get("words", []), *(g["prompt"] for g in c["forget"]))]
+        kept = [t for t in earlier if t not in erasing] if self.config.data.keep_erased else []
+        return list(dict.fromkeys([*(self.config.uce.preserve or [g.prompt for g in self.config.data.remain]), *kept]))
 
     def load_base(self) -> Family:
         """The base pipeline (kept for the export) and the training resolution; returns its family."""
