@@ -1,8 +1,10 @@
 """What every test shares: one torch thread, the offline Hub, subprocesses on the CPU, tiny erase configs.
 
-One thread for the whole suite and every process it starts: the models here are tiny, and on a busy
-2-core machine spinning threads cost more than they give (the toy demo took 645 s under load, 86 s
-on one thread).
+One thread for each pytest-xdist worker (`-n auto` in pyproject.toml: one worker per core) and every
+process it starts: the models here are tiny, and on a busy 2-core machine spinning threads cost more
+than they give (the toy demo took 645 s under load, 86 s on one thread). Files go to workers whole
+(`--dist loadfile`), so a module fixture is made once; the session fixtures below are made once per run
+for all workers (`shared`), in a folder they share.
 
 On a machine with CUDA GPUs: subprocesses see no GPU, and every Accelerator runs on the CPU
 (ACCELERATE_USE_CPU). Accelerate's state is one per process and the first Accelerator fixes its
@@ -15,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ["OMP_NUM_THREADS"] = "1"  # before torch loads, and inherited by every subprocess
@@ -25,6 +28,7 @@ import open_clip  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from accelerate.state import AcceleratorState  # noqa: E402
+from filelock import FileLock  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from salun_sd.core.config import MaskConfig, TrainConfig  # noqa: E402
@@ -131,33 +135,49 @@ def no_accelerate_state_left_behind():
     AcceleratorState._reset_state(True)
 
 
+def shared(tmp_path_factory, name: str, make: Callable[[Path], object] = lambda folder: None) -> Path:
+    """A folder made by `make` once per test run and shared by every pytest-xdist worker: the first worker to
+    ask makes it under a file lock, the others wait and reuse it (a session fixture is otherwise made once per worker)."""
+    root = tmp_path_factory.getbasetemp()
+    folder = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / f"shared-{name}"
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".made").is_file():
+            folder.mkdir(exist_ok=True)
+            make(folder)
+            (folder / ".made").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
-    """Generated images and latents shared by the tests of a session (as the real cache is across runs)."""
-    return tmp_path_factory.mktemp("cache")
+    """Generated images and latents shared by the tests of a run (as the real cache is across runs; its writes are atomic)."""
+    return shared(tmp_path_factory, "cache")
 
 
 @pytest.fixture(scope="session")
 def erase_yaml(tmp_path_factory):
     """A tiny-pipeline YAML config and its mask, for the tests that run the CLI: one process draws the data
     (two batches of 4 per prompt, into ROOT/cache1), then makes ROOT/mask1/mask.safetensors."""
-    root = tmp_path_factory.mktemp("cli")
-    path = root / "cfg.yaml"
-    path.write_text(
-        f"model: tiny\ndata:\n  forget:\n    - prompt: {FORGET}\n      generate: 8\n  remain:\n    - prompt: {REMAIN}\n      generate: 8\n"
-        f"  generation_steps: 3\n  generation_batch_size: 4\n  cache_dir: {root / 'cache1'}\nmask:\n  batch_size: 4\nunlearn:\n  learning_rate: 1.0e-3\n"
-    )
-    salun("mask", str(path), "--output_dir", str(root / "mask1"))
-    return root, path
+
+    def make(root: Path) -> None:
+        (root / "cfg.yaml").write_text(
+            f"model: tiny\ndata:\n  forget:\n    - prompt: {FORGET}\n      generate: 8\n  remain:\n    - prompt: {REMAIN}\n      generate: 8\n"
+            f"  generation_steps: 3\n  generation_batch_size: 4\n  cache_dir: {root / 'cache1'}\nmask:\n  batch_size: 4\nunlearn:\n  learning_rate: 1.0e-3\n"
+        )
+        salun("mask", str(root / "cfg.yaml"), "--output_dir", str(root / "mask1"))
+
+    root = shared(tmp_path_factory, "cli", make)
+    return root, root / "cfg.yaml"
 
 
 @pytest.fixture(scope="session")
-def two_process_erase(erase_yaml):
-    """An uninterrupted 2-process erase (1 example per process and step, checkpoints every 2 steps): its folder and arguments."""
+def two_process_erase(tmp_path_factory, erase_yaml):
+    """An uninterrupted 2-process erase (1 example per process and step, checkpoints every 2 steps): its folder and arguments.
+    Tests put their own runs beside it, in folders of their own names."""
     root, cfg = erase_yaml
     # A large Adam epsilon keeps each update proportional to its gradient: with the default 1e-8, a gradient
     # of ~1e-9 (float noise of the summation order) decides the sign of a full lr-sized step.
     args = [str(cfg), "--mask.path", str(root / "mask1" / "mask.safetensors"), "--unlearn.max_steps", "4", "--unlearn.batch_size", "1",
             "--unlearn.adam_epsilon", "1e-2", "--unlearn.weight_decay", "0.01", "--unlearn.max_grad_norm", "1.0", "--unlearn.checkpointing_steps", "2"]
-    salun("erase", *args, "--output_dir", str(root / "p2"), processes=2)
-    return root / "p2", args
+    runs = shared(tmp_path_factory, "p2", lambda folder: salun("erase", *args, "--output_dir", str(folder / "p2"), processes=2))
+    return runs / "p2", args

@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="erase 'circle' from the shipped toy Stable Diffusion on CPU; UA before/after, reload check, grid",
         description="The whole main job (data -> mask -> erase -> export) on the toy Stable Diffusion that ships with the "
-        "package: no download, CPU, about a minute. The shipped classifier scores the model's samples before and after; "
+        "package: no download, CPU, a few minutes at most. The shipped classifier scores the model's samples before and after; "
         "the export is reloaded with from_pretrained in a fresh process and scored again.",
     )
     p.add_argument("--output_dir", default="outputs/demo", help="where the demo writes (replaced on each run; default: outputs/demo)")

@@ -1,4 +1,4 @@
-"""`salun-sd demo`: erase "circle" from the shipped toy Stable Diffusion with SalUn, on CPU, in about a minute.
+"""`salun-sd demo`: erase "circle" from the shipped toy Stable Diffusion with SalUn, on CPU.
 
 The whole main job on a model that really draws its concepts: generate D_f and D_r with the base
 model, saliency mask, masked unlearning, export. The shipped classifier scores the model's own
