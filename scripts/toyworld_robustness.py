@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import re
 import time
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from salun_sd.config import add_config_arguments, config_from_args, setting
 from salun_sd.evaluation.stats import mcnemar, wilson
+from salun_sd.run.files import write_json, write_text
 from salun_sd.toyworld.compare import METHOD_TRAIN, Case, CompareConfig, erase_config
 from salun_sd.toyworld.pipeline import PIPELINE_DIR
 from salun_sd.toyworld.world import WorldSpec
@@ -110,14 +112,13 @@ def instance_csv(cfg: RobustnessConfig, case: Case) -> Path:
     """Every instance of the case, ordered by seed then prompt, so the first 4·s rows are seeds 0..s-1 of every prompt."""
     forget, _ = case.split(WorldSpec())
     path = Path(cfg.output_dir) / "attack" / case_name(case) / "instances.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = [{"case_number": i, "prompt": p, "evaluation_seed": cfg.first_image_seed + s, "evaluation_guidance": 3.0}
             for i, (s, p) in enumerate((s, p) for s in range(cfg.seeds_per_prompt) for p in forget)]
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, text.getvalue())
 
 
 def attack_config(cfg: RobustnessConfig, case: Case, method: str, limit: int, **overrides):
@@ -146,15 +147,15 @@ def pilot(cfg: RobustnessConfig) -> list[dict]:
     for iterations in cfg.pilot_iterations:
         acfg = attack_config(cfg, case, "salun", cfg.pilot_instances, attacks="discrete,embedding", iterations=iterations, judge=f"{Path(__file__).stem}:never",
                              output_dir=str(Path(cfg.output_dir) / "pilot" / f"iterations-{iterations}"))
-        start = time.time()
-        attack(acfg, make_accelerator("no"), log=lambda *a: None)
+        attack(acfg, make_accelerator("no"), log=lambda *a: None)  # a rerun finds the instances done and only rewrites the report
         report = json.loads((Path(acfg.output_dir) / "report.json").read_text())
-        row = {"iterations": iterations, "optimiser_steps": iterations * cfg.timesteps, "seconds": round(time.time() - start, 1)}
+        row = {"iterations": iterations, "optimiser_steps": iterations * cfg.timesteps}
         for name in ("discrete", "embedding"):
-            ratios = [p["attacks"][name]["reference_loss_attacked"] / p["attacks"][name]["reference_loss_plain"] for p in report["prompts"]]
-            row[name] = sum(ratios) / len(ratios)
+            entries = [p["attacks"][name] for p in report["prompts"]]
+            row[name] = sum(e["reference_loss_attacked"] / e["reference_loss_plain"] for e in entries) / len(entries)
+            row[f"{name}_seconds"] = sum(e["seconds"] for e in entries) / len(entries)  # per instance: its batch's time shared
         rows.append(row)
-    (Path(cfg.output_dir) / "pilot" / "pilot.json").write_text(json.dumps(rows, indent=2))
+        write_json(Path(cfg.output_dir) / "pilot" / "pilot.json", rows)  # after each budget: a stopped pilot keeps what it measured
     return rows
 
 
@@ -223,50 +224,54 @@ def cell(k: int, n: int) -> str:
     return f"{k}/{n} = {k / n:.2f} [{low:.2f}, {high:.2f}]" if n else "–"
 
 
+def discordant(a: list[bool], b: list[bool]) -> dict:
+    """The paired instances where exactly one side succeeded, and the exact McNemar p-value."""
+    only_a, only_b = sum(x and not y for x, y in zip(a, b)), sum(y and not x for x, y in zip(a, b))
+    return {"paired": len(a), "first_only": only_a, "second_only": only_b, "p": mcnemar(only_a, only_b)}
+
+
 def case_tables(cfg: RobustnessConfig, case: Case) -> tuple[list[str], dict]:
-    """The rows of one case over the instances every method has finished, and the same numbers as data."""
+    """One case's rows and paired tests over the instances every method with results has finished (a finished round
+    gives them all the same ones; a method's instances beyond that wait for the others), and the same numbers as data."""
     folder = Path(cfg.output_dir) / "attack" / case_name(case)
-    per_method = {m: results(folder / m) for m in cfg.methods}
-    shared = sorted(set.intersection(*(set(r) for r in per_method.values()))) if per_method else []
+    done_by = {m: results(folder / m) for m in cfg.methods}
+    common = set.intersection(*(set(r) for r in done_by.values() if r)) if any(done_by.values()) else set()
+    per_method = {m: {i: r for i, r in done.items() if i in common} for m, done in done_by.items()}
     names = [n.strip() for n in cfg.attacks.split(",")]
-    data: dict = {"instances": len(shared), "methods": {}, "salun_vs": {}}
-    n = len(shared)
+    data: dict = {"instances": {m: len(r) for m, r in per_method.items()}, "finished": {m: len(r) for m, r in done_by.items()}, "methods": {}, "salun_vs": {}}
     floor = "discrete" in names and "random" in names
     head = "| method | pre-ASR | " + " | ".join(f"ASR {name}" for name in names) + " |" + (" discrete vs random: only discrete / only random, McNemar p |" if floor else "")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
-    for m in cfg.methods:
-        rows = [per_method[m][i] for i in shared]
-        counts = {"pre": sum(r["pre_success"] for r in rows), **{name: sum(r["attacks"][name]["success"] for r in rows) for name in names}}
+    success = {m: {name: {i: r["attacks"][name]["success"] for i, r in done.items()} for name in names} for m, done in per_method.items()}
+    for m, done in per_method.items():
+        n = len(done)
+        counts = {"instances": n, "pre": sum(r["pre_success"] for r in done.values()), **{name: sum(success[m][name].values()) for name in names}}
         row = f"| {m} | {cell(counts['pre'], n)} | " + " | ".join(cell(counts[name], n) for name in names) + " |"
         if floor:
-            d, r = ([x["attacks"][name]["success"] for x in rows] for name in ("discrete", "random"))
-            only_d, only_r = sum(a and not b for a, b in zip(d, r)), sum(b and not a for a, b in zip(d, r))
-            counts["discrete_vs_random"] = {"discrete_only": only_d, "random_only": only_r, "p": mcnemar(only_d, only_r)}
-            row += f" {only_d} / {only_r}, p = {counts['discrete_vs_random']['p']:.3g} |"
+            counts["discrete_vs_random"] = test = discordant(list(success[m]["discrete"].values()), list(success[m]["random"].values()))
+            row += f" {test['first_only']} / {test['second_only']}, p = {test['p']:.3g} |" if n else " – |"
         data["methods"][m] = counts
         lines.append(row)
-    if "salun" in cfg.methods and n:
-        lines += ["", "| SalUn vs | " + " | ".join(f"{name}: SalUn only / other only, McNemar p" for name in names) + " |", "|---" * (len(names) + 1) + "|"]
+    if "salun" in cfg.methods:
+        lines += ["", "| SalUn vs | paired instances | " + " | ".join(f"{name}: SalUn only / other only, McNemar p" for name in names) + " |",
+                  "|---" * (len(names) + 2) + "|"]
         for m in cfg.methods:
-            if m == "salun":
+            shared = sorted(set(per_method["salun"]) & set(per_method[m]))
+            if m == "salun" or not shared:
                 continue
-            tests = {}
-            for name in names:
-                a = [per_method["salun"][i]["attacks"][name]["success"] for i in shared]
-                b = [per_method[m][i]["attacks"][name]["success"] for i in shared]
-                only_salun, only_other = sum(x and not y for x, y in zip(a, b)), sum(y and not x for x, y in zip(a, b))
-                tests[name] = {"salun_only": only_salun, "other_only": only_other, "p": mcnemar(only_salun, only_other)}
+            tests = {name: discordant([success["salun"][name][i] for i in shared], [success[m][name][i] for i in shared]) for name in names}
             data["salun_vs"][m] = tests
-            lines.append(f"| {m} | " + " | ".join(f"{t['salun_only']} / {t['other_only']}, p = {t['p']:.3g}" for t in tests.values()) + " |")
+            lines.append(f"| {m} | {len(shared)} | " + " | ".join(f"{t['first_only']} / {t['second_only']}, p = {t['p']:.3g}" for t in tests.values()) + " |")
     return lines, data
 
 
 def relearn_table(cfg: RobustnessConfig, case: Case) -> tuple[list[str], dict]:
     curves = {}
     for target in ["base", *cfg.methods]:
-        path = Path(cfg.output_dir) / "relearn" / case_name(case) / target / "report.json"
-        if path.is_file():
-            curves[target] = next(iter(json.loads(path.read_text())["curves"].values()))
+        folder = Path(cfg.output_dir) / "relearn" / case_name(case) / target
+        curve = folder / ("base" if target == "base" else "model") / "curve.json"  # written after each point: a stopped fine-tune shows the points it reached
+        if curve.is_file():
+            curves[target] = json.loads(curve.read_text())["points"]
     if not curves:
         return [], {}
     from salun_sd.relearn.run import steps_to
@@ -292,15 +297,16 @@ def write_tables(cfg: RobustnessConfig) -> None:
         rows = json.loads(pilot_path.read_text())
         lines += [f"**Budget check (pilot).** SalUn model of {case_name(cases(cfg)[0])}, its first {cfg.pilot_instances} instances, a judge that never stops the "
                   "search; mean attacked / plain reference diffusion loss (whole schedule, fixed noise; lower: the attack found more):", "",
-                  "| optimiser steps per instance | discrete | embedding | seconds |", "|---|---|---|---|"]
-        lines += [f"| {r['optimiser_steps']} | {r['discrete']:.3f} | {r['embedding']:.3f} | {r['seconds']:.0f} |" for r in rows] + [""]
+                  "| optimiser steps per instance | discrete | embedding | wall seconds per instance, discrete / embedding (batch of all) |", "|---|---|---|---|"]
+        lines += [f"| {r['optimiser_steps']} | {r['discrete']:.3f} | {r['embedding']:.3f} | {r['discrete_seconds']:.1f} / {r['embedding_seconds']:.1f} |" for r in rows] + [""]
         data["pilot"] = rows
     for case in cases(cfg):
         attack_lines, attack_data = case_tables(cfg, case)
         relearn_lines, relearn_data = relearn_table(cfg, case)
-        seeds = attack_data["instances"] // max(1, len(case.split(WorldSpec())[0]))
-        lines += [f"#### {case.kind} {case.value}: {attack_data['instances']} paired instances per method (image seeds {cfg.first_image_seed}–"
-                  f"{cfg.first_image_seed + seeds - 1} of each forget prompt)", "",
+        n = max(attack_data["instances"].values(), default=0)
+        extra = {m: k - n for m, k in attack_data["finished"].items() if k > n}
+        lines += [f"#### {case.kind} {case.value}: {n} paired instances per method (image seeds {cfg.first_image_seed}, {cfg.first_image_seed + 1}, … "
+                  f"of each forget prompt in turn)" + (f"; finished but not yet shared by every method: {', '.join(f'{m} {k}' for m, k in extra.items())}" if extra else ""), "",
                   f"Budget: {cfg.timesteps} timesteps × {cfg.iterations} iterations = {cfg.timesteps * cfg.iterations} optimiser steps and at most "
                   f"{cfg.timesteps} judged images per instance and attack; revision `{data['revision'][:12]}`.", "", *attack_lines, ""]
         if relearn_lines:
@@ -308,13 +314,13 @@ def write_tables(cfg: RobustnessConfig) -> None:
                       f"{cfg.relearn_eval_images} images per prompt):", "", *relearn_lines, ""]
         data["cases"][case_name(case)] = {"attack": attack_data, "relearn": relearn_data}
     text = "\n".join(lines) + "\n"
-    (out / "robustness.md").write_text(text)
-    (out / "robustness.json").write_text(json.dumps(data, indent=2))
+    write_text(out / "robustness.md", text)
+    write_json(out / "robustness.json", data)
     if cfg.results_md:
         path = ROOT / cfg.results_md
         doc = path.read_text()
         if START in doc and END in doc:
-            path.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{text}{END}", doc, flags=re.S))
+            write_text(path, re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{text}{END}", doc, flags=re.S))
 
 
 def main(argv: list[str] | None = None) -> None:
