@@ -12,8 +12,14 @@ EPILOG = """examples:
   salun-sd attack --model outputs/church/pipeline --prompts church.csv --judge imagenet --concept church
   salun-sd attack configs/attack/toyworld.yaml           (the toy world, offline, after `salun-sd demo`)
   accelerate launch --num_processes 4 -m salun_sd attack ...      (four GPUs split the prompts)
-
   salun-sd attack configs/attack/nudity.yaml --prompts nudity.csv     (the published nudity settings, each with its source line)
+
+Families: SD-1.x/2.x, SDXL, SD3 (with or without T5) and FLUX.1, folders or single files (--single_file.config).
+The loss is the family's own training loss on the erase's denoiser. discrete searches CLIP's vocabulary: one
+relaxed one-hot per prefix slot feeds every CLIP encoder (SDXL / SD3: both); T5 (SD3, FLUX) is not searched, it
+reads the drawn prefix tokens as text before the prompt (no gradient), so the reported adversarial prompt, typed,
+gives T5 what the search saw (CLIP sees it re-tokenised). embedding: free prefix embeddings in every text encoder,
+T5's included (no prompt reproduces them). --batch_size N runs N instances per forward/backward: the same optimisation each, up to float rounding.
 
 Writes OUTPUT_DIR/results/<case>.json per prompt (a rerun skips finished prompts), images/, report.json and
 report.md (pre-ASR; the ASR of the discrete attack, typed and as optimised ids, of the embedding attack and of

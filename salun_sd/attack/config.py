@@ -11,6 +11,7 @@ from typing import Literal
 
 from salun_sd.config import check_choices, setting
 from salun_sd.errors import UserError
+from salun_sd.families.config import SingleFileSource
 from salun_sd.evaluation.nudity import check_nudenet
 
 ATTACKS = ("discrete", "embedding", "random")
@@ -19,7 +20,7 @@ BUILTIN_JUDGES = ("nudenet", "imagenet", "toyworld")
 
 @dataclass
 class AttackConfig:
-    model: str = setting("", "the attacked pipeline: an erased export (OUTPUT_DIR/pipeline), any SD-1.x/2.x folder or Hub id")
+    model: str = setting("", "the attacked pipeline: an erased export (OUTPUT_DIR/pipeline), any SD-1.x/2.x, SDXL, SD3 or FLUX.1 folder, single file or Hub id")
     base: str = setting("CompVis/stable-diffusion-v1-4", "the original model: it draws the reference images, and its text encoder and tokenizer encode every prompt unless the attacked model's own differ, which are then used (src/tasks/classifier_.py loads both from model_name_or_path and a text-encoder checkpoint into the encoder)")
     prompts: str = setting("", "prompt set: I2P CSV, class-prompt CSV, a text file with one prompt per line, or `i2p` (the loader of `generate`)")
     category: list[str] = setting(factory=list, doc="keep prompts tagged with any of these I2P categories (e.g. sexual)")
@@ -50,7 +51,8 @@ class AttackConfig:
     height: int = setting(0, "image size in pixels (0: the model's default, 512 for SD-1.x as src/tasks/classifier_.py)")
     width: int = setting(0, "image width in pixels (0: the model's default)")
     attack_seed: int = setting(0, "seeds the optimisation's noise and token draws, per prompt (src/execs/attack.py: overall.seed 0); a rerun gives the same adversarial prompts")
-    batch_size: int = setting(1, "attack instances (prompt, seed) per forward/backward pass: their optimisations are independent, so any batch size gives the same results (faster on CPU, more memory on GPU)")
+    single_file: SingleFileSource = setting(factory=SingleFileSource, doc="how a .safetensors/.ckpt --model or --base is read, as for `run`")
+    batch_size: int = setting(1, "attack instances (prompt, seed) per forward/backward pass: their optimisations are independent, so each runs as alone up to float rounding (faster on CPU, more memory on GPU)")
     dtype: Literal["fp32", "fp16", "bf16", "auto"] = setting("fp32", "model weights: fp32, as every official run (src/tasks/classifier_.py loads every model in fp32) | fp16 | bf16 | auto (fp16 on GPU, fp32 on CPU): half precision is your explicit choice, its backward through the UNet and text encoder untested against fp32; the optimised variables stay fp32")
 
     def random_count(self) -> int:

@@ -83,8 +83,8 @@ def attack(cfg: AttackConfig, accelerator: Accelerator, log=print) -> Path | Non
     device = accelerator.device
     judge = load_judge(cfg, str(device))  # a bad judge or concept fails before any model loads
     dtype = resolve_dtype(cfg.dtype, device)
-    base = load_pipeline(cfg.base, dtype).to(device)
-    target = base if Path(cfg.model).resolve() == Path(cfg.base).resolve() else load_pipeline(cfg.model, dtype).to(device)
+    base = load_pipeline(cfg.base, dtype, cfg.single_file).to(device)
+    target = base if Path(cfg.model).resolve() == Path(cfg.base).resolve() else load_pipeline(cfg.model, dtype, cfg.single_file).to(device)
     if scheduler is not None:
         for pipeline in {id(base): base, id(target): target}.values():
             pipeline.scheduler = scheduler.from_config(pipeline.scheduler.config)
