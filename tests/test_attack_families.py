@@ -19,9 +19,8 @@ from salun_sd.evaluation.generate import plan_jobs
 from salun_sd.evaluation.prompts import PromptRecord
 from salun_sd.families.config import SingleFileSource
 from salun_sd.families.loading import family_of
-from salun_sd.families.tiny import tiny_sdxl_pipeline
-from salun_sd.families.tiny_flow import tiny_flux_pipeline, tiny_sd3_pipeline
 from salun_sd.run.runtime import make_accelerator
+from tiny_families import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sdxl_pipeline
 
 BUILDERS = {"sdxl": tiny_sdxl_pipeline, "sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}
 PROMPT = "a photo of a red circle"
@@ -78,7 +77,7 @@ def test_the_base_model_is_broken(family, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "prompts.txt").write_text(f"{PROMPT}\n")
     cfg = AttackConfig(model=model, base=model, prompts=str(tmp_path / "prompts.txt"), output_dir=str(tmp_path / "out"), judge=f"base_judge_{family}:like_the_base",
-                       scheduler="", steps=2, guidance=3.0, height=32, width=32, timesteps=1, iterations=1, k=3, single_file=single_file)
+                       scheduler="", steps=2, guidance=3.0, reference_steps=2, reference_guidance=3.0, height=32, width=32, timesteps=1, iterations=1, k=3, single_file=single_file)
     md = attack(cfg, make_accelerator("no"), log=lambda *_: None)
     totals = json.loads((md.parent / "report.json").read_text())["totals"]
     assert totals["pre_success"] == 1 and totals["discrete"]["asr"] == 1 and totals["embedding"]["asr"] == 1

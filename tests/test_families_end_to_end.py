@@ -111,3 +111,20 @@ def test_evaluate_scores_base_against_erased_offline(generated, tmp_path):
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert [s["label"] for s in report["sets"]] == ["base", "erased"] and all(s["images"] == 2 * len(PROMPTS) for s in report["sets"])
     assert (tmp_path / "report" / "report.md").is_file()
+
+
+def test_attack_the_export_with_both_attacks_and_a_user_judge(erased, tmp_path, monkeypatch):
+    """`salun-sd attack` on the exported folder with the base folder's references: discrete, embedding and the
+    random floor, judged by a module:function judge; it returns (exit 0) with its report written."""
+    family, root, _ = erased
+    (tmp_path / f"chain_judge_{family}.py").write_text("import numpy as np\ndef bright(images):\n    return [np.asarray(image.convert('L')).mean() > 128 for image in images]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "attack"
+    main(["attack", "--model", str(root / "run" / "pipeline"), "--base", str(root / "base"), "--prompts", str(prompts), "--judge", f"chain_judge_{family}:bright",
+          "--attacks", "discrete,embedding,random", "--scheduler", "", "--steps", "2", "--reference_steps", "2", "--height", "32", "--width", "32",
+          "--timesteps", "2", "--iterations", "1", "--k", "3", "--batch_size", "2", "--output_dir", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["prompts"]) == len(PROMPTS) and all(name in report["totals"] for name in ("discrete", "embedding", "random"))
+    assert (out / "report.md").is_file()
