@@ -55,13 +55,21 @@ def per_prompt_counts(cfg: RelearnConfig) -> list[int]:
 def data_config(cfg: RelearnConfig, groups: list[ImageGroup]) -> DataConfig:
     """The concept's images as both sets: `ft` trains on D_r, and the loop also draws (unused) D_f batches."""
     return DataConfig(forget=groups, remain=groups, generation_steps=cfg.generation_steps, generation_guidance=cfg.guidance,
-                      generation_batch_size=cfg.generation_batch_size, seed=cfg.seed, cache_dir=cfg.cache_dir)
+                      generation_batch_size=cfg.generation_batch_size, seed=cfg.seed, cache_dir=cfg.cache_dir,
+                      keep_erased=False)  # the fine-tune sees the concept's base images only, never prompts an earlier erase kept
 
 
 def target_job(cfg: RelearnConfig, model: str, groups: list[ImageGroup], run_dir: Path, resume: bool) -> SDErase:
     train = cfg.train_config("latest" if resume else "")
     return SDErase(EraseConfig(model=model, output_dir=str(run_dir), mixed_precision=cfg.mixed_precision, validation_grid=False,
                                data=data_config(cfg, groups), unlearn=train))
+
+
+def load_job(job: SDErase, accelerator: Accelerator):
+    """The family's checks, then its model and data, as the erase flow runs them."""
+    method = get_method("ft")
+    job.check(method)
+    return job.load(accelerator, method)
 
 
 def curve_settings(cfg: RelearnConfig, target: str) -> dict:
@@ -103,8 +111,7 @@ def relearn_target(cfg: RelearnConfig, target: str, job: SDErase, verdicts: list
     points = [p for p in read_curve(curve, settings) or [] if p["step"] <= start] if resumed else []
     samples.mkdir(parents=True, exist_ok=True)
     wanted = set(cfg.points())
-    method = get_method("ft")
-    loaded = job.load(accelerator, method)
+    loaded = load_job(job, accelerator)
     pipe = job.pipe
 
     def at(step: int, logged: dict | None = None) -> None:
@@ -176,7 +183,7 @@ def relearn(cfg: RelearnConfig, log=print) -> Path:
         curves["base"] = relearn_target(cfg, "base", base, verdicts, accelerator, log)
     else:
         base = target_job(cfg, cfg.base, generate, out / "base", False)
-        base.load(accelerator, get_method("ft"))  # draws the fine-tuning images, or finds them cached
+        load_job(base, accelerator)  # draws the fine-tuning images, or finds them cached
     groups = fine_tune_groups(cfg, base)
     del base
     gc.collect()
