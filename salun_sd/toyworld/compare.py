@@ -164,7 +164,7 @@ def concepts_config(cfg: CompareConfig, cases: list[Case], erased: list[Case], m
 def evaluate_concepts(pipe, classifier: ToyClassifier, spec: WorldSpec, cases: list[Case], remaining: list[Case], cfg: CompareConfig) -> dict:
     """UA of each case's concept on its prompts, and accuracy and images of the prompts that show none of `remaining`."""
     texts = [t for t in prompts(spec) for _ in range(cfg.eval_per_prompt)]
-    images = generate(pipe, texts, seed=10_000 + cfg.seed, guidance=cfg.guidance)
+    images = generate(pipe, texts, seed=eval_seed(cfg.seed), guidance=cfg.guidance)
     s, c = classifier.predict(images)
     targets, predicted = [parse(t, spec) for t in texts], list(zip(c.tolist(), s.tolist()))
     pairs = {case: {parse(t, spec) for t in case.split(spec)[0]} for case in remaining}  # (colour, shape) ids each case forgets
@@ -213,7 +213,7 @@ def evaluate(pipe, classifier: ToyClassifier, spec: WorldSpec, case: Case, cfg: 
     """Samples for every prompt (same seeds for every model) and the classifier's verdicts."""
     forget, remain = case.split(spec)
     texts = [t for t in forget + remain for _ in range(cfg.eval_per_prompt)]
-    images = generate(pipe, texts, seed=10_000 + cfg.seed, guidance=cfg.guidance)
+    images = generate(pipe, texts, seed=eval_seed(cfg.seed), guidance=cfg.guidance)
     s, c = classifier.predict(images)
     forgotten = {parse(t, spec) for t in forget}  # (colour, shape) ids: every pair with the erased shape or colour
     scores = unlearning_accuracy([parse(t, spec) for t in texts], list(zip(c.tolist(), s.tolist())), forgotten)
@@ -352,6 +352,13 @@ def metric_keys(row: dict) -> tuple[str, ...]:
         return tuple(k for k in row if k.startswith("UA ")) + METRICS[1:]
     return METRICS + (ATTACK_METRICS if "pre_ASR" in row else ())
 
+
+
+def eval_seed(seed: int) -> int:
+    """First noise seed of a run's evaluation samples: image j is drawn from eval_seed + j (toyworld.scoring), so
+    runs of different seeds must start 100,000 apart to share no sample (10_000 + seed made seeds 0, 1, 2 share all
+    but one image per prompt)."""
+    return 10_000 + 100_000 * seed
 
 def aggregate(per_seed: list[list[dict]]) -> list[dict]:
     """Mean and (population) std over seeds of each method's metrics; images and attack folders of the first seed."""
