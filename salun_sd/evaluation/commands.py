@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from salun_sd.config import add_config_arguments, config_from_args, to_dict
-from salun_sd.errors import UserError
 from salun_sd.evaluation.config import EvaluateConfig, GenerateConfig, require
 
 if TYPE_CHECKING:  # the metric modules import torch; `salun-sd --help` should not wait for it

@@ -196,7 +196,7 @@ def concept_data(pipe: DiffusionPipeline, model_name: str, groups: list[ImageGro
     return ConceptData(torch.cat(xs), torch.cat(conds))
 
 
-def forget_set(pipe: StableDiffusionPipeline, model_name: str, concepts: list[ConceptConfig], cond_of: dict[str, int], cfg: DataConfig, resolution: int) -> ConceptData:
+def forget_set(pipe: DiffusionPipeline, model_name: str, concepts: list[ConceptConfig], cond_of: dict[str, int], cfg: DataConfig, resolution: int) -> ConceptData:
     """Every concept's forget groups as one D_f, each example tagged with its concept (and its concept's weight
     when one differs from 1). Concepts that share a prompt share its cached images and latents."""
     parts = [concept_data(pipe, model_name, c.forget, cond_of, cfg, resolution, "forget") for c in concepts]

@@ -68,7 +68,7 @@ class SDErase(EraseJob):
 
     def check_uce(self, family: Family | None) -> None:
         """UCE reads prompts only (no images): the concept words, the target, the preserved texts; and a family with cross-attention."""
-        uce, data = self.config.uce, self.config.data
+        uce = self.config.uce
         uce.check()
         if family is not None:
             refuse_closed_form(family)

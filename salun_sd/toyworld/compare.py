@@ -292,7 +292,9 @@ def _run_case(cfg: CompareConfig, case: Case, out: Path, log) -> list[dict]:
     case_dir = out / f"{case.kind}-{case.value}"
     if cfg.attack:
         rows[0].update(attack_metrics(cfg, case, cfg.base, case_dir / "base-attack", case_dir, spec, accelerator))
-    SDErase(erase_config(cfg, case, "salun", out, spec)).load(accelerator, get_method("salun"))  # generate and cache D_f, D_r once, outside the timings
+    prefetch, salun = SDErase(erase_config(cfg, case, "salun", out, spec)), get_method("salun")
+    prefetch.check(salun)  # resolves the concept list that load() reads
+    prefetch.load(accelerator, salun)  # generate and cache D_f, D_r once, outside the timings
     for method in cfg.methods:
         ecfg = erase_config(cfg, case, method, out, spec)
         start = time.time()
