@@ -151,13 +151,14 @@ def unlearning_accuracy(targets: Sequence[Hashable], predictions: Sequence[Hasha
 def imagenet_unlearning_accuracy(
     paths: Sequence[Path],
     class_names: Sequence[str],
-    forget_classes: Sequence[str],
+    forget_classes: str | Sequence[str],
     classifier: ImageClassifier,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
 ) -> dict:
     """UA on the images of the forgotten class(es), and top-1 accuracy on the images of every other class, by ImageNet
     index; with several forgotten classes (a joint erase) also each one's UA on its own images."""
+    forget_classes = [forget_classes] if isinstance(forget_classes, str) else list(forget_classes)  # one name, not its letters
     forget_index = {name: imagenet_index(name) for name in forget_classes}
     index_of = {name: imagenet_index(name) for name in class_names}
     absent = next((name for name, index in forget_index.items() if index not in index_of.values()), None)
