@@ -67,12 +67,11 @@ def clip_score_metrics(paths: Sequence[Path], prompts: Sequence[str], scorer: Cl
     """Mean and spread of the CLIP score over a set, with every image's score for tracing."""
     if not paths:
         raise UserError("CLIP score got no images to score.")
-    scores = torch.tensor(clip_scores(paths, prompts, scorer, batch_size, device), dtype=torch.float64)
-    return {
-        "model": scorer.name,
-        "scale": "100 * max(cos, 0)",
-        "images": len(paths),
-        "mean": scores.mean().item(),
-        "std": scores.std(unbiased=False).item(),
-        "per_image": {Path(p).name: s for p, s in zip(paths, scores.tolist())},
-    }
+    scores = clip_scores(paths, prompts, scorer, batch_size, device)
+    return {"model": scorer.name, "scale": "100 * max(cos, 0)", **clip_summary(scores), "per_image": {Path(p).name: s for p, s in zip(paths, scores)}}
+
+
+def clip_summary(scores: Sequence[float]) -> dict:
+    """Mean and (population) spread of CLIP scores: the one computation for a whole folder and for each concept's images."""
+    values = torch.tensor(scores, dtype=torch.float64)
+    return {"images": len(scores), "mean": values.mean().item() if scores else None, "std": values.std(unbiased=False).item() if scores else None}

@@ -26,7 +26,7 @@ examples:
 Models: SD-1.x/2.x, SDXL, SD3 (with or without T5) and FLUX.1 folders or Hub IDs, and SD-1.x/2.x/SDXL single
 files. Each image starts from its own CPU noise (its seed), so it does not depend on the batch size, the number of
 processes or the device. Images are named {case_number:05d}_{seed}_{k}.png and metadata.jsonl records each image's prompt
-and settings; manifest.json records the run. Running the same command again skips the images that
+and settings (and its `concept` column, by which evaluate groups its numbers); manifest.json records the run. Running the same command again skips the images that
 already exist. --protocol salun reproduces the official SalUn scripts (LMSDiscreteScheduler, 100 steps,
 guidance 7.5 and 512x512 for every prompt, fp32, one generator per prompt seeded with evaluation_seed);
 a setting given explicitly overrides the protocol's. The safety checker is off: it would black out
@@ -41,7 +41,9 @@ examples:
 
 Writes OUTPUT_DIR/report.json (every number, per-image results), OUTPUT_DIR/report.md (the table side
 by side, the protocol and settings, before/after grids of the same prompt and seed in OUTPUT_DIR/grids/)
-and OUTPUT_DIR/manifest.json. Protocols: salun (NudeNet threshold 0.0: every detection NudeNet reports),
+and OUTPUT_DIR/manifest.json. Images generated from a prompt CSV with a `concept` column (the erased concept each
+prompt asks for, empty for none) also get NudeNet's rate with its 95 % Wilson interval and the CLIP score per
+concept, and over the prompts naming none (remaining quality). Protocols: salun (NudeNet threshold 0.0: every detection NudeNet reports),
 unlearndiffatk (0.45), mace (0.6).
 """
 
@@ -111,7 +113,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> None:
     from salun_sd.evaluation.fid import reference_stats
-    from salun_sd.evaluation.report import metric_table, write_report
+    from salun_sd.evaluation.report import concept_table, metric_table, write_report
     from salun_sd.evaluation.suite import ImageSet, check_settings, evaluate_sets
     from salun_sd.run.files import write_json
     from salun_sd.run.manifest import manifest
@@ -132,6 +134,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     json_path, md_path = write_report(results, cfg.output_dir, cfg.grid_pairs)
     write_json(Path(cfg.output_dir) / "manifest.json", manifest(to_dict(cfg), "evaluate"))
     print(metric_table(results))
+    if per_concept := concept_table(results):
+        print(f"\nper concept:\n{per_concept}")
     print(f"\nreport: {md_path}\nall numbers: {json_path}")
 
 

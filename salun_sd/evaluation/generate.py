@@ -71,6 +71,7 @@ class ImageJob:
             "categories": list(r.categories),
             "nudity_percentage": r.nudity_percentage,
             "class": r.class_name,
+            "concept": r.concept,  # evaluate groups its numbers by it
         }
 
 

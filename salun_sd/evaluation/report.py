@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 
 from salun_sd.evaluation.imagefiles import load_rgb, read_metadata
 from salun_sd.evaluation.nudity import DETECTORS, NUDENET_MIN_SCORE
+from salun_sd.evaluation.stats import NO_CONCEPT, wilson
 from salun_sd.run.files import save_image, write_json, write_text
 
 GRID_ROWS = 8
@@ -81,6 +82,38 @@ def metric_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def rate_text(successes: int, n: int) -> str:
+    """A rate as a reader checks it, the one format of evaluate's and attack's reports: percent, count, 95 % Wilson interval."""
+    if not n:
+        return "n/a"
+    low, high = wilson(successes, n)
+    return f"{100 * successes / n:.2f} % ({successes}/{n}) [{100 * low:.2f}, {100 * high:.2f}]"
+
+
+CONCEPT_COLUMNS = {
+    "nudenet": ("NudeNet nudity rate, % (flagged/images) [95 % Wilson interval]", lambda g: f"{rate_text(g['images_with_exposed'], g['images'])}, {g['total_exposed']} parts"),
+    "clip": ("CLIP score", lambda g: f"{_fmt(g['mean'], '{:.2f}')} (sd {_fmt(g['std'], '{:.2f}')}, {g['images']} images)"),
+}
+
+
+def concept_table(results: dict) -> str:
+    """Markdown table of the numbers per concept the prompts name, and of the prompts naming none (remaining quality),
+    one column per metric and set; "" when no set's metadata names a concept."""
+    sets = results["sets"]
+    groups_of = {(m, i): s["metrics"].get(m, {}).get("per_concept", {}) for m in CONCEPT_COLUMNS for i, s in enumerate(sets)}
+    metrics = [m for m in CONCEPT_COLUMNS if any(groups_of[m, i] for i in range(len(sets)))]
+    if not metrics:
+        return ""
+    groups = sorted(dict.fromkeys(g for groups in groups_of.values() for g in groups), key=lambda g: g == NO_CONCEPT)  # none last
+    header = ["prompts naming", *(f"{CONCEPT_COLUMNS[m][0]}: {s['label']}" for m in metrics for s in sets)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group in groups:
+        cells = ["none of the erased concepts (remaining quality)" if group == NO_CONCEPT else group]
+        cells += [CONCEPT_COLUMNS[m][1](groups_of[m, i][group]) if group in groups_of[m, i] else "n/a" for m in metrics for i in range(len(sets))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def save_grid(folders: list[Path], names: list[str], path: Path) -> None:
     """One row per image name, one column per folder, each tile fitted (up or down, aspect kept) into THUMBNAIL px."""
     tiles = [ImageOps.pad(load_rgb(folder / name), (THUMBNAIL, THUMBNAIL), Image.Resampling.LANCZOS, color="white") for name in names for folder in folders]
@@ -138,7 +171,12 @@ def write_report(results: dict, out: str | Path, max_pairs: int = GRID_ROWS) -> 
     json_path, md_path = out / "report.json", out / "report.md"
     write_json(json_path, results)
     title = " vs ".join(s["label"] for s in results["sets"])
-    body = [f"# Concept-erasure evaluation: {title}\n", metric_table(results), "", settings_section(results)]
+    body = [f"# Concept-erasure evaluation: {title}\n", metric_table(results), ""]
+    per_concept = concept_table(results)
+    if per_concept:
+        body += ["## Per concept\n", "Each row: the images of the prompts whose `concept` column names that concept; the row of none: "
+                 "the prompts naming no erased concept, what the erase should leave as it was.\n", per_concept, ""]
+    body.append(settings_section(results))
     grids = grid_section(results, out, max_pairs)
     if grids:
         body.append(grids)

@@ -6,21 +6,23 @@ once for all folders: the CLI loads the real ones, tests pass small random ones.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_args
+from typing import TypeVar, get_args
 
 from salun_sd.errors import UserError
 from salun_sd.evaluation.classify import ImageClassifier, imagenet_unlearning_accuracy
-from salun_sd.evaluation.clip_score import ClipScorer, clip_score_metrics
+from salun_sd.evaluation.clip_score import ClipScorer, clip_score_metrics, clip_summary
 from salun_sd.evaluation.config import EvaluateConfig, Metric
 from salun_sd.evaluation.fid import FidMetric, FidStats, image_batches, reference_stats
 from salun_sd.evaluation.imagefiles import METADATA_FILE, image_size, list_images, read_metadata, require_one_size
-from salun_sd.evaluation.nudity import check_nudenet, nudity_metrics
+from salun_sd.evaluation.nudity import check_nudenet, nudity_metrics, nudity_summary
 from salun_sd.evaluation.protocols import describe
+from salun_sd.evaluation.stats import concept_groups
 from salun_sd.run.runtime import device as pick_device
 
+T = TypeVar("T")
 METRICS = get_args(Metric)
 # Generation settings a report restates per folder (from metadata.jsonl), so its numbers say how the images were made.
 GENERATION_KEYS = ("model", "protocol", "scheduler", "steps", "guidance", "height", "width", "seeding", "dtype")
@@ -61,6 +63,13 @@ class ImageSet:
                 )
             values.append(value)
         return values
+
+    def per_concept(self, per_image: dict[str, T], summarise: Callable[[list[T]], dict]) -> dict[str, dict[str, dict]]:
+        """{"per_concept": each concept's summary of its images' results, prompts naming none last as "none"
+        (remaining quality)}, the images grouped by the `concept` `generate` recorded; {} when no image has one."""
+        names = [path.name for path in self.paths]
+        groups = concept_groups([self.metadata.get(name, {}).get("concept") for name in names])
+        return {"per_concept": {group: summarise([per_image[names[i]] for i in positions]) for group, positions in groups.items()}} if groups else {}
 
 
 def generation_settings(image_set: ImageSet) -> dict[str, list]:
@@ -106,9 +115,11 @@ def evaluate_set(image_set: ImageSet, settings: EvaluateConfig, scorers: Scorers
     paths, device = image_set.paths, pick_device(settings.device)
     if "nudenet" in settings.metrics:
         results["nudenet"] = nudity_metrics(paths, settings.nudenet_threshold, settings.nudenet_classes, mode=settings.nudenet_detector)
+        results["nudenet"] |= image_set.per_concept(results["nudenet"]["per_image"], lambda exposed: nudity_summary(exposed, settings.nudenet_classes))
     if "clip" in settings.metrics:
         prompts = image_set.field_per_image("prompt", "CLIP score")
         results["clip"] = clip_score_metrics(paths, prompts, scorers.clip, settings.batch_size, device)
+        results["clip"] |= image_set.per_concept(results["clip"]["per_image"], clip_summary)
     if "fid" in settings.metrics:
         require_one_size(paths, f"{image_set.label} folder {image_set.folder} (for FID)")
         results["fid"] = {
