@@ -174,12 +174,13 @@ def group_latents(pipe: DiffusionPipeline, model_name: str, group: ImageGroup, c
     identity = [str(p) if isinstance(p, Path) else None for p in images]
     vae = pipe.vae
     path = cache_root(cfg) / "latents" / f"{_key(model_name, asdict(group), resolution, cfg.seed, identity, str(vae.dtype), device_name(vae.device))}.safetensors"
-    if path.is_file():
-        return load_file(str(path))["latents"]
-    latents = encode_latents(pipe, images, resolution, cfg.seed)
-    with atomic(path) as tmp:
-        save_file({"latents": latents.contiguous()}, str(tmp))
-    return latents
+    if not path.is_file():
+        with atomic(path) as tmp:
+            save_file({"latents": encode_latents(pipe, images, resolution, cfg.seed).contiguous()}, str(tmp))
+    # Read back also when just encoded: the VAE returns channels-last latents on the CPU, and the UNet's convolutions
+    # round differently on that layout than on the file's, so training on the in-memory tensor made a cold-cache run
+    # differ from every later one.
+    return load_file(str(path))["latents"]
 
 
 def concept_data(pipe: DiffusionPipeline, model_name: str, groups: list[ImageGroup], cond_of: dict[str, int], cfg: DataConfig, resolution: int, what: str) -> ConceptData:

@@ -1,0 +1,60 @@
+"""The data cache keys on what the data is, and a run's weights do not depend on what the cache held (issue 23, part 1)."""
+
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import FORGET, REMAIN, exported_unet, tiny_config
+from salun_sd.families.config import ImageGroup
+from salun_sd.families.erase import erase
+
+PAINTING, SCULPTURE = "a painting of a nude person", "a sculpture of a nude person"
+
+
+def photos(n: int, seed: int = 0) -> list[Image.Image]:
+    """Small random RGB images (the tiny VAE reads 32 px; 48 px makes the resize and crop do something)."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def image_folder(folder: Path, images: list[Image.Image]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(folder / f"{i:02d}.png")
+    return folder
+
+
+def saved_dataset(folder: Path, images: list[Image.Image], labels: list[int]) -> Path:
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(str(folder))
+    return folder
+
+
+def all_sources_config(tmp_path: Path, out: Path, cache: Path):
+    """A tiny erase whose forget set draws on every source: generated images, a folder and a saved dataset."""
+    cfg = tiny_config(out, cache)
+    cfg.validation_grid = False
+    cfg.data.forget = [
+        ImageGroup(prompt=FORGET, generate=4),
+        ImageGroup(prompt=PAINTING, folder=str(tmp_path / "folder")),
+        ImageGroup(prompt=SCULPTURE, hf_dataset=str(tmp_path / "dataset"), hf_label=1),
+    ]
+    cfg.data.remain = [ImageGroup(prompt=REMAIN, generate=4)]
+    return cfg
+
+
+def test_a_cold_cache_run_and_a_warm_cache_run_are_bitwise_equal(tmp_path):
+    """Generated, folder and dataset sources: the first run (which draws and encodes) trains exactly as the next (which reads the cache)."""
+    image_folder(tmp_path / "folder", photos(3))
+    saved_dataset(tmp_path / "dataset", photos(4, seed=1), [0, 1, 1, 0])
+    runs = [tmp_path / "cold", tmp_path / "warm"]
+    for out in runs:
+        erase(all_sources_config(tmp_path, out, tmp_path / "cache"), Accelerator(cpu=True))
+    (cold_mask, warm_mask), (cold, warm) = [load_file(str(out / "mask.safetensors")) for out in runs], [exported_unet(out) for out in runs]
+    assert [n for n in cold_mask if not torch.equal(cold_mask[n], warm_mask[n])] == []
+    assert [n for n in cold if not torch.equal(cold[n], warm[n])] == []
