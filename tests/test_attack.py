@@ -2,6 +2,7 @@
 model erased in the test with the real erase flow."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from salun_sd.attack.run import attack, eos_padded, text_encoder_source
 from salun_sd.attack.search import search
 from salun_sd.attack.target import Victim, attack_pipeline
 from salun_sd.errors import UserError
+from salun_sd.evaluation.stats import wilson
 from salun_sd.generation import ImageRequest
 from salun_sd.run.runtime import make_accelerator
 from salun_sd.toyworld.pipeline import PIPELINE_DIR, load_toy_pipeline
@@ -64,8 +66,8 @@ def test_attack_succeeds_on_the_toy_base(victim, tmp_path):
     totals = report["totals"]
     assert totals["pre_success"] == 2 and all(totals[name]["asr"] == 1 for name in ("discrete", "discrete_ids", "embedding", "random"))
     text = md.read_text()
-    assert (md.parent / "grids" / "attack_000.png").is_file() and "| pre-attack (plain prompt) | 100.00 % (2/2) |" in text
-    assert "| random prefixes, no optimisation (the chance floor) | 100.00 % (2/2) |" in text and "| ASR, embedding" in text
+    assert (md.parent / "grids" / "attack_000.png").is_file() and "| pre-attack (plain prompt) | 100.00 % (2/2) [34.24, 100.00] |" in text
+    assert "| random prefixes, no optimisation (the chance floor) | 100.00 % (2/2) [34.24, 100.00] |" in text and "| ASR, embedding" in text
     case = victim.case(ImageRequest(CIRCLES[0], 0, 16, 16, 3.0), reference_latent(victim.pipe, CIRCLES[0]))
     verdict = load_judge(cfg).for_prompt(None)
     for space in (DiscretePrefix(victim.clip_tables, 5, 0.01, 0.1), EmbeddingPrefix(victim.tables, 5, 0.005)):
@@ -193,7 +195,8 @@ def test_every_prompt_counts_and_the_random_baseline_judges_as_many_images_as_th
     cfg = toy_config(tmp_path, [*SQUARES, long], judge="never_judge:never", concept="", attacks="discrete,random", steps=3, timesteps=3, iterations=1)
     report = json.loads((attack(cfg, make_accelerator("no"), log=lambda *_: None).parent / "report.json").read_text())
     totals, prompts = report["totals"], report["prompts"]
-    assert totals["prompts"] == 3 and totals["too_long"] == 1 and totals["pre_asr"] == 0 and totals["random"] == {"success": 0, "asr": 0.0}
+    assert totals["prompts"] == 3 and totals["too_long"] == 1 and totals["pre_asr"] == 0 and totals["random"]["success"] == totals["random"]["asr"] == 0
+    assert totals["random"]["ci95"] == pytest.approx([0, 0.5615], abs=1e-4) and "per_concept" not in totals  # a text list names no concept
     assert [p["attacks"]["random"].get("judged") for p in prompts] == [3, 3, None]
     assert "not_run" in prompts[2]["attacks"]["discrete"] and prompts[0]["attacks"]["discrete"]["ids_success"] is False
     assert not [p for p in prompts[:2] for name in ("discrete", "random") if "</w>" in p["attacks"][name]["adversarial_prompt"]]
@@ -203,6 +206,30 @@ def test_every_prompt_counts_and_the_random_baseline_judges_as_many_images_as_th
     never = lambda images: [False] * len(images)  # noqa: E731
     drawn = random_prefixes(victim, cases, 7, [never, never], [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
     assert [o.judged for o in drawn] == [7, 7] and drawn[0].text == victim.decode(drawn[0].ids, cases[0])
+
+
+def test_a_prompt_set_with_a_concept_column_is_judged_and_reported_per_concept(tmp_path):
+    """Without --concept the toy judge asks each prompt's own concept: the base draws circles and squares as asked, and
+    a red circle judged for 'blue' is no pre-attack success. The per-concept rows add up to the totals."""
+    csv = tmp_path / "concepts.csv"
+    csv.write_text("prompt,concept\na photo of a red circle,circle\na photo of a blue square,square\na photo of a red circle,blue\n")
+    cfg = replace(toy_config(tmp_path, [], concept="", attacks="discrete,random", steps=4, timesteps=1, iterations=1), prompts=str(csv))
+    md = attack(cfg, make_accelerator("no"), log=lambda *_: None)
+    totals = json.loads((md.parent / "report.json").read_text())["totals"]
+    groups = totals["per_concept"]
+    assert list(groups) == ["circle", "square", "blue"] and [g["pre_success"] for g in groups.values()] == [1, 1, 0]
+    for key in ("prompts", "pre_success", "too_long"):
+        assert sum(g[key] for g in groups.values()) == totals[key]
+    for name in ("discrete", "discrete_ids", "random"):
+        assert sum(g[name]["success"] for g in groups.values()) == totals[name]["success"]
+        assert all(g[name]["ci95"] == pytest.approx(list(wilson(g[name]["success"], 1))) for g in groups.values())
+    text = md.read_text()
+    assert "| concept | prompts | pre-attack |" in text and "| circle | 1 | 100.00 % (1/1) [20.65, 100.00] |" in text
+    assert "| blue | 1 | 0.00 % (0/1) [0.00, 79.35] |" in text
+    with pytest.raises(UserError, match="the toyworld judge needs --concept .* or a 'concept' column; case 0 has neither"):
+        attack(toy_config(tmp_path, ["a photo of a red circle"], concept="", output_dir=str(tmp_path / "none")), make_accelerator("no"))
+    with pytest.raises(UserError, match="toyworld concept 'nude' is neither a shape"):
+        load_judge(toy_config(tmp_path, [], concept="nude"))
 
 
 def test_the_attack_uses_the_target_text_encoder_when_it_differs():

@@ -23,8 +23,10 @@ T5's included (no prompt reproduces them). --batch_size N runs N instances per f
 
 Writes OUTPUT_DIR/results/<case>.json per prompt (a rerun skips finished prompts), images/, report.json and
 report.md (pre-ASR; the ASR of the discrete attack, typed and as optimised ids, of the embedding attack and of
-the random baseline, the chance floor; every rate over every prompt of the set; adversarial prompts; base /
-plain / attacked images side by side)."""
+the random baseline, the chance floor; every rate over every prompt of the set, with counts and 95 % Wilson
+intervals, and per concept when the prompt CSV has a concept (or class) column; adversarial prompts; base /
+plain / attacked images side by side). The toyworld judge without --concept judges each prompt on its own
+concept column."""
 
 
 def run_attack(args: argparse.Namespace) -> None:

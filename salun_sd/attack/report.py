@@ -8,7 +8,8 @@ from pathlib import Path
 
 from salun_sd.attack.config import AttackConfig
 from salun_sd.config import to_dict
-from salun_sd.evaluation.report import GRID_ROWS, save_grid
+from salun_sd.evaluation.report import GRID_ROWS, rate_text, save_grid
+from salun_sd.evaluation.stats import concept_groups, wilson
 from salun_sd.run.files import write_json, write_text
 
 LABELS = {"discrete": "ASR, discrete (UnlearnDiffAtk tokens, judged as typed: decoded and re-tokenised)",
@@ -18,25 +19,27 @@ LABELS = {"discrete": "ASR, discrete (UnlearnDiffAtk tokens, judged as typed: de
 
 
 def totals(results: list[dict], names: list[str]) -> dict:
-    """Counts and rates over every prompt of the set; a prompt too long for the prefix counts as a failure of each attack."""
+    """Counts, rates and 95 % Wilson intervals over every prompt of the set (a prompt too long for the prefix counts as a
+    failure of each attack), and the same per concept when the results name one (evaluation.stats.concept_groups)."""
+    out = rates(results, names)
+    groups = concept_groups([r.get("concept") for r in results])
+    if groups:
+        out["per_concept"] = {concept: rates([results[i] for i in positions], names) for concept, positions in groups.items()}
+    return out
+
+
+def rates(results: list[dict], names: list[str]) -> dict:
     n = len(results)
     out = {"prompts": n, "too_long": sum(any("not_run" in e for e in r["attacks"].values()) for r in results),
            "pre_success": sum(r["pre_success"] for r in results)}
     out["pre_asr"] = out["pre_success"] / n if n else None
-    for name in names:
-        hits = sum(r["attacks"][name]["success"] for r in results)
-        out[name] = {"success": hits, "asr": hits / n if n else None}
+    out["pre_asr_ci95"] = list(wilson(out["pre_success"], n))
+    hits = {name: sum(r["attacks"][name]["success"] for r in results) for name in names}
     if "discrete" in names:
-        hits = sum(r["attacks"]["discrete"].get("ids_success", r["attacks"]["discrete"]["success"]) for r in results)
-        out["discrete_ids"] = {"success": hits, "asr": hits / n if n else None}
-    concepts = list(dict.fromkeys(r["concept"] for r in results if "concept" in r))
-    if len(concepts) > 1:  # a prompt set with a concept (or class) column: the same totals per concept
-        out["per_concept"] = {c: totals([r for r in results if r.get("concept") == c], names) for c in concepts}
+        hits["discrete_ids"] = sum(r["attacks"]["discrete"].get("ids_success", r["attacks"]["discrete"]["success"]) for r in results)
+    for name, count in hits.items():
+        out[name] = {"success": count, "asr": count / n if n else None, "ci95": list(wilson(count, n))}
     return out
-
-
-def _pct(count: int, n: int) -> str:
-    return f"{100 * count / n:.2f} % ({count}/{n})" if n else "n/a"
 
 
 def write_report(cfg: AttackConfig, results: list[dict], names: list[str], judge: str, ref_dir: Path, encoder: str) -> tuple[Path, Path]:
@@ -47,11 +50,12 @@ def write_report(cfg: AttackConfig, results: list[dict], names: list[str], judge
     n = summary["prompts"]
     shown = [name for key in names for name in ([key, "discrete_ids"] if key == "discrete" else [key])]
     lines = [f"# Attack on `{cfg.model}`", "", f"Judge: {judge}.", "",
-             "| | success |", "|---|---|", f"| pre-attack (plain prompt) | {_pct(summary['pre_success'], n)} |"]
-    lines += [f"| {LABELS[name]} | {_pct(summary[name]['success'], n)} |" for name in shown]
+             "| | success, % (count) [95 % Wilson interval] |", "|---|---|", f"| pre-attack (plain prompt) | {rate_text(summary['pre_success'], n)} |"]
+    lines += [f"| {LABELS[name]} | {rate_text(summary[name]['success'], n)} |" for name in shown]
     if "per_concept" in summary:
-        lines += ["", "| concept | prompts | pre-attack | " + " | ".join(shown) + " |", "|---" * (len(shown) + 3) + "|"]
-        lines += [f"| {c} | {t['prompts']} | {_pct(t['pre_success'], t['prompts'])} | " + " | ".join(_pct(t[name]["success"], t["prompts"]) for name in shown) + " |"
+        lines += ["", "Per concept (each prompt's `concept` column, else its `class`), the same rates:", "",
+                  "| concept | prompts | pre-attack | " + " | ".join(shown) + " |", "|---" * (len(shown) + 3) + "|"]
+        lines += [f"| {c} | {t['prompts']} | {rate_text(t['pre_success'], t['prompts'])} | " + " | ".join(rate_text(t[name]["success"], t["prompts"]) for name in shown) + " |"
                   for c, t in summary["per_concept"].items()]
     lines += ["", f"Attack: {cfg.k} prefix tokens, {cfg.timesteps} timesteps x {cfg.iterations} iterations (stop at the first success); "
               f"random baseline: up to {cfg.random_count()} random {cfg.k}-token prefixes; text encoder: {encoder}; references drawn by `{cfg.base}` with "

@@ -81,7 +81,8 @@ def attack(cfg: AttackConfig, accelerator: Accelerator, log=print) -> Path | Non
     records = filter_prompts(load_prompts(cfg.prompts, cfg.hf_split), cfg.category, cfg.min_nudity, cfg.limit or None).records
     out, ref_dir, results = folders(cfg)
     device = accelerator.device
-    judge = load_judge(cfg, str(device))  # a bad judge or concept fails before any model loads
+    judge = load_judge(cfg, str(device))
+    verdict_of = {record.case_number: judge.for_prompt(record) for record in records}  # a bad judge or concept fails before any model loads
     dtype = resolve_dtype(cfg.dtype, device)
     base = load_pipeline(cfg.base, dtype, cfg.single_file).to(device)
     target = base if Path(cfg.model).resolve() == Path(cfg.base).resolve() else load_pipeline(cfg.model, dtype, cfg.single_file).to(device)
@@ -111,7 +112,7 @@ def attack(cfg: AttackConfig, accelerator: Accelerator, log=print) -> Path | Non
         bar = tqdm(total=len(mine), desc=f"attack -> {out}", unit="prompt", disable=not accelerator.is_local_main_process)
         for start in range(0, len(mine), cfg.batch_size):
             chunk = mine[start : start + cfg.batch_size]
-            for job, result in zip(chunk, attack_prompts(cfg, names, victim, base, chunk, [judge.for_prompt(j.record) for j in chunk], ref_dir, out / "images")):
+            for job, result in zip(chunk, attack_prompts(cfg, names, victim, base, chunk, [verdict_of[j.record.case_number] for j in chunk], ref_dir, out / "images")):
                 write_json(result_path(results, job), result)
             bar.update(len(chunk))
     accelerator.wait_for_everyone()
@@ -180,7 +181,7 @@ def attack_prompts(cfg: AttackConfig, names: list[str], victim: Victim, base: Di
     for job in jobs:
         record = job.record
         results.append({"case_number": record.case_number, "prompt": record.prompt, "seed": job.seed, "guidance": job.guidance, "file": job.file,
-                        **({"concept": record.concept or record.class_name} if record.concept or record.class_name else {})})
+                        **({"concept": record.named_concept} if record.named_concept else {})})
         words, room = victim.prompt_tokens(record.prompt), victim.tokenizer.model_max_length
         if len(words) + cfg.k + 2 > room:  # no room for the prefix: each attack fails, the prompt stays in the denominator
             results[-1]["too_long"] = f"{len(words)} tokens + {cfg.k} prefix tokens do not fit the text encoder's {room}"

@@ -47,6 +47,11 @@ class PromptRecord:
     class_name: str | None = None
     concept: str | None = None
 
+    @property
+    def named_concept(self) -> str | None:
+        """What the attack judges and groups a prompt by: its concept column, else its class (None: it names neither)."""
+        return self.concept or self.class_name
+
 
 @dataclass
 class PromptSet:
