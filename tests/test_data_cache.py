@@ -1,5 +1,6 @@
 """The data cache keys on what the data is, and a run's weights do not depend on what the cache held (issue 23, part 1)."""
 
+import os
 from pathlib import Path
 
 import datasets
@@ -11,7 +12,9 @@ from safetensors.torch import load_file
 
 from conftest import FORGET, REMAIN, exported_unet, tiny_config
 from salun_sd.families.config import ImageGroup
+from salun_sd.families.data import group_latents
 from salun_sd.families.erase import erase
+from salun_sd.families.tiny import tiny_pipeline
 
 PAINTING, SCULPTURE = "a painting of a nude person", "a sculpture of a nude person"
 
@@ -58,3 +61,28 @@ def test_a_cold_cache_run_and_a_warm_cache_run_are_bitwise_equal(tmp_path):
     (cold_mask, warm_mask), (cold, warm) = [load_file(str(out / "mask.safetensors")) for out in runs], [exported_unet(out) for out in runs]
     assert [n for n in cold_mask if not torch.equal(cold_mask[n], warm_mask[n])] == []
     assert [n for n in cold if not torch.equal(cold[n], warm[n])] == []
+
+
+def test_a_forget_image_replaced_under_its_name_and_mtime_is_encoded_again_and_trained_on(tmp_path):
+    """The latent cache keys on the images' bytes: a file replaced in place (same name, size and mtime) gives new latents for
+    that image alone, and the run's mask is the one a fresh cache gives."""
+    folder = image_folder(tmp_path / "folder", photos(3))
+    cfg = tiny_config(tmp_path / "before", tmp_path / "cache")
+    cfg.data.forget = [ImageGroup(prompt=FORGET, folder=str(folder))]
+    pipe, group = tiny_pipeline(), cfg.data.forget[0]
+    before = group_latents(pipe, "tiny", group, cfg.data, 32)
+    erase(cfg, Accelerator(cpu=True), ("mask",))
+
+    stat = (folder / "01.png").stat()
+    photos(1, seed=7)[0].save(folder / "01.png")
+    os.utime(folder / "01.png", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (folder / "01.png").stat().st_size == stat.st_size  # random pixels do not compress: the same size
+    after = group_latents(pipe, "tiny", group, cfg.data, 32)
+    assert torch.equal(after[[0, 2]], before[[0, 2]]) and not torch.equal(after[1], before[1])
+
+    for name, cache in (("after", tmp_path / "cache"), ("fresh", tmp_path / "fresh")):
+        cfg.output_dir, cfg.data.cache_dir = str(tmp_path / name), str(cache)
+        erase(cfg, Accelerator(cpu=True), ("mask",))
+    before_mask, after_mask, fresh_mask = (load_file(str(tmp_path / name / "mask.safetensors")) for name in ("before", "after", "fresh"))
+    assert any(not torch.equal(before_mask[n], after_mask[n]) for n in before_mask)
+    assert all(torch.equal(fresh_mask[n], after_mask[n]) for n in fresh_mask)
