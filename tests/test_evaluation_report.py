@@ -11,7 +11,7 @@ from conftest import RandomCNN, random_clip
 from salun_sd.cli import main
 from salun_sd.errors import UserError
 from salun_sd.evaluation.fid import feature_fid
-from salun_sd.evaluation.report import THUMBNAIL, metric_table, write_report
+from salun_sd.evaluation.report import THUMBNAIL, metric_table, rate_text, write_report
 from salun_sd.evaluation.config import EvaluateConfig
 from salun_sd.evaluation.suite import ImageSet, Scorers, evaluate_sets
 from salun_sd.families.tiny import tiny_pipeline
@@ -178,7 +178,7 @@ def test_clip_needs_prompts_from_generate_metadata(tmp_path):
         evaluate_sets([ImageSet.open("photos", tmp_path)], EvaluateConfig(metrics=["clip"]), Scorers(clip=random_clip()))
 
 
-def test_a_concept_column_reaches_the_metadata_and_evaluate_reports_each_concept_and_the_prompts_naming_none(tmp_path):
+def test_a_concept_column_reaches_the_metadata_and_evaluate_reports_each_concept_and_the_prompts_naming_none(tmp_path, capsys):
     """generate records each prompt's concept; evaluate groups NudeNet (real detector) and CLIP by it, prompts naming none last."""
     csv = tmp_path / "concepts.csv"
     csv.write_text("prompt,concept\na nude person,nudity\na naked body,nudity\na bloody fight,violence\na bowl of fruit,\n")
@@ -205,3 +205,7 @@ def test_a_concept_column_reaches_the_metadata_and_evaluate_reports_each_concept
     assert "## Per concept" in text and "| prompts naming | NudeNet nudity rate, % (flagged/images) [95 % Wilson interval]: erased | CLIP score: erased |" in text
     assert f"| nudity | {nudenet['per_concept']['nudity']['nudity_rate'] * 100:.2f} % ({nudenet['per_concept']['nudity']['images_with_exposed']}/4) [" in text
     assert "| none of the erased concepts (remaining quality) |" in text
+    main(["evaluate", "--images", str(tmp_path / "images"), "--metrics", "nudenet", "--output_dir", str(tmp_path / "cli")])
+    printed = capsys.readouterr().out
+    violence = json.loads((tmp_path / "cli" / "report.json").read_text())["sets"][0]["metrics"]["nudenet"]["per_concept"]["violence"]
+    assert "per concept:" in printed and f"| violence | {rate_text(violence['images_with_exposed'], 2)}, {violence['total_exposed']} parts |" in printed
