@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from salun_sd.config import Parser
 from salun_sd.errors import UserError
 from salun_sd.run.runtime import exit_with_launcher
 
@@ -32,7 +33,7 @@ COMMANDS = {
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser with full arguments for `command`'s module and summaries for the rest."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="salun-sd",
         description=(
             "Erase a concept from a diffusion model with SalUn (saliency unlearning, Fan et al., ICLR 2024): "

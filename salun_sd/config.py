@@ -7,10 +7,12 @@ unknown keys are errors, not surprises. How a field is written:
     learning_rate: float = setting(1e-5, "Adam's learning rate")      # its --help text is the field's metadata
     optimizer: Literal["adam", "adam_fused"] = setting("adam", "...")  # a choice: validated here, listed in --help
     groups: list[str] = setting(factory=list, doc="...")               # a mutable default
+    batch_size: int = setting(8, "...", at_least=1)                      # a range: checked here, shown in --help
 
-Choices are `typing.Literal` types, checked in one place (`check_choices`: after the flags, and by each
-section's `check()` for configs built in code); "" among them means "left empty: the protocol's or the
-built-in value". A key that was renamed stays listed in its dataclass's `RENAMED` ({old: new}), so a
+Choices are `typing.Literal` types and a number's range is a bound in its field (`setting(8, "...", at_least=1)`,
+`above=0`, `at_most=1`, `below=1`: a bounded float must also be finite), both checked in one place
+(`check_settings`: after the flags, and by each section's `check()` for configs built in code); "" among the
+choices means "left empty: the protocol's or the built-in value"; None in an optional number means the same. A key that was renamed stays listed in its dataclass's `RENAMED` ({old: new}), so a
 config or flag still using it is refused with the new name, in one line.
 
 Why not a library: tyro, jsonargparse and simple-parsing each map nested dataclasses to flags too, but each
@@ -22,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import types
 import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 import yaml
 
@@ -37,11 +40,43 @@ T = TypeVar("T")
 SCALARS = (int, float, str, bool)
 
 
-def setting(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
-    """A config field with its `--help` text (the field's metadata); `factory` for a mutable default."""
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The numbers a setting takes (each limit closed or open); a bounded float must also be finite, so NaN and inf never pass."""
+
+    at_least: float | None = None
+    above: float | None = None
+    at_most: float | None = None
+    below: float | None = None
+
+    def holds(self, value: float) -> bool:
+        return ((not isinstance(value, float) or math.isfinite(value))
+                and (self.at_least is None or value >= self.at_least) and (self.above is None or value > self.above)
+                and (self.at_most is None or value <= self.at_most) and (self.below is None or value < self.below))
+
+    def __str__(self) -> str:
+        low = self.at_least if self.above is None else self.above
+        high = self.at_most if self.below is None else self.below
+        if low is not None and high is not None:
+            return f"in {'[' if self.above is None else '('}{low:g}, {high:g}{']' if self.below is None else ')'}"
+        if low == 0:
+            return "a non-negative number" if self.above is None else "a positive number"
+        if low is not None:
+            return f"{'at least' if self.above is None else 'above'} {low:g}"
+        return f"{'at most' if self.below is None else 'below'} {high:g}"
+
+    def check(self, value: float, where: str) -> None:
+        if not self.holds(value):
+            raise UserError(f"{where} must be {self}, got {value!r}")
+
+
+def setting(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Callable[[], Any] | None = None, **limits: float) -> Any:
+    """A config field with its `--help` text (the field's metadata); `factory` for a mutable default; `limits` (Bounds'
+    at_least, above, at_most, below) for a number's range, which holds for each item of a list."""
+    metadata = {"help": doc, **({"bounds": Bounds(**limits)} if limits else {})}
     if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata={"help": doc})
-    return dataclasses.field(default=default, metadata={"help": doc})
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _unwrap_optional(tp: Any) -> Any:
@@ -88,18 +123,24 @@ def choices_text(choices: tuple) -> str:
     return f"{named} (or empty)" if "" in choices else named
 
 
-def check_choices(cfg: Any, where: str = "") -> None:
-    """Every Literal field of `cfg` and of its sections holds one of its values: the one check of every choice."""
+def check_settings(cfg: Any, where: str = "") -> None:
+    """Every Literal field of `cfg` and of its sections holds one of its values and every bounded number lies in its
+    range: the one check of every choice and range (`where` prefixes the names in the messages)."""
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         tp, value, name = _unwrap_optional(hints[f.name]), getattr(cfg, f.name), f"{where}{f.name}"
-        items = value if typing.get_origin(tp) is list and isinstance(value, list) else [value]
+        listed = typing.get_origin(tp) is list and isinstance(value, list)
         item_tp = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
-        for item in items:
+        bounds = f.metadata.get("bounds")
+        for i, item in enumerate(value if listed else [value]):
             if dataclasses.is_dataclass(item):
-                check_choices(item, f"{name}.")
-            elif typing.get_origin(item_tp) is Literal and item not in typing.get_args(item_tp) and not (item is None and tp is not hints[f.name]):
+                check_settings(item, f"{name}[{i}]." if listed else f"{name}.")
+            elif item is None and tp is not hints[f.name]:
+                continue  # an optional setting left empty
+            elif typing.get_origin(item_tp) is Literal and item not in typing.get_args(item_tp):
                 raise UserError(f"{name} must be one of {choices_text(typing.get_args(item_tp))}, got {item!r}")
+            elif bounds is not None:
+                bounds.check(item, name)
 
 
 def renamed_keys(cls: type) -> dict[str, str]:
@@ -151,7 +192,8 @@ def _renamed_flags(cls: type, prefix: str = "") -> Iterator[tuple[str, str]]:
 
 
 def _scalar_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, Any, Any, str]]:
-    """(key, type, default, help) of every field a flag can set: scalars and choices, and lists of them (type `list[...]`)."""
+    """(key, type, default, help) of every field a flag can set: scalars and choices, and lists of them (type `list[...]`);
+    the help ends with the field's range, if it has one."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = _unwrap_optional(hints[f.name])
@@ -160,7 +202,21 @@ def _scalar_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, Any, Any,
             yield from _scalar_fields(tp, f"{prefix}{f.name}.")
         elif _scalar_type(item) in SCALARS:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-            yield f"{prefix}{f.name}", tp, default, f.metadata.get("help", "")
+            bounds = f.metadata.get("bounds")
+            yield f"{prefix}{f.name}", tp, default, f.metadata.get("help", "") + (f" (must be {bounds})" if bounds else "")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix matching (`--unlearn.max_step 3` is an error, not --unlearn.max_steps), whose errors are one
+    line; the subcommands' parsers are of the class of the parser that makes them (add_subparsers), so one class at the
+    top covers them all."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+    def error(self, message: str) -> NoReturn:
+        """One line, as every other refusal (argparse prints the whole usage first: dozens of lines for a config's flags)."""
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists what it takes)\n")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, configs: str = "configs/") -> None:
@@ -185,7 +241,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, configs: st
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    """The command's config: its YAML file (or the defaults), then every `--key` flag given, then the choices checked."""
+    """The command's config: its YAML file (or the defaults), then every `--key` flag given, then the choices and ranges checked."""
     cls = args.config_class
     cfg = load_yaml(cls, args.config) if args.config else cls()
     for dest, value in vars(args).items():
@@ -200,7 +256,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             target = getattr(target, part)
         hint = typing.get_type_hints(type(target))[leaf]
         setattr(target, leaf, _convert(hint, value, f"--{dest[4:]}"))
-    check_choices(cfg)
+    check_settings(cfg)
     return cfg
 
 

@@ -1,5 +1,6 @@
-"""Every bad input of issue 15 ends in one line that names the culprit, before any model loads, and an earlier
-run in the output folder survives it even with --overwrite."""
+"""Every bad input of issues 15 and 23 ends in one line that names the culprit, before any model loads, and an earlier
+run in the output folder survives it even with --overwrite; every command refuses an out-of-range number or an
+abbreviated flag in one line, before any work."""
 
 from __future__ import annotations
 
@@ -63,6 +64,18 @@ CASES = [
     ("mask_fraction_above_one", set_field("mask", "fraction", 1.5), r"^mask\.fraction must be in \(0, 1\], got 1\.5$"),
     ("extra_fraction_above_one", set_field("mask", "extra_fractions", [0.3, 2.0]), r"^mask\.extra_fractions must be in \(0, 1\], got 2\.0$"),
     ("unknown_tracker", set_field("unlearn", "report_to", "mlflow"), r"^unlearn\.report_to must be one of tensorboard, wandb \(or empty\), got 'mlflow'$"),
+    ("negative_max_steps", set_field("unlearn", "max_steps", -3), r"^unlearn\.max_steps must be a non-negative number, got -3$"),
+    ("zero_epochs", set_field("unlearn", "epochs", 0.0), r"^unlearn\.epochs must be a positive number, got 0\.0$"),
+    ("negative_checkpointing_steps", set_field("unlearn", "checkpointing_steps", -1), r"^unlearn\.checkpointing_steps must be a non-negative number, got -1$"),
+    ("zero_train_batch_size", set_field("unlearn", "batch_size", 0), r"^unlearn\.batch_size must be at least 1, got 0$"),
+    ("beta_of_one", set_field("unlearn", "adam_beta2", 1.0), r"^unlearn\.adam_beta2 must be in \[0, 1\), got 1\.0$"),
+    ("zero_mask_batch_size", set_field("mask", "batch_size", 0), r"^mask\.batch_size must be at least 1, got 0$"),
+    ("zero_generation_batch_size", set_field("data", "generation_batch_size", 0), r"^data\.generation_batch_size must be at least 1, got 0$"),
+    ("zero_generation_steps", set_field("data", "generation_steps", 0), r"^data\.generation_steps must be at least 1, got 0$"),
+    ("negative_generation_guidance", set_field("data", "generation_guidance", -7.5), r"^data\.generation_guidance must be a non-negative number, got -7\.5$"),
+    ("negative_resolution", set_field("data", "resolution", -8), r"^data\.resolution must be a non-negative number, got -8$"),
+    ("negative_image_count", lambda cfg, root: setattr(cfg.data.remain[0], "generate", -8), r"^data\.remain\[0\]\.generate must be a non-negative number, got -8$"),
+    ("negative_group_limit", lambda cfg, root: setattr(cfg.data.forget[0], "limit", -1), r"^data\.forget\[0\]\.limit must be a non-negative number, got -1$"),
     ("image_not_an_image", lambda cfg, root: cfg.data.remain.append(ImageGroup(prompt="x", folder=image_folder(root, "notes.png", b"not a picture"))),
      r"^cannot read image .*notes\.png: cannot identify image file"),
     ("truncated_image", lambda cfg, root: cfg.data.forget.append(ImageGroup(prompt=FORGET, folder=image_folder(root, "cut.png", truncated_png(root)))),
@@ -112,3 +125,48 @@ def test_ddpm_base_training_refuses_a_bad_learning_rate_before_touching_data_or_
     assert exit_.value.code == 2 and "\n" not in err
     assert err.startswith("salun-sd ddpm: error: train.learning_rate must be a positive number"), err
     assert not (tmp_path / "work").exists()
+
+
+# (argv of a command, what its one-line refusal must say): each fails at the flags, before any work
+FLAG_CASES = [
+    (["run", "--unlearn.max_steps", "-3"], r"unlearn\.max_steps must be a non-negative number, got -3"),
+    (["run", "--unlearn.epochs", "0"], r"unlearn\.epochs must be a positive number, got 0\.0"),
+    (["erase", "--unlearn.checkpointing_steps", "-1"], r"unlearn\.checkpointing_steps must be a non-negative number, got -1"),
+    (["mask", "--data.generation_batch_size", "0"], r"data\.generation_batch_size must be at least 1, got 0"),
+    (["run", "--unlearn.max_step", "3"], r"unrecognized arguments: --unlearn\.max_step"),  # not taken as --unlearn.max_steps
+    (["run", "--train.max_step", "3"], r"unrecognized arguments: --train\.max_step"),  # nor as the renamed --train.max_steps
+    (["generate", "--limit", "-1"], r"limit must be a non-negative number, got -1"),
+    (["generate", "--height", "0"], r"height must be at least 1, got 0"),
+    (["generate", "--height", "-8"], r"height must be at least 1, got -8"),
+    (["generate", "--width", "0"], r"width must be at least 1, got 0"),
+    (["generate", "--images_per_prompt", "0"], r"images_per_prompt must be at least 1, got 0"),
+    (["generate", "--guidance", "-1"], r"guidance must be a non-negative number, got -1\.0"),
+    (["generate", "--lim", "3"], r"unrecognized arguments: --lim"),
+    (["evaluate", "--batch_size", "0"], r"batch_size must be at least 1, got 0"),
+    (["evaluate", "--grid_pairs", "-1"], r"grid_pairs must be a non-negative number, got -1"),
+    (["attack", "--limit", "-1"], r"limit must be a non-negative number, got -1"),
+    (["attack", "--height", "-8"], r"height must be a non-negative number, got -8"),
+    (["attack", "--timesteps", "0"], r"timesteps must be at least 1, got 0"),
+    (["attack", "--learning_rate", "inf"], r"learning_rate must be a positive number, got inf"),
+    (["relearn", "--steps", "0"], r"steps must be at least 1, got 0"),
+    (["relearn", "--eval_images", "0"], r"eval_images must be at least 1, got 0"),
+    (["compare", "--steps", "0"], r"steps must be at least 1, got 0"),
+    (["compare", "--seeds", "0", "-1"], r"seeds must be a non-negative number, got -1"),
+    (["ddpm", "erase", "--unlearn.max_steps", "-3"], r"unlearn\.max_steps must be a non-negative number, got -3"),
+    (["ddpm", "sample", "--sample.per_class", "0"], r"sample\.per_class must be at least 1, got 0"),
+    (["ddpm", "train", "--train.checkpointing_steps", "-1"], r"train\.checkpointing_steps must be a non-negative number, got -1"),
+    (["classify", "forget", "--mask.batch_size", "0"], r"mask\.batch_size must be at least 1, got 0"),
+    (["classify", "train", "--train.epochs", "-1"], r"train\.epochs must be a non-negative number, got -1"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), FLAG_CASES, ids=[" ".join(argv) for argv, _ in FLAG_CASES])
+def test_every_command_refuses_a_bad_flag_in_one_line_before_any_work(tmp_path, monkeypatch, capsys, argv, message):
+    from salun_sd.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the commands' default output folders are relative: nothing may appear here
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and re.search(message, err), err
+    assert list(tmp_path.iterdir()) == []

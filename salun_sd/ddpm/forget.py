@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from salun_sd.core import erase_flow
-from salun_sd.config import check_choices
+from salun_sd.config import check_settings
 from salun_sd.ddpm.config import DDPMConfig
 from salun_sd.ddpm.data import load_split, split_by_class
 from salun_sd.ddpm.model import load_denoiser, save_model
@@ -44,9 +44,9 @@ class DDPMErase(EraseJob):
         self.scheduler = None  # the base model's schedule, saved next to the erased UNet
 
     def check(self, method: Method) -> None:
-        if not 0 <= self.config.forget_class < self.config.model.num_classes:
+        check_settings(self.config)
+        if self.config.forget_class >= self.config.model.num_classes:
             raise UserError(f"forget_class must be in 0..{self.config.model.num_classes - 1}, got {self.config.forget_class}")
-        check_choices(self.config)
 
     def load(self, accelerator: Accelerator, method: Method) -> Loaded:
         den = load_denoiser(self.model_name, self.config.weights)

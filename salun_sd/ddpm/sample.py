@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from salun_sd.config import check_choices
+from salun_sd.config import check_settings
 from salun_sd.ddpm.config import SampleConfig
 from salun_sd.ddpm.adapter import ClassConditionedDenoiser
 from salun_sd.ddpm.data import to_uint8
@@ -30,7 +30,7 @@ from salun_sd.run.files import atomic, save_image
 
 def inference_scheduler(den: ClassConditionedDenoiser, cfg: SampleConfig):
     """Sampling scheduler from the training schedule, without x0 clipping (it breaks guided samples)."""
-    check_choices(cfg, "sample.")
+    check_settings(cfg, "sample.")
     scheduler = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}[cfg.scheduler].from_config(den.noise_scheduler.config, clip_sample=False)
     scheduler.set_timesteps(cfg.num_inference_steps)
     return scheduler

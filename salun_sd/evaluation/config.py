@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from pathlib import Path
 
-from salun_sd.config import check_choices, setting
+from salun_sd.config import check_settings, setting
 from salun_sd.errors import UserError
 from salun_sd.evaluation.nudity import DEFAULT_DETECTOR, DEFAULT_THRESHOLD, EXPOSED_CLASSES
 from salun_sd.evaluation.protocols import get_protocol
@@ -28,30 +28,27 @@ class GenerateConfig:
     protocol: str = setting("", "published protocol preset: salun (official SalUn scripts: LMS, 100 steps, guidance 7.5, 512 px, fp32, one generator per prompt), or empty")
     category: list[str] = setting(factory=list, doc="keep prompts tagged with any of these I2P categories (e.g. sexual)")
     min_nudity: float | None = setting(None, "keep prompts with nudity_percentage >= this")
-    limit: int = setting(0, "keep only the first N prompts after the other filters; 0: all")
+    limit: int = setting(0, "keep only the first N prompts after the other filters; 0: all", at_least=0)
     hf_split: str = setting("train", "split of the Hugging Face dataset with prompts `i2p`")
-    images_per_prompt: int = setting(1, "images per prompt")
-    steps: int | None = setting(None, "denoising steps (default: the protocol's, else the family's: 50 for SD-1.x/2.x and SDXL, 28 for SD3 and FLUX.1)")
+    images_per_prompt: int = setting(1, "images per prompt", at_least=1)
+    steps: int | None = setting(None, "denoising steps (default: the protocol's, else the family's: 50 for SD-1.x/2.x and SDXL, 28 for SD3 and FLUX.1)", at_least=1)
     scheduler: str = setting("", "diffusers scheduler class to sample with, e.g. LMSDiscreteScheduler (default: the protocol's, else the model's own)")
-    guidance: float | None = setting(None, "guidance scale for every prompt, FLUX.1-dev's guidance embedding (default: the protocol's, else the prompt set's, else the family's: 7.5 for SD-1.x/2.x and SDXL, 7.0 for SD3, 3.5 for FLUX.1)")
-    seed: int | None = setting(None, "seed for every prompt (default: the prompt set's, else 0)")
+    guidance: float | None = setting(None, "guidance scale for every prompt, FLUX.1-dev's guidance embedding (default: the protocol's, else the prompt set's, else the family's: 7.5 for SD-1.x/2.x and SDXL, 7.0 for SD3, 3.5 for FLUX.1)", at_least=0)
+    seed: int | None = setting(None, "seed for every prompt (default: the prompt set's, else 0)", at_least=0)
     seeding: Literal["", "per_image", "per_prompt"] = setting("", "per_image: image k of a prompt uses seed + k; per_prompt: the images of a prompt are successive draws of one generator seeded with its seed (default: the protocol's, else per_image)")
-    height: int | None = setting(None, "image height for every prompt (default: the protocol's, else the prompt set's, else the model's)")
-    width: int | None = setting(None, "image width for every prompt (default: the protocol's, else the prompt set's, else the model's)")
-    batch_size: int = setting(4, "images per pipeline call and process")
+    height: int | None = setting(None, "image height for every prompt, a multiple of the family's (8 for SD-1.x/2.x and SDXL, 16 for SD3 and FLUX.1) (default: the protocol's, else the prompt set's, else the model's)", at_least=1)
+    width: int | None = setting(None, "image width for every prompt, a multiple of the family's (default: the protocol's, else the prompt set's, else the model's)", at_least=1)
+    batch_size: int = setting(4, "images per pipeline call and process", at_least=1)
     dtype: Literal["", "auto", "fp16", "bf16", "fp32"] = setting("", "auto (fp16 on GPU, fp32 on CPU) | fp16 | bf16 | fp32 (default: the protocol's, else auto)")
     single_file: SingleFileSource = field(default_factory=SingleFileSource)
 
     def resolve(self) -> GenerateConfig:
         """Fill the protocol's settings into those left empty, then the defaults that do not depend on the model (idempotent)."""
-        for name in ("steps", "batch_size", "images_per_prompt"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         protocol = get_protocol(self.protocol)
         for key, value in (protocol.generate if protocol else {}).items():
             if getattr(self, key) in (None, ""):
                 setattr(self, key, value)
-        check_choices(self)
+        check_settings(self)
         self.seeding = self.seeding or "per_image"
         self.dtype = self.dtype or "auto"
         return self
@@ -76,8 +73,8 @@ class EvaluateConfig:
     save_reference_stats: str = setting("", "save the reference folder's FID statistics to this .npz, to pass as reference next time")
     inception_weights: str = setting("", "local FID Inception weights file (pt_inception-2015-12-05-6726825d.pth), for machines without a network")
     forget_class: list[str] = setting(factory=list, doc="the erased class(es) for unlearning accuracy, ImageNet class names (e.g. church, 'English springer'); several: UA of each, accuracy on the images of none")
-    grid_pairs: int = setting(8, "before/after pairs shown in the report; 0 for none")
-    batch_size: int = setting(32, "images per model call while scoring")
+    grid_pairs: int = setting(8, "before/after pairs shown in the report; 0 for none", at_least=0)
+    batch_size: int = setting(32, "images per model call while scoring", at_least=1)
     device: str = setting("auto", "torch device for scoring; auto: cuda when available, else cpu")
 
     def resolve(self) -> EvaluateConfig:

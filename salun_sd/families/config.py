@@ -6,13 +6,12 @@ Plain dataclasses (no torch or diffusers imports), loaded from YAML and `--key` 
 from __future__ import annotations
 
 import csv
-import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from salun_sd.config import check_choices, setting
+from salun_sd.config import check_settings, setting
 from salun_sd.core.config import MaskConfig, MixedPrecision, TrainConfig
 from salun_sd.errors import UserError
 
@@ -22,13 +21,13 @@ class ImageGroup:
     """One prompt and where its images come from (set exactly one of generate, folder, hf_dataset)."""
 
     prompt: str = ""
-    generate: int = setting(0, "number of images the base pipeline draws from the prompt")
+    generate: int = setting(0, "number of images the base pipeline draws from the prompt", at_least=0)
     folder: str = setting("", "or: a folder of images")
     hf_dataset: str = setting("", "or: a Hugging Face dataset ...")
     hf_config: str = setting("", "... its configuration (e.g. \"160px\" for frgfm/imagenette)")
     hf_split: str = "train"
     hf_label: int = setting(-1, "... and the class index to take")
-    limit: int = setting(0, "use at most this many images (0: all)")
+    limit: int = setting(0, "use at most this many images (0: all)", at_least=0)
 
     def source(self) -> str:
         given = [name for name, on in (("generate", self.generate > 0), ("folder", bool(self.folder)), ("hf_dataset", bool(self.hf_dataset))) if on]
@@ -45,7 +44,7 @@ class ConceptConfig:
     forget: list[ImageGroup] = setting(factory=list, doc="its forget set")
     misaligned_prompts: list[str] = setting(factory=list, doc="its c' (default: data.misaligned_prompts, else the remain prompts)")
     concept_words: list[str] = setting(factory=list, doc="words naming it in its forget prompts (fmn, attack); default: its forget-prompt words no remain prompt has")
-    weight: float = setting(1.0, "its examples' weight in the forget term and in the mask's gradient")
+    weight: float = setting(1.0, "its examples' weight in the forget term and in the mask's gradient", at_least=0)
 
 
 CONCEPT_COLUMNS = ("name", "forget", "misaligned")  # required columns of data.concepts_file; optional: words, weight
@@ -65,13 +64,13 @@ class DataConfig:
     concept_words: list[str] = setting(factory=list, doc="words naming the concept in the forget prompts (fmn); default: forget-prompt words no remain prompt has")
     concepts: list[ConceptConfig] = setting(factory=list, doc="several concepts erased at once (instead of data.forget)")
     concepts_file: str = setting("", "CSV of concepts, one a row, columns name, forget, misaligned (several prompts split by |), optional words, weight")
-    concepts_file_generate: int = setting(800, "images the base model draws for each forget prompt of a concepts_file row")
+    concepts_file_generate: int = setting(800, "images the base model draws for each forget prompt of a concepts_file row", at_least=1)
     keep_erased: bool = setting(True, "--model is a salun-sd export: the forget prompts of the concepts it erased join the remain set, drawn by it, so they stay erased")
-    resolution: int = setting(0, "training image size; 0: the UNet's native size (512 for SD-1.x)")
-    generation_steps: int = setting(50, "sampler steps when the base model draws D_f/D_r images")
-    generation_guidance: float = setting(7.5, "guidance scale for those images")
-    generation_batch_size: int = setting(8, "images drawn per pipeline call")
-    seed: int = setting(0, "image i of a generated group uses seed + i")
+    resolution: int = setting(0, "training image size, a multiple of the family's (8 for SD-1.x/2.x and SDXL, 16 for SD3 and FLUX.1); 0: the network's native size (512 for SD-1.x)", at_least=0)
+    generation_steps: int = setting(50, "sampler steps when the base model draws D_f/D_r images", at_least=1)
+    generation_guidance: float = setting(7.5, "guidance scale for those images", at_least=0)
+    generation_batch_size: int = setting(8, "images drawn per pipeline call", at_least=1)
+    seed: int = setting(0, "image i of a generated group uses seed + i", at_least=0)
     cache_dir: str = setting("", "default: $SALUN_SD_CACHE or ~/.cache/salun_sd")
 
     def misaligned(self) -> list[str]:
@@ -108,8 +107,7 @@ class DataConfig:
             name = c.name or (c.forget[0].prompt if c.forget else f"concept {i + 1}")
             if not c.forget:
                 raise UserError(f"concept {name!r} has no forget data: give it at least one forget group")
-            if not (math.isfinite(c.weight) and c.weight >= 0):
-                raise UserError(f"concept {name!r}: weight must be a non-negative number, got {c.weight}")
+            check_settings(c, f"concept {name!r}: ")  # a concepts_file row is checked only here
             resolved.append(replace(c, name=name, misaligned_prompts=c.misaligned_prompts or self.misaligned(), concept_words=c.concept_words or self.unshared_words(c.forget)))
         names = [c.name for c in resolved]
         duplicate = next((n for n in names if names.count(n) > 1), None)
@@ -186,17 +184,9 @@ class UCEConfig:
     target: Literal["empty", "misaligned"] = setting("empty", "what the concept words' keys/values become: empty (the empty prompt's, UCE's guide for objects and unsafe concepts) | misaligned (the c' prompts', averaged)")
     preserve: list[str] = setting(factory=list, doc="concepts whose keys/values are kept (UCE's preserve_concepts); default: the remain prompts (from an export, with data.keep_erased, also the concepts it erased)")
     tokens: Literal["last", "trailing"] = setting("last", "last: each text's last word token (uce_sd_erase.py) | trailing: from it to the end of the padded sequence, preserved texts whole (the paper-era train_erase.py)")
-    erase_scale: float = setting(1.0, "weight of the erased concepts in the least squares")
-    preserve_scale: float = setting(1.0, "weight of the preserved concepts (train_erase.py: 0.1)")
-    lamb: float = setting(0.5, "λ: weight of staying at the original projection; must be positive (it keeps the edit defined off the texts' span)")
-
-    def check(self) -> None:
-        check_choices(self, "uce.")
-        for name in ("erase_scale", "preserve_scale"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise UserError(f"uce.{name} must be a non-negative number, got {getattr(self, name)}")
-        if not (math.isfinite(self.lamb) and self.lamb > 0):
-            raise UserError(f"uce.lamb must be a positive number, got {self.lamb}")
+    erase_scale: float = setting(1.0, "weight of the erased concepts in the least squares", at_least=0)
+    preserve_scale: float = setting(1.0, "weight of the preserved concepts (train_erase.py: 0.1)", at_least=0)
+    lamb: float = setting(0.5, "λ: weight of staying at the original projection (positive: it keeps the edit defined off the texts' span)", above=0)
 
 
 @dataclass

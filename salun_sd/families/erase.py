@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from salun_sd.core import erase_flow
-from salun_sd.config import to_dict
+from salun_sd.config import check_settings, to_dict
 from salun_sd.core.erase_flow import EraseJob, Loaded
 from salun_sd.errors import UserError
 from salun_sd.run.manifest import manifest
@@ -47,6 +47,7 @@ class SDErase(EraseJob):
 
     def check(self, method: Method) -> None:
         data, name = self.config.data, self.train.method
+        check_settings(self.config)  # every choice and range of a config built in code (the CLI's were checked at the flags)
         family = check_model(self.config.model)
         if self.config.single_file.export and not is_single_file(self.config.model):
             raise UserError(f"single_file.export writes the layout of a single-file base model; --model {self.config.model} is not a .safetensors/.ckpt file")
@@ -69,7 +70,6 @@ class SDErase(EraseJob):
     def check_uce(self, family: Family | None) -> None:
         """UCE reads prompts only (no images): the concept words, the target, the preserved texts; and a family with cross-attention."""
         uce = self.config.uce
-        uce.check()
         if family is not None:
             refuse_closed_form(family)
         lacking = next((c.name for c in self.concepts if not c.misaligned_prompts), None)
