@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -11,9 +12,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import FORGET, REMAIN, exported_unet, tiny_config
-from salun_sd.families.config import ImageGroup
-from salun_sd.families.data import group_latents
+from salun_sd.families.config import DataConfig, ImageGroup
+from salun_sd.families.data import generated_images, group_latents
 from salun_sd.families.erase import erase
+from salun_sd.families.loading import load_pipeline, model_identity
 from salun_sd.families.tiny import tiny_pipeline
 
 PAINTING, SCULPTURE = "a painting of a nude person", "a sculpture of a nude person"
@@ -70,14 +72,15 @@ def test_a_forget_image_replaced_under_its_name_and_mtime_is_encoded_again_and_t
     cfg = tiny_config(tmp_path / "before", tmp_path / "cache")
     cfg.data.forget = [ImageGroup(prompt=FORGET, folder=str(folder))]
     pipe, group = tiny_pipeline(), cfg.data.forget[0]
-    before = group_latents(pipe, "tiny", group, cfg.data, 32)
+    model = model_identity(pipe, "tiny")
+    before = group_latents(pipe, model, group, cfg.data, 32)
     erase(cfg, Accelerator(cpu=True), ("mask",))
 
     stat = (folder / "01.png").stat()
     photos(1, seed=7)[0].save(folder / "01.png")
     os.utime(folder / "01.png", ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert (folder / "01.png").stat().st_size == stat.st_size  # random pixels do not compress: the same size
-    after = group_latents(pipe, "tiny", group, cfg.data, 32)
+    after = group_latents(pipe, model, group, cfg.data, 32)
     assert torch.equal(after[[0, 2]], before[[0, 2]]) and not torch.equal(after[1], before[1])
 
     for name, cache in (("after", tmp_path / "cache"), ("fresh", tmp_path / "fresh")):
@@ -86,3 +89,28 @@ def test_a_forget_image_replaced_under_its_name_and_mtime_is_encoded_again_and_t
     before_mask, after_mask, fresh_mask = (load_file(str(tmp_path / name / "mask.safetensors")) for name in ("before", "after", "fresh"))
     assert any(not torch.equal(before_mask[n], after_mask[n]) for n in before_mask)
     assert all(torch.equal(fresh_mask[n], after_mask[n]) for n in fresh_mask)
+
+
+def test_a_model_re_exported_to_the_same_folder_draws_new_images(tmp_path):
+    """Generated images are keyed on the model's files, not its path: another model saved over the folder gets its own images."""
+    group, data = ImageGroup(prompt=FORGET, generate=2), DataConfig(generation_steps=2, cache_dir=str(tmp_path / "cache"))
+    drawn = []
+    for seed in (0, 1):
+        tiny_pipeline(seed=seed).save_pretrained(tmp_path / "model")
+        pipe = load_pipeline(str(tmp_path / "model"))
+        drawn.append(generated_images(pipe, model_identity(pipe, str(tmp_path / "model")), group, data, 32))
+    (old, new) = drawn
+    assert old[0].parent != new[0].parent and all(p.is_file() for p in old)
+    assert all(a.read_bytes() != b.read_bytes() for a, b in zip(old, new))
+
+
+def test_a_hub_model_is_keyed_on_the_commit_it_was_loaded_from(tmp_path, monkeypatch):
+    """A Hub ID loads (offline, from the Hub cache) through the real path, and its identity is the snapshot's commit, not its name."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--tiny"
+    tiny_pipeline().save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    pipe = load_pipeline("org/tiny")
+    assert model_identity(pipe, "org/tiny") == {"hub": "org/tiny", "revision": commit}

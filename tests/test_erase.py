@@ -19,6 +19,7 @@ from salun_sd.core.saliency import load_mask, mask_summary
 from salun_sd.families.config import DataConfig, ImageGroup
 from salun_sd.families.data import concept_data
 from salun_sd.families.erase import erase
+from salun_sd.families.loading import model_identity
 from salun_sd.families.tiny import tiny_pipeline
 from salun_sd.core.trainer import TrainingDiverged, list_checkpoints
 
@@ -181,7 +182,7 @@ def test_hf_dataset_group_saved_to_disk_gives_the_latents_of_the_same_images_in_
         images[name].save(tmp_path / "folder" / f"{list(labels).index(name)}_{name}.png")
 
     pipe, data = tiny_pipeline(), DataConfig(cache_dir=str(tmp_path / "cache"))
-    from_disk = concept_data(pipe, "tiny", [ImageGroup(prompt=FORGET, hf_dataset=str(tmp_path / "saved"), hf_label=1)], {FORGET: 1}, data, 32, "forget")
-    from_folder = concept_data(pipe, "tiny", [ImageGroup(prompt=FORGET, folder=str(tmp_path / "folder"))], {FORGET: 1}, data, 32, "forget")
+    from_disk = concept_data(pipe, model_identity(pipe, "tiny"), [ImageGroup(prompt=FORGET, hf_dataset=str(tmp_path / "saved"), hf_label=1)], {FORGET: 1}, data, 32, "forget")
+    from_folder = concept_data(pipe, model_identity(pipe, "tiny"), [ImageGroup(prompt=FORGET, folder=str(tmp_path / "folder"))], {FORGET: 1}, data, 32, "forget")
     assert from_disk.x0.shape == (2, 4, 8, 8)
     assert torch.equal(from_disk.x0, from_folder.x0)

@@ -11,7 +11,7 @@ from diffusers import EulerAncestralDiscreteScheduler
 from salun_sd.errors import UserError
 from salun_sd.families.config import DataConfig, ImageGroup
 from salun_sd.families.data import generated_images, image_key
-from salun_sd.families.loading import family_of
+from salun_sd.families.loading import family_of, model_identity
 from salun_sd.families.tiny import tiny_pipeline
 from tiny_families import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sdxl_pipeline
 from salun_sd.generation import ImageRequest, draw_images, starting_noise, use_scheduler
@@ -81,19 +81,20 @@ def test_the_data_cache_key_names_everything_the_generated_images_depend_on(tmp_
     """Forget/remain images are cached under a key of the model, prompt, sampler (class and config), its steps and
     guidance, size, seed, network dtype, device and library versions: changing any of them draws new images."""
     pipe, group, data = tiny_pipeline(), ImageGroup(prompt="a photo of a nude person", generate=2), DataConfig(cache_dir=str(tmp_path))
-    key = image_key(pipe, "tiny", group, data, 32)
+    model = model_identity(pipe, "tiny")
+    key = image_key(pipe, model, group, data, 32)
     assert {"model", "prompt", "steps", "guidance", "resolution", "seed", "noise", "scheduler", "dtype", "device", "versions"} <= set(key)
     assert (key["device"], key["dtype"], key["scheduler"]["class"]) == ("cpu", "torch.float32", "DDIMScheduler")
     variants = [
-        image_key(pipe, "other", group, data, 32),
-        image_key(pipe, "tiny", ImageGroup(prompt="a photo of a person", generate=2), data, 32),
-        image_key(pipe, "tiny", group, replace(data, generation_steps=7), 32),
-        image_key(pipe, "tiny", group, replace(data, generation_guidance=2.0), 32),
-        image_key(pipe, "tiny", group, replace(data, seed=1), 32),
-        image_key(pipe, "tiny", group, data, 64),
-        image_key(use_scheduler(tiny_pipeline(), "EulerDiscreteScheduler"), "tiny", group, data, 32),
-        image_key(tiny_pipeline().to(dtype=torch.bfloat16), "tiny", group, data, 32),
+        image_key(pipe, model_identity(tiny_pipeline(seed=1), "tiny"), group, data, 32),
+        image_key(pipe, model, ImageGroup(prompt="a photo of a person", generate=2), data, 32),
+        image_key(pipe, model, group, replace(data, generation_steps=7), 32),
+        image_key(pipe, model, group, replace(data, generation_guidance=2.0), 32),
+        image_key(pipe, model, group, replace(data, seed=1), 32),
+        image_key(pipe, model, group, data, 64),
+        image_key(use_scheduler(tiny_pipeline(), "EulerDiscreteScheduler"), model, group, data, 32),
+        image_key(tiny_pipeline().to(dtype=torch.bfloat16), model, group, data, 32),
     ]
     assert len({json.dumps(k, sort_keys=True, default=str) for k in [key, *variants]}) == len(variants) + 1
-    paths = generated_images(pipe, "tiny", group, replace(data, generation_steps=1), 32)
+    paths = generated_images(pipe, model, group, replace(data, generation_steps=1), 32)
     assert json.loads((paths[0].parent / "key.json").read_text())["steps"] == 1 and all(p.is_file() for p in paths)

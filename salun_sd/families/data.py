@@ -2,7 +2,7 @@
 
 A set is a list of groups, each one prompt with its images, which come from exactly one source:
 - `generate: N` — N images drawn by the base pipeline from the prompt (fixed seeds, salun_sd.generation; cached on
-  disk under a key that names everything the images depend on);
+  disk under a key that names everything the images depend on, the model by what it is: image_key);
 - `folder: DIR` — the images in a folder;
 - `hf_dataset: NAME` with `hf_label` — one class of a Hugging Face dataset (e.g. frgfm/imagenette), from the
   Hub or from a folder written by `Dataset.save_to_disk` (the way to use one offline).
@@ -43,13 +43,14 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def image_key(pipe: DiffusionPipeline, model_name: str, group: ImageGroup, cfg: DataConfig, resolution: int) -> dict[str, object]:
-    """Everything a generated group's images depend on (their noise is keyed CPU noise, salun_sd.generation): the
-    model, prompt, sampler and its settings, size, seed, the network's dtype and the device type and name (the
-    same noise gives slightly different images on another kind of device)."""
+def image_key(pipe: DiffusionPipeline, model: dict[str, object], group: ImageGroup, cfg: DataConfig, resolution: int) -> dict[str, object]:
+    """Everything a generated group's images depend on (their noise is keyed CPU noise, salun_sd.generation): what the
+    model is (loading.model_identity: its files, or its Hub commit; not its name), prompt, sampler and its settings,
+    size, seed, the network's dtype and the device type and name (the same noise gives slightly different images on
+    another kind of device). Not the concept: concepts that share a prompt share its images."""
     network = family_of(pipe).network_of(pipe)
     return {
-        "model": str(Path(model_name).resolve()) if Path(model_name).exists() else model_name,
+        "model": model,
         "prompt": group.prompt,
         "steps": cfg.generation_steps,
         "guidance": cfg.generation_guidance,
@@ -70,7 +71,7 @@ def device_name(device: torch.device) -> str:
 
 
 def generated_images(
-    pipe: DiffusionPipeline, model_name: str, group: ImageGroup, cfg: DataConfig, resolution: int, rank: int = 0, processes: int = 1
+    pipe: DiffusionPipeline, model: dict[str, object], group: ImageGroup, cfg: DataConfig, resolution: int, rank: int = 0, processes: int = 1
 ) -> list[Path]:
     """Draw `group.generate` images (image i from seed cfg.seed + i); files already on disk are reused.
 
@@ -78,7 +79,7 @@ def generated_images(
     the batches are fixed too: batches of cfg.generation_batch_size, process r drawing batches r, r + processes, ...
     So the files of several processes are those of one, bit for bit. The caller waits for the other processes.
     """
-    key = image_key(pipe, model_name, group, cfg, resolution)
+    key = image_key(pipe, model, group, cfg, resolution)
     folder = cache_root(cfg) / "images" / _key(key)
     folder.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -95,11 +96,11 @@ def generated_images(
     return paths
 
 
-def generate_share(pipe: DiffusionPipeline, model_name: str, groups: list[ImageGroup], cfg: DataConfig, resolution: int, rank: int, processes: int) -> None:
+def generate_share(pipe: DiffusionPipeline, model: dict[str, object], groups: list[ImageGroup], cfg: DataConfig, resolution: int, rank: int, processes: int) -> None:
     """This process's share of every generated group's missing images (the others draw theirs meanwhile)."""
     for group in groups:
         if group.source() == "generate":
-            generated_images(pipe, model_name, group, cfg, resolution, rank, processes)
+            generated_images(pipe, model, group, cfg, resolution, rank, processes)
 
 
 def check_sources(groups: list[ImageGroup]) -> None:
@@ -175,11 +176,11 @@ def content_digests(images: list[Path | Image.Image]) -> list[str]:
     return digests
 
 
-def group_latents(pipe: DiffusionPipeline, model_name: str, group: ImageGroup, cfg: DataConfig, resolution: int) -> torch.Tensor:
+def group_latents(pipe: DiffusionPipeline, model: dict[str, object], group: ImageGroup, cfg: DataConfig, resolution: int) -> torch.Tensor:
     """Latents of one group, from the cache when the same images were encoded before."""
     source = group.source()
     if source == "generate":
-        images: list = generated_images(pipe, model_name, group, cfg, resolution)
+        images: list = generated_images(pipe, model, group, cfg, resolution)
     elif source == "folder":
         images = list_images(group.folder, "image folder", recursive=True)
     else:
@@ -189,7 +190,7 @@ def group_latents(pipe: DiffusionPipeline, model_name: str, group: ImageGroup, c
     vae = pipe.vae
     # Keyed on the images' contents, in order (image i's posterior sample is drawn from its position), not on the group: groups
     # of the same images share the file, and an image replaced under the same name is encoded again.
-    path = cache_root(cfg) / "latents" / f"{_key(model_name, content_digests(images), resolution, cfg.seed, str(vae.dtype), device_name(vae.device))}.safetensors"
+    path = cache_root(cfg) / "latents" / f"{_key(model, content_digests(images), resolution, cfg.seed, str(vae.dtype), device_name(vae.device))}.safetensors"
     if not path.is_file():
         with atomic(path) as tmp:
             save_file({"latents": encode_latents(pipe, images, resolution, cfg.seed).contiguous()}, str(tmp))
@@ -199,7 +200,7 @@ def group_latents(pipe: DiffusionPipeline, model_name: str, group: ImageGroup, c
     return load_file(str(path))["latents"]
 
 
-def concept_data(pipe: DiffusionPipeline, model_name: str, groups: list[ImageGroup], cond_of: dict[str, int], cfg: DataConfig, resolution: int, what: str) -> ConceptData:
+def concept_data(pipe: DiffusionPipeline, model: dict[str, object], groups: list[ImageGroup], cond_of: dict[str, int], cfg: DataConfig, resolution: int, what: str) -> ConceptData:
     """All groups of one set as latents with the condition id of each group's prompt."""
     if not groups:
         raise UserError(f"the {what} set is empty: give data.{what} at least one group with a prompt and images")
@@ -207,16 +208,16 @@ def concept_data(pipe: DiffusionPipeline, model_name: str, groups: list[ImageGro
     for group in groups:
         if not group.prompt.strip():
             raise UserError(f"every data.{what} group needs a non-empty prompt")
-        latents = group_latents(pipe, model_name, group, cfg, resolution)
+        latents = group_latents(pipe, model, group, cfg, resolution)
         xs.append(latents)
         conds.append(torch.full((len(latents),), cond_of[group.prompt], dtype=torch.long))
     return ConceptData(torch.cat(xs), torch.cat(conds))
 
 
-def forget_set(pipe: DiffusionPipeline, model_name: str, concepts: list[ConceptConfig], cond_of: dict[str, int], cfg: DataConfig, resolution: int) -> ConceptData:
+def forget_set(pipe: DiffusionPipeline, model: dict[str, object], concepts: list[ConceptConfig], cond_of: dict[str, int], cfg: DataConfig, resolution: int) -> ConceptData:
     """Every concept's forget groups as one D_f, each example tagged with its concept (and its concept's weight
     when one differs from 1). Concepts that share a prompt share its cached images and latents."""
-    parts = [concept_data(pipe, model_name, c.forget, cond_of, cfg, resolution, "forget") for c in concepts]
+    parts = [concept_data(pipe, model, c.forget, cond_of, cfg, resolution, "forget") for c in concepts]
     concept = torch.cat([torch.full((len(part),), k, dtype=torch.long) for k, part in enumerate(parts)])
     weight = None if all(c.weight == 1 for c in concepts) else torch.cat([torch.full((len(part),), c.weight) for part, c in zip(parts, concepts)])
     return ConceptData(torch.cat([part.x0 for part in parts]), torch.cat([part.cond for part in parts]), concept, weight)

@@ -23,7 +23,7 @@ from salun_sd.core.saliency import Mask, mask_summary
 from salun_sd.families.config import ConceptConfig, EraseConfig, ImageGroup
 from salun_sd.families.data import check_sources, concept_data, forget_set, generate_share
 from salun_sd.families.export import earlier_erasures, export, export_single_file, kept_erased_groups, model_card
-from salun_sd.families.loading import Family, check_model, family_of, is_single_file, load_pipeline
+from salun_sd.families.loading import Family, check_model, family_of, is_single_file, load_pipeline, model_identity
 from salun_sd.families.uce import NO_CROSS_ATTENTION, Concept, uce_edit
 from salun_sd.families.validation import draw_validation, write_validation_grid
 
@@ -37,6 +37,7 @@ class SDErase(EraseJob):
         self.config, self.train, self.mask = cfg, cfg.unlearn, cfg.mask
         self.out, self.overwrite, self.model_name = Path(cfg.output_dir), cfg.overwrite, cfg.model
         self.pipe = None  # the base pipeline, once loaded: the export reuses its other components
+        self.identity: dict[str, object] = {}  # what the base model is (loading.model_identity), once loaded: keys the cached images and latents
         self.resolution = 0  # of the training images and the validation grid, once the pipeline is loaded
         self.base_images = []  # the validation prompts drawn by the base model
         self.concepts: list[ConceptConfig] = []  # the concepts to erase (check)
@@ -95,6 +96,7 @@ class SDErase(EraseJob):
     def load_base(self) -> Family:
         """The base pipeline (kept for the export) and the training resolution; returns its family."""
         pipe = self.pipe = load_pipeline(self.config.model, single_file=self.config.single_file)
+        self.identity = model_identity(pipe, self.config.model, self.config.single_file)
         family = family_of(pipe)
         self.resolution = self.config.data.resolution or family.default_size(pipe)
         return family
@@ -112,7 +114,7 @@ class SDErase(EraseJob):
 
         Every process draws its share of the images to generate; the main process then encodes and caches the latents.
         """
-        cfg, data, concepts = self.config, self.config.data, self.concepts
+        data, concepts = self.config.data, self.concepts
         misaligned = [c.misaligned_prompts for c in concepts] if method.uses_misaligned else []
         concept_words = list(dict.fromkeys(w for c in concepts for w in c.concept_words)) if method.uses_concept_tokens else []  # FMN: every concept's tokens
         family = self.load_base()
@@ -123,12 +125,11 @@ class SDErase(EraseJob):
         pipe.to(accelerator.device)
         den = family.denoiser(pipe, prompts, concept_words, resolution)
         cond_of = {p: den.cond_id(p) for p in prompts}
-        source = f"{cfg.model} (EMA)" if cfg.single_file.ema and is_single_file(cfg.model) else cfg.model  # names the cached images
-        generate_share(pipe, source, forget_groups + remain_groups, data, resolution, accelerator.process_index, accelerator.num_processes)
+        generate_share(pipe, self.identity, forget_groups + remain_groups, data, resolution, accelerator.process_index, accelerator.num_processes)
         accelerator.wait_for_everyone()
         with accelerator.main_process_first():  # the main process encodes and caches the latents; the others read them
-            forget = forget_set(pipe, source, concepts, cond_of, data, resolution)
-            remain = concept_data(pipe, source, remain_groups, cond_of, data, resolution, "remain") if method.uses_remain else None
+            forget = forget_set(pipe, self.identity, concepts, cond_of, data, resolution)
+            remain = concept_data(pipe, self.identity, remain_groups, cond_of, data, resolution, "remain") if method.uses_remain else None
         self.examples = [int((forget.concept == k).sum()) for k in range(len(concepts))]
         if method.uses_concept_tokens:
             missing = [(c.name, g.prompt) for c in concepts for g in c.forget if not den.concept_tokens[cond_of[g.prompt]].any()]

@@ -8,6 +8,7 @@ not erase is refused in one line.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +159,37 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, single_file: S
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
+
+def model_identity(pipe: DiffusionPipeline, model: str, single_file: SingleFileSource | None = None) -> dict[str, object]:
+    """What the loaded base model is, for the data cache's keys: re-exported weights at the same path are another model.
+
+    A local folder or single file: every file's (relative path, size, mtime_ns). Not a hash of the weights: that would
+    read 5 GB (SD-1.5) to 30 GB (FLUX) each run, and writing new weights (an export, a download) always gives new mtimes.
+    A Hub ID: the commit diffusers loaded, the snapshots/<commit> folder of the Hub cache its components come from (a
+    loaded component's _name_or_path). The tiny pipeline is built by code: the SHA-256 of its weights (1 M of them).
+    """
+    if model == TINY:
+        digest = hashlib.sha256()
+        for component, module in sorted(pipe.components.items()):
+            for name, tensor in module.state_dict().items() if isinstance(module, nn.Module) else ():
+                digest.update(f"{component}.{name}".encode() + tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return {"tiny": digest.hexdigest()}
+    local = Path(model).expanduser()
+    if local.is_file():  # a single file, and how it is read
+        settings = single_file or SingleFileSource()
+        config = Path(settings.config).expanduser()
+        return {"files": file_stamps(local), "ema": settings.ema, "config": file_stamps(config) if settings.config and config.is_dir() else settings.config}
+    if local.is_dir():
+        return {"files": file_stamps(local)}
+    snapshot = Path(family_of(pipe).network_of(pipe).config._name_or_path).parent
+    return {"hub": model, "revision": snapshot.name if snapshot.parent.name == "snapshots" else file_stamps(snapshot)}
+
+
+def file_stamps(path: Path) -> list[tuple[str, int, int]]:
+    """(path relative to `path`, size, mtime_ns) of a file, or of every file in a folder (symlinks followed: the Hub cache's are)."""
+    path = path.resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [(str(p.relative_to(path)) if p != path else p.name, (st := p.stat()).st_size, st.st_mtime_ns) for p in files]
 
 
 def scheduler_class(name: str) -> type | None:

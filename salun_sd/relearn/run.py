@@ -130,7 +130,7 @@ def fine_tune_groups(cfg: RelearnConfig, base_job: SDErase) -> list[ImageGroup]:
     """The base model's images of the concept (drawn by base_job.load), as folder groups every target trains on."""
     groups = []
     for group in base_job.config.data.forget:
-        paths = generated_images(base_job.pipe, cfg.base, group, base_job.config.data, base_job.resolution)  # on disk: nothing is drawn again
+        paths = generated_images(base_job.pipe, base_job.identity, group, base_job.config.data, base_job.resolution)  # on disk: nothing is drawn again
         groups.append(ImageGroup(prompt=group.prompt, folder=str(paths[0].parent), limit=group.generate))
     return groups
 
