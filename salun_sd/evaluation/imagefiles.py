@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -39,12 +40,32 @@ def batched(items: Sequence[T], batch_size: int, desc: str) -> Iterator[Sequence
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Open an image as RGB, naming the file if it cannot be read."""
+    """Open an image as RGB (to_rgb), naming the file if it cannot be read."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_rgb(image, str(path))
     except OSError as err:
         raise UserError(f"cannot read image {path}: {err}") from err
+
+
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")  # PIL's modes of 16-bit grayscale (PNG, TIFF)
+PIL_TO_RGB = ("1", "L", "P", "RGB", "CMYK", "YCbCr", "HSV")  # PIL's convert("RGB") gives their colours (CMYK naively, without a colour profile)
+
+
+def to_rgb(image: Image.Image, name: str) -> Image.Image:
+    """The image as 8-bit RGB where that is faithful: 16-bit grayscale scaled to 8 bits (PIL's own convert clips it, a
+    mostly white image), transparency only where every pixel is opaque. Anything else is refused, naming `name`."""
+    if image.mode in SIXTEEN_BIT:
+        values = np.asarray(image).astype(np.int64)
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA") if image.mode != "La" else image.convert("LA").convert("RGBA")
+        if rgba.getchannel("A").getextrema()[0] < 255:
+            raise UserError(f"image {name} has transparent pixels (mode {image.mode}), which RGB training data cannot show: flatten it onto a background first")
+        return rgba.convert("RGB")
+    if image.mode not in PIL_TO_RGB:
+        raise UserError(f"image {name} has pixels of mode {image.mode}, which salun-sd cannot convert to 8-bit RGB faithfully: save it as 8-bit RGB")
+    return image.convert("RGB")
 
 
 def image_size(path: Path) -> tuple[int, int]:

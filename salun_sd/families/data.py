@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from salun_sd.core.denoiser import ConceptData
 from salun_sd.errors import UserError
-from salun_sd.evaluation.imagefiles import list_images, load_rgb
+from salun_sd.evaluation.imagefiles import list_images, load_rgb, to_rgb
 from salun_sd.families.config import ConceptConfig, DataConfig, ImageGroup
 from salun_sd.families.loading import family_of
 from salun_sd.generation import ImageRequest, draw_images
@@ -135,12 +135,11 @@ def hf_images(group: ImageGroup) -> list[Image.Image]:
     ds = ds.filter(lambda label: label == group.hf_label, input_columns=label_column)
     if len(ds) == 0:
         raise UserError(f"dataset {group.hf_dataset!r} has no images with {label_column} == {group.hf_label}")
-    return [img.convert("RGB") for img in ds[image_column]]
+    return [to_rgb(img, f"{i} of dataset {group.hf_dataset!r}") for i, img in enumerate(ds[image_column])]
 
 
 def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the short side and center-crop to resolution², scaled to [-1, 1] as the VAE expects."""
-    image = image.convert("RGB")
+    """Resize the short side and center-crop an RGB image to resolution², scaled to [-1, 1] as the VAE expects."""
     scale = resolution / min(image.size)
     image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))), Image.BICUBIC)
     left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
