@@ -30,13 +30,13 @@ concept column."""
 
 
 def run_attack(args: argparse.Namespace) -> None:
-    from salun_sd.run.lock import run_lock
+    from salun_sd.run.folder import open_folder
     from salun_sd.run.runtime import finish, make_accelerator
 
     cfg = config_from_args(args)
     cfg.check()
     accelerator = make_accelerator("no")
-    with run_lock(cfg.output_dir, accelerator.is_main_process):
+    with open_folder(cfg.output_dir, "attack", cfg.overwrite, accelerator.is_main_process):
         from salun_sd.attack.run import attack  # diffusers loads after a busy folder is refused
 
         attack(cfg, accelerator)

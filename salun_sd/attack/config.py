@@ -28,6 +28,7 @@ class AttackConfig:
     limit: int = setting(0, "attack only the first N prompts left by the filters (0: all)", at_least=0)
     hf_split: str = setting("train", "split of the Hugging Face dataset with prompts `i2p`")
     output_dir: str = setting("outputs/attack", "results/ (one JSON per prompt), images/, report.json, report.md")
+    overwrite: bool = setting(False, "write into OUTPUT_DIR even when its manifest.json says another command's run is there (that manifest is replaced)")
     reference_dir: str = setting("", "cache of the base model's reference images (default OUTPUT_DIR/reference); share it between attacks on models erased from the same base")
     judge: str = setting("nudenet", "nudenet | imagenet | toyworld | module:function (PIL images in, one bool per image out)")
     imagenet_model: Literal["torchvision", "microsoft/resnet-50"] = setting("torchvision", "the imagenet judge's ResNet-50: torchvision (IMAGENET1K_V2 weights) | microsoft/resnet-50 (transformers ResNetForImageClassification, the one src/tasks/utils/metrics/object_eval.py loads)")

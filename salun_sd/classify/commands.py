@@ -10,7 +10,7 @@ from salun_sd.classify.config import METHODS, ClassifyConfig
 from salun_sd.config import add_step_group, config_from_args, to_dict
 from salun_sd.errors import UserError
 from salun_sd.run.files import write_json
-from salun_sd.run.lock import run_lock
+from salun_sd.run.folder import open_folder
 from salun_sd.run.manifest import manifest
 
 EPILOG = """examples (digits run offline on a CPU in about a minute; CIFAR-10 is the paper's setting, for a GPU):
@@ -63,7 +63,7 @@ def run_train(args: argparse.Namespace) -> None:
 
     cfg = load_config(args)
     out = Path(cfg.output_dir) if cfg.output_dir else cfg.base_dir()
-    with run_lock(out, True):
+    with open_folder(out, None, cfg.overwrite):  # a model folder: model.json holds its manifest
         _claim(out, cfg.overwrite)
         accelerator, splits = _setup(cfg)
         start = time.perf_counter()
@@ -78,7 +78,7 @@ def run_retrain(args: argparse.Namespace) -> None:
 
     cfg = load_config(args)
     out = Path(cfg.output_dir) if cfg.output_dir else cfg.run_dir("retrain")
-    with run_lock(out, True):
+    with open_folder(out, None, cfg.overwrite):  # a model folder: model.json holds its manifest
         _claim(out, cfg.overwrite)
         accelerator, splits = _setup(cfg)
         start = time.perf_counter()
@@ -93,7 +93,7 @@ def run_mask(args: argparse.Namespace) -> None:
 
     cfg = load_config(args)
     out = Path(cfg.output_dir) if cfg.output_dir else cfg.run_dir("salun")
-    with run_lock(out, True):
+    with open_folder(out, None, cfg.overwrite):  # a model folder: model.json holds its manifest
         if mask_path(out).exists() and not cfg.overwrite:
             raise UserError(f"{mask_path(out)} already exists: pass --overwrite to replace it")
         accelerator, splits = _setup(cfg)
@@ -110,7 +110,7 @@ def run_forget(args: argparse.Namespace) -> None:
 
     cfg = load_config(args)
     out = Path(cfg.output_dir) if cfg.output_dir else cfg.run_dir(cfg.method)
-    with run_lock(out, True):
+    with open_folder(out, None, cfg.overwrite):  # a model folder: model.json holds its manifest
         _claim(out, cfg.overwrite)
         accelerator, splits = _setup(cfg)
         model, _ = load_model(_base(cfg))

@@ -2,7 +2,7 @@
 
 A family (Stable Diffusion and its successors, the class-conditional DDPM) supplies an EraseJob: its
 settings, how to load its denoiser and data, and how to write the erased model. Everything else —
-which files a run may replace, where the mask comes from, the seed of the mask's noise — is decided
+which files a run replaces (salun_sd.run.folder.claim: moved aside, back if the run fails), where the mask comes from, the seed of the mask's noise — is decided
 here once, so the families cannot drift apart.
 
 A closed-form method (UCE) skips data, mask and loop: the job's edit() hands the edited network to the export.
@@ -12,12 +12,11 @@ Run folder layout (`out`):
     mask.safetensors       the saliency mask used (plus mask-<fraction>.safetensors for extra fractions)
     checkpoints/           resumable training state (unlearn.checkpointing_steps)
     log.jsonl              every optimizer step's loss terms (salun_sd.run.log)
-    <job.product>/         the erased model
+    <job.product>/         the erased model (and the job's other exports: job.also_writes)
 """
 
 from __future__ import annotations
 
-import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +30,13 @@ from salun_sd.core.config import MaskConfig, TrainConfig
 from salun_sd.core.denoiser import ConceptData, Denoiser
 from salun_sd.errors import UserError
 from salun_sd.run.files import write_json
+from salun_sd.run.folder import MANIFEST, claim
 from salun_sd.run.manifest import manifest
 from salun_sd.core.objectives import Method
 from salun_sd.core.saliency import Mask, load_mask, make_masks, mask_info, mask_path
 from salun_sd.core.sharding import gather_mask, gather_model
 from salun_sd.core.trainer import check_train_config, list_checkpoints, unlearn
+from salun_sd.run.log import LOG_NAME
 
 
 @dataclass
@@ -58,6 +59,7 @@ class EraseJob(ABC):
     overwrite: bool
     model_name: str  # the base model, as the user named it
     product: str  # the folder under `out` that the export writes
+    also_writes: ClassVar[tuple[str, ...]] = ()  # the export's other files and folders under `out` (glob patterns)
     command: str  # the CLI prefix of the family's commands ("salun-sd", "salun-sd ddpm"), for hints
     closed_form: ClassVar[bool] = False  # the family implements edit(), for closed-form methods (UCE)
 
@@ -98,25 +100,6 @@ def uses_mask(method: Method, steps: tuple[str, ...]) -> bool:
     return "erase" not in steps or method.uses_mask
 
 
-def claim_run_folder(out: Path, products: list[Path], overwrite: bool, resuming: bool, accelerator: Accelerator, resume_flag: str) -> Path:
-    """Refuse to clobber `products` or an earlier run's checkpoints unless overwrite, which removes them first.
-
-    A resumed run (or a step that does not train) keeps the checkpoints.
-    """
-    blocking = [*products, *([] if resuming else list_checkpoints(out / "checkpoints")[:1])]
-    existing = [p for p in blocking if p.exists()]
-    if existing and not overwrite:
-        hint = f"; or --{resume_flag}.resume_from_checkpoint latest to continue the interrupted run" if "checkpoints" in existing[0].parts else ""
-        raise UserError(f"{existing[0]} already exists: pass --overwrite to replace it{hint}")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for p in existing:
-            shutil.rmtree(p.parent if p.parent.name == "checkpoints" else p) if p.is_dir() else p.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    return out
-
-
 def resolve_mask(job: EraseJob, loaded: Loaded, method: Method, steps: tuple[str, ...], accelerator: Accelerator) -> Mask | None:
     """The mask to train under: mask.path, else made now (mask step), else the one an earlier mask step left in the run folder.
 
@@ -140,30 +123,38 @@ def erase(job: EraseJob, accelerator: Accelerator, steps: tuple[str, ...] = ("ma
     """Run the requested steps ("mask", "erase" or both) of one erase; returns the run folder."""
     method = check_config(job)
     training = "erase" in steps
-    resuming = bool(job.train.resume_from_checkpoint)
-    products = [mask_path(job.out)] if "mask" in steps and uses_mask(method, steps) and not resuming else []
+    resuming = training and bool(job.train.resume_from_checkpoint)
+    making_mask = "mask" in steps and uses_mask(method, steps) and not resuming
+    products = [mask_path(job.out)] if making_mask else []
     products += [job.out / job.product] if training else []
-    claim_run_folder(job.out, products, job.overwrite, resuming or not training, accelerator, "unlearn")
-    if accelerator.is_main_process:
-        info = manifest(to_dict(job.config), "+".join(steps), base_model=job.model_name, num_processes=accelerator.num_processes)
-        write_json(job.out / "manifest.json", info)
+    command = "+".join(steps)
+    writes = [MANIFEST, *(["mask*.safetensors"] if making_mask else []),
+              *([job.product, *job.also_writes, *([] if resuming else ["checkpoints", LOG_NAME])] if training else [])]
 
-    if training and method.closed_form:  # no data, mask or loop; every process edits (cheap, deterministic), the main one exports
-        model, mask = job.edit(accelerator, method), None
-    else:
-        loaded = job.load(accelerator, method)
-        remain = len(loaded.remain) if loaded.remain is not None else "not used"
-        accelerator.print(f"forget set: {len(loaded.forget)} examples, remain set: {remain}, method: {job.train.method}")
-        mask = resolve_mask(job, loaded, method, steps, accelerator)
-        if not training:
-            return job.out
+    def blocking() -> list[Path]:  # a resumed run (or a step that does not train) keeps the checkpoints
+        return products + (list_checkpoints(job.out / "checkpoints")[:1] if training and not resuming else [])
 
-        job.before_training(accelerator)
-        model = unlearn(loaded.den, loaded.forget, loaded.remain, loaded.misaligned, job.train, accelerator, job.out, mask)
-        model = gather_model(model, accelerator.is_main_process)  # under FSDP: whole, on the main process
-        mask = gather_mask(mask, accelerator.is_main_process) if mask is not None else None
-    if accelerator.is_main_process:
-        written = job.export(model.eval(), mask, accelerator.num_processes)
-        accelerator.print(f"erased model written to {written}")
-    accelerator.wait_for_everyone()
+    with claim(job.out, writes, blocking, job.overwrite, resuming, accelerator, command, "unlearn"):
+        if accelerator.is_main_process:
+            info = manifest(to_dict(job.config), command, base_model=job.model_name, num_processes=accelerator.num_processes)
+            write_json(job.out / MANIFEST, info)
+
+        if training and method.closed_form:  # no data, mask or loop; every process edits (cheap, deterministic), the main one exports
+            model, mask = job.edit(accelerator, method), None
+        else:
+            loaded = job.load(accelerator, method)
+            remain = len(loaded.remain) if loaded.remain is not None else "not used"
+            accelerator.print(f"forget set: {len(loaded.forget)} examples, remain set: {remain}, method: {job.train.method}")
+            mask = resolve_mask(job, loaded, method, steps, accelerator)
+            if not training:
+                return job.out
+
+            job.before_training(accelerator)
+            model = unlearn(loaded.den, loaded.forget, loaded.remain, loaded.misaligned, job.train, accelerator, job.out, mask)
+            model = gather_model(model, accelerator.is_main_process)  # under FSDP: whole, on the main process
+            mask = gather_mask(mask, accelerator.is_main_process) if mask is not None else None
+        if accelerator.is_main_process:
+            written = job.export(model.eval(), mask, accelerator.num_processes)
+            accelerator.print(f"erased model written to {written}")
+        accelerator.wait_for_everyone()
     return job.out

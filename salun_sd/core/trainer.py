@@ -33,7 +33,7 @@ from salun_sd.core.draws import draw_batch
 from salun_sd.errors import UserError
 from salun_sd.core.masked_step import mask_gradients_, masked_weight_decay
 from salun_sd.core.objectives import Method, get_method
-from salun_sd.run.files import publish, remove, staging
+from salun_sd.run.files import nbytes, publish, remove, space_for, staging
 from salun_sd.run.runtime import pause_if_asked
 from salun_sd.core.saliency import Mask
 from salun_sd.core.sharding import local, shard_for_fsdp, shard_like
@@ -41,6 +41,8 @@ from salun_sd.run.log import StepLog
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good state was saved."""
+
+    resumable = True  # the run folder keeps this run's files for the resume (salun_sd.run.folder.claim)
 
 
 def trainable_scope(cfg: TrainConfig) -> str:
@@ -245,11 +247,17 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, total_limit
         remove(tmp)
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-        publish(tmp, final)
+    try:  # Accelerate keeps what it saves in private lists; their tensors are about what a checkpoint takes
+        with space_for(final, lambda: nbytes(*accelerator._models, *accelerator._optimizers), tmp):
+            accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+                publish(tmp, final)
+    except BaseException:
+        if accelerator.is_main_process:
+            remove(tmp)
+        raise
         for old in list_checkpoints(root)[:-total_limit] if total_limit > 0 else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

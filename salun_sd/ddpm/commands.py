@@ -12,7 +12,7 @@ from salun_sd.ddpm.config import DDPMConfig
 from salun_sd.errors import UserError
 from salun_sd.run.files import write_json
 from salun_sd.run.manifest import manifest
-from salun_sd.run.lock import run_lock
+from salun_sd.run.folder import open_folder
 from salun_sd.run.runtime import device, finish, make_accelerator
 
 EPILOG = """examples (digits run offline on a CPU in minutes; CIFAR-10 is the paper's setting):
@@ -39,25 +39,32 @@ def model_dir(cfg: DDPMConfig) -> Path:
 
 def run_train(args: argparse.Namespace, exclude_class: int = -1) -> None:
     """Base training, or with exclude_class: Retrain, the same recipe without that class's images."""
+    from salun_sd.core.trainer import list_checkpoints
     from salun_sd.ddpm.data import load_split
     from salun_sd.ddpm.train import train_base
-    from salun_sd.core.erase_flow import claim_run_folder
+    from salun_sd.run.folder import MANIFEST, claim
+    from salun_sd.run.log import LOG_NAME
 
     cfg = config_from_args(args)
     cfg.train.check()
     out = Path(cfg.output_dir) if cfg.output_dir else cfg.retrain_dir() if exclude_class >= 0 else cfg.base_dir()
+    command = "ddpm retrain" if exclude_class >= 0 else "ddpm train"
+    resuming = bool(cfg.train.resume_from_checkpoint)
+    writes = [MANIFEST, "unet", "unet_ema", "scheduler", *([] if resuming else ["checkpoints", LOG_NAME])]
+
+    def blocking() -> list[Path]:
+        return [out / "unet", *([] if resuming else list_checkpoints(out / "checkpoints")[:1])]
+
     accelerator = make_accelerator(cfg.mixed_precision)
-    with run_lock(out, accelerator.is_main_process):
-        claim_run_folder(out, [out / "unet"], cfg.overwrite, bool(cfg.train.resume_from_checkpoint), accelerator, "train")
+    with open_folder(out, command, cfg.overwrite, accelerator.is_main_process), claim(out, writes, blocking, cfg.overwrite, resuming, accelerator, command, "train"):
         data = load_split(cfg.data, "train", exclude_class)
-        command = "ddpm retrain" if exclude_class >= 0 else "ddpm train"
         extra = {"exclude_class": exclude_class, "train_examples": len(data), "num_processes": accelerator.num_processes}
         if accelerator.is_main_process:
-            write_json(out / "manifest.json", manifest(to_dict(cfg), command, **extra))
+            write_json(out / MANIFEST, manifest(to_dict(cfg), command, **extra))
         start = time.perf_counter()
         train_base(cfg.model, data, cfg.train, accelerator, out, cfg.data.random_flip)
         if accelerator.is_main_process:  # again, with the wall time of this (possibly resumed) run
-            write_json(out / "manifest.json", manifest(to_dict(cfg), command, train_seconds=time.perf_counter() - start, **extra))
+            write_json(out / MANIFEST, manifest(to_dict(cfg), command, train_seconds=time.perf_counter() - start, **extra))
             print(f"model written to {out}")
     finish(accelerator)
 
@@ -72,7 +79,7 @@ def run_forget(args: argparse.Namespace, steps: tuple[str, ...]) -> None:
     cfg = config_from_args(args)
     out = Path(cfg.output_dir) if cfg.output_dir else cfg.erase_dir()
     accelerator = make_accelerator(cfg.mixed_precision, cfg.unlearn.report_to, str(out))
-    with run_lock(out, accelerator.is_main_process):
+    with open_folder(out, "+".join(steps), cfg.overwrite, accelerator.is_main_process):
         erase(cfg, accelerator, model_dir(cfg), out, steps)
     finish(accelerator)
 
@@ -84,13 +91,14 @@ def run_sample(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
     model = model_dir(cfg)
     out = Path(cfg.output_dir) if cfg.output_dir else model / "samples"
-    if (out / "samples.safetensors").exists() and not cfg.overwrite:
-        raise UserError(f"{out / 'samples.safetensors'} already exists: pass --overwrite to replace it")
-    den = load_denoiser(model, cfg.weights)
-    labels = class_labels(cfg.sample, den.num_classes)
-    images = sample(den, labels, cfg.sample, device())
-    save_samples(images, labels, out, {"model": str(model), "sample": json.dumps(to_dict(cfg.sample))})
-    print(f"{len(labels)} samples written to {out} (grid.png, samples.safetensors)")
+    with open_folder(out, None, cfg.overwrite):
+        if (out / "samples.safetensors").exists() and not cfg.overwrite:
+            raise UserError(f"{out / 'samples.safetensors'} already exists: pass --overwrite to replace it")
+        den = load_denoiser(model, cfg.weights)
+        labels = class_labels(cfg.sample, den.num_classes)
+        images = sample(den, labels, cfg.sample, device())
+        save_samples(images, labels, out, {"model": str(model), "sample": json.dumps(to_dict(cfg.sample))})
+        print(f"{len(labels)} samples written to {out} (grid.png, samples.safetensors)")
 
 
 def run_classifier(args: argparse.Namespace) -> None:
@@ -99,13 +107,14 @@ def run_classifier(args: argparse.Namespace) -> None:
 
     cfg = config_from_args(args)
     out = Path(cfg.output_dir) if cfg.output_dir else cfg.classifier_dir()
-    if (out / "classifier.json").exists() and not cfg.overwrite:
-        raise UserError(f"{out / 'classifier.json'} already exists: pass --overwrite to replace it")
-    train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
-    model, acc = train_classifier(train, test, cfg.classifier, cfg.model.num_classes, cfg.data.random_flip, device())
-    info = classifier_info(model, cfg.classifier, train.x0.shape[1], cfg.model.num_classes, dataset=to_dict(cfg.data), test_accuracy=acc, test_examples=len(test))
-    save_classifier(model, out, info)
-    print(f"classifier written to {out}: accuracy {acc:.2%} on {len(test)} real held-out images")
+    with open_folder(out, None, cfg.overwrite):
+        if (out / "classifier.json").exists() and not cfg.overwrite:
+            raise UserError(f"{out / 'classifier.json'} already exists: pass --overwrite to replace it")
+        train, test = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+        model, acc = train_classifier(train, test, cfg.classifier, cfg.model.num_classes, cfg.data.random_flip, device())
+        info = classifier_info(model, cfg.classifier, train.x0.shape[1], cfg.model.num_classes, dataset=to_dict(cfg.data), test_accuracy=acc, test_examples=len(test))
+        save_classifier(model, out, info)
+        print(f"classifier written to {out}: accuracy {acc:.2%} on {len(test)} real held-out images")
 
 
 def run_evaluate(args: argparse.Namespace) -> None:

@@ -36,6 +36,7 @@ def forget_data(cfg: DDPMConfig) -> tuple[ConceptData, ConceptData, list[list[in
 
 class DDPMErase(EraseJob):
     product = "unet"
+    also_writes = ("scheduler",)
     command = "salun-sd ddpm"
 
     def __init__(self, cfg: DDPMConfig, model_dir: Path, out: Path) -> None:

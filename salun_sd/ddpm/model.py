@@ -22,7 +22,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from salun_sd.ddpm.adapter import ClassConditionedDenoiser
 from salun_sd.ddpm.config import ModelConfig
 from salun_sd.errors import UserError
-from salun_sd.run.files import atomic
+from salun_sd.run.files import atomic, nbytes
 
 
 def build_unet(cfg: ModelConfig) -> UNet2DModel:
@@ -64,7 +64,7 @@ def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, folder: Path, ema_un
     each folder whole or not at all; `unet`, which marks a model as there (load_denoiser), comes last."""
     parts = [("scheduler", scheduler), *([("unet_ema", ema_unet)] if ema_unet is not None else []), ("unet", unet)]
     for name, part in parts:
-        with atomic(folder / name) as tmp:
+        with atomic(folder / name, lambda: nbytes(part)) as tmp:
             part.save_pretrained(tmp)
 
 

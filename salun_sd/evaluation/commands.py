@@ -83,7 +83,7 @@ def run_generate(args: argparse.Namespace) -> None:
     from salun_sd.families.loading import family_of, load_pipeline, scheduler_class
     from salun_sd.generation import use_scheduler
     from salun_sd.run.files import write_json
-    from salun_sd.run.lock import run_lock
+    from salun_sd.run.folder import open_folder
     from salun_sd.run.manifest import manifest
 
     cfg: GenerateConfig = config_from_args(args)
@@ -92,7 +92,7 @@ def run_generate(args: argparse.Namespace) -> None:
     scheduler_class(cfg.scheduler)  # a wrong name fails before the model loads
     prompts = filter_prompts(load_prompts(cfg.prompts, cfg.hf_split), cfg.category, cfg.min_nudity, cfg.limit or None)
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True lets torchrun run several CPU processes
-    with run_lock(cfg.output_dir, state.is_main_process):
+    with open_folder(cfg.output_dir, "generate", cfg.overwrite, state.is_main_process):
         pipe = use_scheduler(load_pipeline(cfg.model, resolve_dtype(cfg.dtype, state.device), cfg.single_file), cfg.scheduler)
         family = family_of(pipe)
         cfg.steps = cfg.steps or family.steps
@@ -116,6 +116,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from salun_sd.evaluation.report import concept_table, metric_table, write_report
     from salun_sd.evaluation.suite import ImageSet, check_settings, evaluate_sets
     from salun_sd.run.files import write_json
+    from salun_sd.run.folder import open_folder
     from salun_sd.run.manifest import manifest
     from salun_sd.run.runtime import device
 
@@ -123,20 +124,21 @@ def run_evaluate(args: argparse.Namespace) -> None:
     folders = cfg.folders()
     cfg.resolve()
     check_settings(cfg)
-    sets = [ImageSet.open(label, folder) for label, folder in folders]
-    scorers, reference = load_scorers(cfg), None
-    if "fid" in cfg.metrics:
-        reference = reference_stats(cfg.reference, scorers.fid.to(device(cfg.device)), cfg.batch_size)
-        if cfg.save_reference_stats:
-            reference.save(cfg.save_reference_stats)
-            print(f"reference statistics saved to {cfg.save_reference_stats}")
-    results = evaluate_sets(sets, cfg, scorers, reference)
-    json_path, md_path = write_report(results, cfg.output_dir, cfg.grid_pairs)
-    write_json(Path(cfg.output_dir) / "manifest.json", manifest(to_dict(cfg), "evaluate"))
-    print(metric_table(results))
-    if per_concept := concept_table(results):
-        print(f"\nper concept:\n{per_concept}")
-    print(f"\nreport: {md_path}\nall numbers: {json_path}")
+    with open_folder(cfg.output_dir, "evaluate", cfg.overwrite):  # before scoring: a folder it cannot write fails now
+        sets = [ImageSet.open(label, folder) for label, folder in folders]
+        scorers, reference = load_scorers(cfg), None
+        if "fid" in cfg.metrics:
+            reference = reference_stats(cfg.reference, scorers.fid.to(device(cfg.device)), cfg.batch_size)
+            if cfg.save_reference_stats:
+                reference.save(cfg.save_reference_stats)
+                print(f"reference statistics saved to {cfg.save_reference_stats}")
+        results = evaluate_sets(sets, cfg, scorers, reference)
+        json_path, md_path = write_report(results, cfg.output_dir, cfg.grid_pairs)
+        write_json(Path(cfg.output_dir) / "manifest.json", manifest(to_dict(cfg), "evaluate"))
+        print(metric_table(results))
+        if per_concept := concept_table(results):
+            print(f"\nper concept:\n{per_concept}")
+        print(f"\nreport: {md_path}\nall numbers: {json_path}")
 
 
 def load_scorers(settings: EvaluateConfig) -> Scorers:

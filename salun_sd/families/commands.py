@@ -6,7 +6,7 @@ import argparse
 from functools import partial
 
 from salun_sd.config import add_config_arguments, config_from_args
-from salun_sd.run.lock import run_lock
+from salun_sd.run.folder import open_folder
 from salun_sd.run.runtime import finish, make_accelerator
 from salun_sd.families.config import EraseConfig
 
@@ -30,7 +30,7 @@ The erased model loads with StableDiffusionPipeline.from_pretrained("OUTPUT_DIR/
 def run_steps(args: argparse.Namespace, steps: tuple[str, ...]) -> None:
     cfg = config_from_args(args)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.unlearn.report_to, cfg.output_dir)
-    with run_lock(cfg.output_dir, accelerator.is_main_process):
+    with open_folder(cfg.output_dir, "+".join(steps), cfg.overwrite, accelerator.is_main_process):
         from salun_sd.families.erase import erase  # diffusers loads only when a job runs, and after a busy folder is refused
 
         erase(cfg, accelerator, steps)

@@ -25,11 +25,12 @@ from salun_sd.families.data import check_sources, concept_data, forget_set, gene
 from salun_sd.families.export import earlier_erasures, export, export_single_file, kept_erased_groups, model_card
 from salun_sd.families.loading import Family, check_model, family_of, is_single_file, load_pipeline, model_identity
 from salun_sd.families.uce import NO_CROSS_ATTENTION, Concept, uce_edit
-from salun_sd.families.validation import draw_validation, write_validation_grid
+from salun_sd.families.validation import GRID_NAME, draw_validation, write_validation_grid
 
 
 class SDErase(EraseJob):
     product = "pipeline"
+    also_writes = ("model.safetensors", GRID_NAME)
     command = "salun-sd"
     closed_form = True  # UCE on SD-1/2 and SDXL (SD3 and FLUX are refused: refuse_closed_form)
 

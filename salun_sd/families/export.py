@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from salun_sd.families.config import ImageGroup
-from salun_sd.run.files import atomic, write_json
+from salun_sd.run.files import atomic, nbytes, write_json
+from salun_sd.run.runtime import pause_if_asked
 from salun_sd.core.objectives import METHODS
 
 MANIFEST_NAME = "salun_manifest.json"
@@ -123,15 +124,15 @@ def export(
     pipe: DiffusionPipeline, network: str, model: nn.Module, out: Path, card: str, manifest: dict[str, Any], network_only: bool = False
 ) -> Path:
     """Write the pipeline with `model` as its `network` component (or `model` alone) in safetensors to `out`,
-    atomically, replacing what was there."""
-    with atomic(out) as tmp:
-        if network_only:
-            model.save_pretrained(tmp, safe_serialization=True)
-        else:
-            setattr(pipe, network, model)
-            pipe.save_pretrained(tmp, safe_serialization=True)
+    atomically, replacing what was there. SALUN_SD_PAUSE_AFTER_STEP=export pauses once it is written, before the rename."""
+    if not network_only:
+        setattr(pipe, network, model)
+    parts = [model] if network_only else [c for c in pipe.components.values() if isinstance(c, nn.Module)]
+    with atomic(out, lambda: nbytes(*parts)) as tmp:
+        (model if network_only else pipe).save_pretrained(tmp, safe_serialization=True)
         (tmp / "README.md").write_text(card)
         write_json(tmp / MANIFEST_NAME, manifest)
+        pause_if_asked("export")
     return Path(out)
 
 
@@ -153,6 +154,6 @@ def export_single_file(base_file: str | Path, unet: nn.Module, out: Path, metada
         raise ValueError(f"{base_file} has no weight that diffusers maps to {missing[0]}")  # a UNet that is not the file's
     merged = {key: tensor for key, tensor in checkpoint.items() if not key.startswith("model_ema.")}
     merged.update({names[name]: weight.detach().cpu() for name, weight in weights.items()})
-    with atomic(out) as tmp:
+    with atomic(out, lambda: nbytes(merged)) as tmp:
         save_file({k: v.contiguous().clone() for k, v in merged.items()}, str(tmp), metadata=metadata)  # clone: .ckpt tensors share storage
     return out

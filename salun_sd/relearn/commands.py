@@ -18,11 +18,11 @@ A rerun with the same settings reuses finished curves."""
 
 
 def run_relearn(args: argparse.Namespace) -> None:
-    from salun_sd.run.lock import run_lock
+    from salun_sd.run.folder import open_folder
 
     cfg = config_from_args(args)
     cfg.check()
-    with run_lock(cfg.output_dir):
+    with open_folder(cfg.output_dir, "relearn", cfg.overwrite):
         from salun_sd.relearn.run import relearn  # torch and diffusers load after a busy folder is refused
 
         print(f"wrote {relearn(cfg)}")

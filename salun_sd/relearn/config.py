@@ -42,6 +42,7 @@ class RelearnConfig:
     nudenet_detector: str = setting("unlearndiffatk", "nudenet: how images reach NudeNet, as `salun-sd attack --nudenet_detector` (unlearndiffatk | rgb | pip_path)")
     checkpointing_steps: int = setting(0, "save the fine-tune's state every N steps so a killed run resumes there (0: a killed target restarts; SD-1.4 with Adam is ~10 GB a state)", at_least=0)
     output_dir: str = setting("outputs/relearn", "report.json, report.md, grid.png, and per target: curve.json, log.jsonl (every step's loss), checkpoints/")
+    overwrite: bool = setting(False, "write into OUTPUT_DIR even when its manifest.json says another command's run is there (that manifest is replaced)")
     cache_dir: str = setting("", "where the base-model images and latents are cached (default: $SALUN_SD_CACHE or ~/.cache/salun_sd)")
 
     def judge_config(self) -> AttackConfig:

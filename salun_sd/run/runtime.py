@@ -44,9 +44,10 @@ def exit_with_launcher() -> None:
     threading.Thread(target=watch, name="salun-sd-launcher-watch", daemon=True).start()
 
 
-def pause_if_asked(step: int) -> None:
+def pause_if_asked(step: int | str) -> None:
     """With SALUN_SD_PAUSE_AFTER_STEP=N in the environment, every process stops after optimizer step N (and its
-    checkpoint) and waits to be killed: a run interrupted at a known point, to inspect it or to test resuming."""
+    checkpoint) and waits to be killed: a run interrupted at a known point, to inspect it or to test resuming.
+    A named point pauses the same way (=export: the erased model written, not yet renamed into place)."""
     if os.environ.get(PAUSE_ENV) == str(step):
         print(f"salun-sd: paused after step {step} (pid {os.getpid()})", file=sys.stderr, flush=True)
         threading.Event().wait()
