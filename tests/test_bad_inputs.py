@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate import Accelerator
 from PIL import Image
 from skimage import data as photos
@@ -112,6 +113,41 @@ def test_bad_input_is_one_line_naming_the_culprit_and_leaves_the_earlier_run(tmp
     text = str(err.value)
     assert "\n" not in text and re.search(message, text), text
     assert {name: (out / name).read_bytes() for name in files} == files
+
+
+def foreign_mask(root: Path) -> str:
+    """A complete mask file made for another network."""
+    from salun_sd.core.saliency import save_mask
+
+    save_mask({"encoder.layers.0.weight": torch.ones(4, 4, dtype=torch.bool)}, root / "other.safetensors", {})
+    return str(root / "other.safetensors")
+
+
+def garbage_model(root: Path) -> str:
+    (root / "model.safetensors").write_bytes(b"\x00\x01 not a checkpoint" * 100)
+    return str(root / "model.safetensors")
+
+
+# Bad inputs that fail, or failed before they were checked up front, after the run claimed its folder: whatever they
+# raise, the earlier run is as it was, with --overwrite (issue 23).
+LATE_CASES = [
+    ("mask_of_another_model", lambda cfg, root: setattr(cfg.mask, "path", foreign_mask(root))),
+    ("empty_forget_prompt", lambda cfg, root: setattr(cfg.data, "forget", [ImageGroup(prompt="", generate=8)])),
+    ("garbage_model_file", lambda cfg, root: setattr(cfg, "model", garbage_model(root))),
+    ("generation_batch_size_zero", set_field("data", "generation_batch_size", 0)),
+    ("misaligned_prompt_is_the_forget_prompt", set_field("data", "misaligned_prompts", [FORGET])),
+]
+
+
+@pytest.mark.parametrize("change", [case[1] for case in LATE_CASES], ids=[case[0] for case in LATE_CASES])
+def test_a_bad_input_found_late_leaves_the_earlier_run_and_nothing_else(tmp_path, earlier_run, data_cache, change):
+    out, files = earlier_run
+    cfg: EraseConfig = tiny_config(out, data_cache)
+    cfg.overwrite = True
+    change(cfg, tmp_path)
+    with pytest.raises(Exception):
+        sd_erase.erase(cfg, Accelerator(cpu=True))
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
 
 
 @pytest.mark.parametrize("rate", ["nan", "0", "-1e-4"])
