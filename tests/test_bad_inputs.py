@@ -52,6 +52,31 @@ def foreign_pipeline(root: Path) -> str:
     return str(folder)
 
 
+def garbage_model_file(root: Path) -> str:
+    (root / "model.safetensors").write_bytes(b"not a checkpoint " * 64)
+    return str(root / "model.safetensors")
+
+
+def pipeline_folder(root: Path, damage) -> str:
+    """The tiny pipeline saved as a diffusers folder, then damaged: damage(folder)."""
+    folder = root / "sd-tiny"
+    tiny_pipeline().save_pretrained(folder)
+    damage(folder)
+    return str(folder)
+
+
+def cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def huge_image_folder(root: Path) -> str:
+    """A 15000x15000 PNG (225 MP: PIL's own guard would raise DecompressionBombError), 27 KB as a 1-bit image."""
+    folder = root / "huge"
+    folder.mkdir()
+    Image.new("1", (15000, 15000)).save(folder / "huge.png")
+    return str(folder)
+
+
 def set_field(section: str, key: str, value):
     return lambda cfg, root: setattr(getattr(cfg, section), key, value)
 
@@ -77,6 +102,19 @@ CASES = [
     ("negative_resolution", set_field("data", "resolution", -8), r"^data\.resolution must be a non-negative number, got -8$"),
     ("negative_image_count", lambda cfg, root: setattr(cfg.data.remain[0], "generate", -8), r"^data\.remain\[0\]\.generate must be a non-negative number, got -8$"),
     ("negative_group_limit", lambda cfg, root: setattr(cfg.data.forget[0], "limit", -1), r"^data\.forget\[0\]\.limit must be a non-negative number, got -1$"),
+    ("resolution_not_a_multiple", set_field("data", "resolution", 20), r"^data\.resolution 20 is not a multiple of 8, which SD-1\.x/2\.x images need \(e\.g\. 16\)$"),
+    ("misaligned_is_the_forget_prompt", set_field("data", "misaligned_prompts", [FORGET]),
+     rf"^concept 'nudity': its misaligned prompt c' '{FORGET}' is the concept itself; c' must be another concept$"),
+    ("image_too_large", lambda cfg, root: cfg.data.forget.append(ImageGroup(prompt=FORGET, folder=huge_image_folder(root))),
+     r"^image .*huge\.png is 15000x15000, more than 200,000,000 pixels \(an erase's data\.max_image_pixels; 0: no limit\)"),
+    ("image_over_the_set_limit", lambda cfg, root: (cfg.data.remain.append(ImageGroup(prompt="x", folder=image_folder(root, "notes.txt", b""))), setattr(cfg.data, "max_image_pixels", 1000)),
+     r"^image .*good\.png is 600x400, more than 1,000 pixels"),
+    ("garbage_single_file_model", lambda cfg, root: setattr(cfg, "model", garbage_model_file(root)),
+     r"^.*model\.safetensors is not a complete safetensors file \(SafetensorError: .*header.*\); download or export it again$"),
+    ("invalid_model_index", lambda cfg, root: setattr(cfg, "model", pipeline_folder(root, lambda f: (f / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline",'))),
+     r"^.*sd-tiny/model_index\.json is not valid JSON \(JSONDecodeError: .*\); download or export the model again$"),
+    ("truncated_model_component", lambda cfg, root: setattr(cfg, "model", pipeline_folder(root, lambda f: cut_in_half(f / "unet" / "diffusion_pytorch_model.safetensors"))),
+     r"^.*sd-tiny/unet/diffusion_pytorch_model\.safetensors is not a complete safetensors file \(SafetensorError: .*\); download or export it again$"),
     ("image_not_an_image", lambda cfg, root: cfg.data.remain.append(ImageGroup(prompt="x", folder=image_folder(root, "notes.png", b"not a picture"))),
      r"^cannot read image .*notes\.png: cannot identify image file"),
     ("truncated_image", lambda cfg, root: cfg.data.forget.append(ImageGroup(prompt=FORGET, folder=image_folder(root, "cut.png", truncated_png(root)))),
@@ -206,3 +244,16 @@ def test_every_command_refuses_a_bad_flag_in_one_line_before_any_work(tmp_path, 
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and re.search(message, err), err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["generate", "attack"])
+def test_a_garbage_model_file_is_one_line_for_generate_and_attack(tmp_path, capsys, command):
+    from salun_sd.cli import main
+
+    (tmp_path / "prompts.txt").write_text("a photo of a circle\n")
+    extra = ["--base", "tiny", "--judge", "toyworld", "--concept", "circle"] if command == "attack" else []
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--model", garbage_model_file(tmp_path), "--prompts", str(tmp_path / "prompts.txt"), "--output_dir", str(tmp_path / "out"), *extra])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert re.search(r"model\.safetensors is not a complete safetensors file \(SafetensorError: .*\); download or export it again$", err.strip()), err

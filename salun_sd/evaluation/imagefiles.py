@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -16,6 +17,9 @@ from salun_sd.run.files import write_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
+# 200 MP: the largest phone photos (16320x12240) pass, 0.6 GB once decoded as RGB; a 15000x15000 image or a decompression
+# bomb is refused before its pixels are decoded (PIL's own guard, which raises from 179 MP, is replaced by this one).
+MAX_IMAGE_PIXELS = 200_000_000
 
 T = TypeVar("T")
 
@@ -39,13 +43,27 @@ def batched(items: Sequence[T], batch_size: int, desc: str) -> Iterator[Sequence
             bar.update(min(batch_size, len(items) - start))
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Open an image as RGB (to_rgb), naming the file if it cannot be read."""
+@contextmanager
+def opened(path: Path) -> Iterator[Image.Image]:
+    """The image file, its header read; a file PIL cannot read is named in one line. PIL's process-wide pixel guard is
+    off while the header is read: it would raise at open, before the size is known (load_rgb applies its own limit)."""
+    guard, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with Image.open(path) as image:
-            return to_rgb(image, str(path))
+            Image.MAX_IMAGE_PIXELS = guard
+            yield image
     except OSError as err:
         raise UserError(f"cannot read image {path}: {err}") from err
+    finally:
+        Image.MAX_IMAGE_PIXELS = guard
+
+
+def load_rgb(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image as RGB (to_rgb), naming the file if it cannot be read or has more than `max_pixels` pixels (0: no limit)."""
+    with opened(path) as image:
+        if max_pixels and image.width * image.height > max_pixels:
+            raise UserError(f"image {path} is {image.width}x{image.height}, more than {max_pixels:,} pixels (an erase's data.max_image_pixels; 0: no limit): shrink it or raise the limit")
+        return to_rgb(image, str(path))
 
 
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")  # PIL's modes of 16-bit grayscale (PNG, TIFF)
@@ -70,11 +88,8 @@ def to_rgb(image: Image.Image, name: str) -> Image.Image:
 
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) from the file header, without decoding the pixels."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except OSError as err:
-        raise UserError(f"cannot read image {path}: {err}") from err
+    with opened(path) as image:
+        return image.size
 
 
 def require_one_size(paths: Iterable[Path], what: str) -> tuple[int, int]:

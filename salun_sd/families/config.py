@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 from salun_sd.config import check_settings, setting
 from salun_sd.core.config import MaskConfig, MixedPrecision, TrainConfig
 from salun_sd.errors import UserError
+from salun_sd.evaluation.imagefiles import MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -72,6 +73,7 @@ class DataConfig:
     generation_batch_size: int = setting(8, "images drawn per pipeline call", at_least=1)
     seed: int = setting(0, "image i of a generated group uses seed + i", at_least=0)
     cache_dir: str = setting("", "default: $SALUN_SD_CACHE or ~/.cache/salun_sd")
+    max_image_pixels: int = setting(MAX_IMAGE_PIXELS, "a folder image with more pixels is refused before it is decoded (the default passes the largest phone photos, 16320x12240, and stops decompression bombs); 0: no limit", at_least=0)
 
     def misaligned(self) -> list[str]:
         return self.misaligned_prompts or [g.prompt for g in self.remain]
@@ -98,11 +100,9 @@ class DataConfig:
             raise UserError("give data.forget (one concept) or data.concepts / data.concepts_file (several), not both")
         if listed and single_name:
             raise UserError("`concept` names the one concept of data.forget; with data.concepts each concept has its own name")
-        if not listed:
-            if not self.forget:
-                raise UserError("the forget set is empty: give data.forget at least one group with a prompt and images (or data.concepts)")
-            return [ConceptConfig(single_name or self.forget[0].prompt, self.forget, self.misaligned(), self.concept())]
-        resolved = []
+        if not listed and not self.forget:
+            raise UserError("the forget set is empty: give data.forget at least one group with a prompt and images (or data.concepts)")
+        resolved = [] if listed else [ConceptConfig(single_name or self.forget[0].prompt, self.forget, self.misaligned(), self.concept())]
         for i, c in enumerate(listed):
             name = c.name or (c.forget[0].prompt if c.forget else f"concept {i + 1}")
             if not c.forget:

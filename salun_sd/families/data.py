@@ -103,13 +103,13 @@ def generate_share(pipe: DiffusionPipeline, model: dict[str, object], groups: li
             generated_images(pipe, model, group, cfg, resolution, rank, processes)
 
 
-def check_sources(groups: list[ImageGroup]) -> None:
-    """Each group names one source, and every image of a folder group opens: a broken file stops the run
-    here, named, before any model loads rather than in the middle of encoding."""
+def check_sources(groups: list[ImageGroup], max_pixels: int) -> None:
+    """Each group names one source, and every image of a folder group opens and has at most `max_pixels` pixels: a broken
+    or huge file stops the run here, named, before any model loads rather than in the middle of encoding."""
     for group in groups:
         if group.source() == "folder":
             for path in list_images(group.folder, "image folder", recursive=True)[: group.limit or None]:
-                load_rgb(path)
+                load_rgb(path, max_pixels)
 
 
 def hf_images(group: ImageGroup) -> list[Image.Image]:
@@ -148,12 +148,12 @@ def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_latents(pipe: DiffusionPipeline, images: list, resolution: int, seed: int, batch_size: int = 8) -> torch.Tensor:
+def encode_latents(pipe: DiffusionPipeline, images: list, resolution: int, seed: int, max_pixels: int, batch_size: int = 8) -> torch.Tensor:
     """VAE latents as each family's training uses them: a posterior sample, minus the VAE's shift (SD3, FLUX), times its scale."""
     vae = pipe.vae
     out = []
     for i in range(0, len(images), batch_size):
-        chunk = [load_rgb(p) if isinstance(p, Path) else p for p in images[i : i + batch_size]]
+        chunk = [load_rgb(p, max_pixels) if isinstance(p, Path) else p for p in images[i : i + batch_size]]
         pixels = torch.stack([to_tensor(img, resolution) for img in chunk]).to(vae.device, vae.dtype)
         gen = torch.Generator("cpu").manual_seed(seed + i)  # the same posterior sample on any device
         shift = vae.config.get("shift_factor") or 0.0  # None in SD-1/2/XL VAE configs
@@ -192,7 +192,7 @@ def group_latents(pipe: DiffusionPipeline, model: dict[str, object], group: Imag
     path = cache_root(cfg) / "latents" / f"{_key(model, content_digests(images), resolution, cfg.seed, str(vae.dtype), device_name(vae.device))}.safetensors"
     if not path.is_file():
         with atomic(path) as tmp:
-            save_file({"latents": encode_latents(pipe, images, resolution, cfg.seed).contiguous()}, str(tmp))
+            save_file({"latents": encode_latents(pipe, images, resolution, cfg.seed, cfg.max_image_pixels).contiguous()}, str(tmp))
     # Read back also when just encoded: the VAE returns channels-last latents on the CPU, and the UNet's convolutions
     # round differently on that layout than on the file's, so training on the in-memory tensor made a cold-cache run
     # differ from every later one.

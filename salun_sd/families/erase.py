@@ -23,7 +23,7 @@ from salun_sd.core.saliency import Mask, mask_summary
 from salun_sd.families.config import ConceptConfig, EraseConfig, ImageGroup
 from salun_sd.families.data import check_sources, concept_data, forget_set, generate_share
 from salun_sd.families.export import earlier_erasures, export, export_single_file, kept_erased_groups, model_card
-from salun_sd.families.loading import Family, check_model, family_of, is_single_file, load_pipeline, model_identity
+from salun_sd.families.loading import Family, check_model, configured_size_multiple, family_of, is_single_file, load_pipeline, model_identity
 from salun_sd.families.uce import NO_CROSS_ATTENTION, Concept, uce_edit
 from salun_sd.families.validation import GRID_NAME, draw_validation, write_validation_grid
 
@@ -51,6 +51,9 @@ class SDErase(EraseJob):
         data, name = self.config.data, self.train.method
         check_settings(self.config)  # every choice and range of a config built in code (the CLI's were checked at the flags)
         family = check_model(self.config.model)
+        multiple = configured_size_multiple(self.config.model, family) if family is not None and data.resolution else None
+        if multiple:  # else load_base checks it, once the model shows its VAE
+            family.check_size(data.resolution, multiple, "data.resolution")
         if self.config.single_file.export and not is_single_file(self.config.model):
             raise UserError(f"single_file.export writes the layout of a single-file base model; --model {self.config.model} is not a .safetensors/.ckpt file")
         self.concepts = data.concept_list(self.config.concept)
@@ -60,7 +63,7 @@ class SDErase(EraseJob):
         if method.closed_form:
             self.check_uce(family)
         else:
-            check_sources([g for c in self.concepts for g in c.forget] + data.remain)
+            check_sources([g for c in self.concepts for g in c.forget] + data.remain, data.max_image_pixels)
         if method.uses_remain and not data.remain:
             raise UserError(f"method {name} trains on a remain set: give data.remain at least one group")
         for c in self.concepts:
@@ -100,6 +103,7 @@ class SDErase(EraseJob):
         self.identity = model_identity(pipe, self.config.model, self.config.single_file)
         family = family_of(pipe)
         self.resolution = self.config.data.resolution or family.default_size(pipe)
+        family.check_size(self.resolution, family.size_multiple(pipe), "data.resolution")
         return family
 
     def edit(self, accelerator: Accelerator, method: Method) -> nn.Module:

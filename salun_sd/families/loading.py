@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +19,7 @@ from typing import Any, Callable
 import torch
 from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from salun_sd.core.denoiser import Denoiser
@@ -24,7 +27,7 @@ from salun_sd.errors import UserError
 from salun_sd.families.sd_unet import encode_prompts, sd_denoiser, sdxl_denoiser, sdxl_text_states
 from salun_sd.families.config import SingleFileSource
 from salun_sd.families.sd3_flux import flux_denoiser, pack_flux_latents, sd3_denoiser
-from salun_sd.families.tiny import tiny_pipeline
+from salun_sd.families.tiny import TINY_VAE_CHANNELS, tiny_pipeline
 
 TINY = "tiny"  # the model name of the offline random-weight pipeline
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -32,7 +35,8 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 def check_model(model: str) -> Family | None:
     """Fail before anything loads: a model written as a path (/..., ./..., ~/..., a/b/c, x.safetensors) must exist
-    (else loading would ask the Hub for it), and a local pipeline folder must hold a family salun-sd erases.
+    (else loading would ask the Hub for it), a local pipeline folder must hold a family salun-sd erases, and its
+    .safetensors files (or the single file) must be whole.
 
     Returns the family where it is known without loading (the tiny pipeline, a local folder), else None."""
     if model == TINY:
@@ -41,7 +45,29 @@ def check_model(model: str) -> Family | None:
     looks_local = model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model or is_single_file(model)
     if looks_local and not local.exists():
         raise UserError(f"model folder {model} does not exist (a Hugging Face Hub ID has the form org/name)")
-    return model_family(model, model_index(model, local)) if local.is_dir() else None
+    family = model_family(model, model_index(model, local)) if local.is_dir() else None
+    if local.exists():
+        check_weight_files(model, local)
+    return family
+
+
+def check_weight_files(model: str, local: Path) -> None:
+    """Every .safetensors file of a local model (the single file, or a folder's components) has a whole header and
+    data, read without loading a weight: a truncated or garbage file is refused in one line, not as a loader's traceback."""
+    for file in [local] if local.is_file() else sorted(local.glob("*/*.safetensors")):
+        if file.suffix != ".safetensors":
+            continue  # a .ckpt is a pickle: only loading tells (load_single_file)
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{file} is not a complete safetensors file ({first_line(err)}); download or export it again") from None
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message in one line (diffusers' and the Hub's run over several)."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 @dataclass(frozen=True)
@@ -60,6 +86,7 @@ class Family:
     guidance: float = 7.5  # generate's default guidance scale (FLUX.1-dev: the value of its guidance embedding)
     pack: Callable[[torch.Tensor], torch.Tensor] | None = None  # VAE-layout noise [B, C, h, w] -> the pipeline's `latents=` (FLUX: 2x2 patches)
     hub_tag: str = "stable-diffusion"  # the model card's family tag on the Hub, as diffusers' training scripts write it
+    pipeline_multiple: int = 1  # what the pipeline's check_inputs asks of image sides whatever the VAE (SD-1.x/2.x, SDXL: 8)
 
     def network_of(self, pipe: DiffusionPipeline) -> nn.Module:
         return getattr(pipe, self.network)
@@ -69,8 +96,17 @@ class Family:
         return (getattr(pipe, "default_sample_size", None) or self.network_of(pipe).config.sample_size) * pipe.vae_scale_factor
 
     def size_multiple(self, pipe: DiffusionPipeline) -> int:
-        """Image sides must be multiples of this: the VAE's factor times the network's patch (SD3) or FLUX's 2x2 packing."""
-        return pipe.vae_scale_factor * (2 if self.pack else self.network_of(pipe).config.get("patch_size", 1))
+        return self.multiple_of_configs(pipe.vae.config, self.network_of(pipe).config)
+
+    def multiple_of_configs(self, vae: Mapping[str, Any], network: Mapping[str, Any]) -> int:
+        """Image sides must be multiples of this: the VAE's factor (diffusers' vae_scale_factor) times the network's patch
+        (SD3) or FLUX's 2x2 packing, and of what the pipeline asks."""
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        return math.lcm(self.pipeline_multiple, factor * (2 if self.pack else network.get("patch_size", 1)))
+
+    def check_size(self, size: int, multiple: int, where: str) -> None:
+        if size % multiple:
+            raise UserError(f"{where} {size} is not a multiple of {multiple}, which {self.name} images need (e.g. {max(multiple, round(size / multiple) * multiple)})")
 
     def pipeline_latents(self, noise: torch.Tensor) -> torch.Tensor:
         return self.pack(noise) if self.pack else noise
@@ -80,8 +116,9 @@ FAMILIES = {
     f.pipeline.__name__: f
     for f in (
         Family("SD-1.x/2.x", StableDiffusionPipeline, sd_denoiser, load_options={"safety_checker": None, "requires_safety_checker": False},
-               checkpoint_types=("v1", "v2"), text_states=encode_prompts),
-        Family("SDXL", StableDiffusionXLPipeline, sdxl_denoiser, checkpoint_types=("xl_base",), hub_tag="stable-diffusion-xl", text_states=lambda pipe, prompts: sdxl_text_states(pipe, prompts)[0]),
+               checkpoint_types=("v1", "v2"), text_states=encode_prompts, pipeline_multiple=8),
+        Family("SDXL", StableDiffusionXLPipeline, sdxl_denoiser, checkpoint_types=("xl_base",), hub_tag="stable-diffusion-xl",
+               text_states=lambda pipe, prompts: sdxl_text_states(pipe, prompts)[0], pipeline_multiple=8),
         # SD3 and FLUX sample with their pipelines' own defaults (StableDiffusion3Pipeline / FluxPipeline.__call__).
         Family("SD3", StableDiffusion3Pipeline, sd3_denoiser, network="transformer", steps=28, guidance=7.0, hub_tag="sd3"),
         Family("FLUX.1", FluxPipeline, flux_denoiser, network="transformer", steps=28, guidance=3.5, pack=pack_flux_latents, hub_tag="flux"),
@@ -91,6 +128,29 @@ FAMILIES = {
 
 def family_of(pipe: DiffusionPipeline) -> Family:
     return FAMILIES[type(pipe).__name__]
+
+
+def configured_size_multiple(model: str, family: Family) -> int | None:
+    """The family's size multiple from the tiny pipeline's or a local folder's component configs, no weight loaded;
+    None where only loading tells (a Hub ID, a single file)."""
+    if model == TINY:
+        return family.multiple_of_configs({"block_out_channels": TINY_VAE_CHANNELS}, {})
+    configs = [Path(model).expanduser() / part / "config.json" for part in ("vae", family.network)]
+    if not all(c.is_file() for c in configs):
+        return None  # an incomplete folder: loading says what is missing
+    vae, network = (read_json(c) for c in configs)
+    return family.multiple_of_configs(vae, network)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A model's JSON file (model_index.json, a component's config.json), refused in one line when it is not a JSON object."""
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, OSError) as err:
+        raise UserError(f"{path} is not valid JSON ({first_line(err)}); download or export the model again") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds {type(value).__name__}, not a JSON object; download or export the model again")
+    return value
 
 
 def model_family(model: str, index: dict[str, Any]) -> Family:
@@ -106,7 +166,7 @@ def model_index(model: str, local: Path) -> dict[str, Any]:
         index = local / "model_index.json"
         if not index.is_file():
             raise UserError(f"{local} is not a diffusers Stable Diffusion folder (it needs model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
-        return json.loads(index.read_text())
+        return read_json(index)
     try:
         return dict(DiffusionPipeline.load_config(model))
     except Exception as err:  # diffusers/hub raise OSError, ValueError, HTTP errors, ...
@@ -123,7 +183,10 @@ def is_single_file(model: str) -> bool:
 
 def load_single_file(path: Path, settings: SingleFileSource, dtype_arg: dict[str, torch.dtype]) -> DiffusionPipeline:
     """A .safetensors/.ckpt checkpoint through diffusers' from_single_file, with the family its keys say it is."""
-    kind = infer_diffusers_model_type(load_single_file_checkpoint(str(path)))
+    try:
+        kind = infer_diffusers_model_type(load_single_file_checkpoint(str(path)))
+    except Exception as err:  # a garbage or truncated .ckpt (torch.load's pickle errors), an unreadable file, ...
+        raise UserError(f"could not read {path} as a single-file checkpoint ({first_line(err)}); download or export it again") from None
     family = next((f for f in FAMILIES.values() if kind in f.checkpoint_types), None)
     if family is None:
         raise UserError(f"{path} is a {kind!r} checkpoint, a family salun-sd does not erase; it erases single files of {', '.join(f.name for f in FAMILIES.values() if f.checkpoint_types)}")
@@ -131,7 +194,7 @@ def load_single_file(path: Path, settings: SingleFileSource, dtype_arg: dict[str
         return family.pipeline.from_single_file(str(path), config=settings.config or None, extract_ema=settings.ema, **family.load_options, **dtype_arg)
     except Exception as err:  # offline without a config, a broken file, a config of another family, ...
         raise UserError(
-            f"could not load {path} as a {family.name} single file ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            f"could not load {path} as a {family.name} single file ({first_line(err)}); "
             "offline, set single_file.config to a local diffusers folder of the same family (its configs and tokenizers describe the file)"
         ) from None
 
@@ -155,7 +218,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, single_file: S
     try:
         pipe = family.pipeline.from_pretrained(str(local) if local.exists() else model, **family.load_options, **absent, **dtype_arg)
     except Exception as err:  # a folder with a broken or missing component
-        raise UserError(f"{model} is not a complete diffusers {family.name} folder: {err}") from None
+        raise UserError(f"{model} is not a complete diffusers {family.name} folder: {first_line(err)}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -16,6 +16,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 CLIP_MAX_LENGTH = 77
 CLIP_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "toyworld" / "pipeline" / "tokenizer"
+TINY_VAE_CHANNELS = (16, 32, 32)  # 3 levels: latents a quarter of the image side
 
 
 def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
@@ -50,7 +51,7 @@ def tiny_vae(sample_size: int, scaling_factor: float = 0.18215, **extra) -> Auto
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
+        block_out_channels=TINY_VAE_CHANNELS,
         latent_channels=4,
         norm_num_groups=8,
         sample_size=sample_size,
