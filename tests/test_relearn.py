@@ -45,6 +45,18 @@ def test_relearning_brings_an_erased_concept_back_and_the_base_keeps_it(erased, 
     assert json.loads((again.parent / "report.json").read_text())["curves"]["model"][0]["marker"] == "kept"
 
 
+def test_a_fine_tune_with_new_settings_that_fails_leaves_the_earlier_curve(erased, tmp_path, monkeypatch):
+    import salun_sd.relearn.run as run
+
+    relearn(toy_config(tmp_path, erased, targets=["model"], steps=2, eval_at=[0, 2]), log=lambda *_: None)
+    target = tmp_path / "out" / "model"
+    before = {str(p.relative_to(target)): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    monkeypatch.setattr(run, "unlearn", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("fine-tune crashed")))
+    with pytest.raises(RuntimeError, match="fine-tune crashed"):  # other settings: its files are replaced, and put back
+        relearn(toy_config(tmp_path, erased, targets=["model"], steps=2, eval_at=[0, 2], learning_rate=1e-3), log=lambda *_: None)
+    assert {str(p.relative_to(target)): p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+
+
 def test_bad_settings_fail_before_any_model_loads(tmp_path):
     with pytest.raises(UserError, match="eval_at must list steps between 0 and steps=15"):
         relearn(toy_config(tmp_path, "missing", eval_at=[0, 30]))

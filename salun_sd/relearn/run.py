@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -40,6 +39,8 @@ from salun_sd.families.validation import drawing_mid_training
 from salun_sd.generation import ImageRequest, draw_images
 from salun_sd.relearn.config import RelearnConfig
 from salun_sd.run.files import save_image, write_json, write_text
+from salun_sd.run.folder import claim
+from salun_sd.run.log import LOG_NAME
 from salun_sd.run.manifest import manifest
 from salun_sd.run.runtime import make_accelerator
 
@@ -54,7 +55,8 @@ def per_prompt_counts(cfg: RelearnConfig) -> list[int]:
 
 def data_config(cfg: RelearnConfig, groups: list[ImageGroup]) -> DataConfig:
     """The concept's images as both sets: `ft` trains on D_r, and the loop also draws (unused) D_f batches."""
-    return DataConfig(forget=groups, remain=groups, generation_steps=cfg.generation_steps, generation_guidance=cfg.guidance,
+    return DataConfig(forget=groups, remain=groups, misaligned_prompts=[""],  # ft reads no c'; the default (the remain prompts) is refused as the concept itself
+                      generation_steps=cfg.generation_steps, generation_guidance=cfg.guidance,
                       generation_batch_size=cfg.generation_batch_size, seed=cfg.seed, cache_dir=cfg.cache_dir,
                       keep_erased=False)  # the fine-tune sees the concept's base images only, never prompts an earlier erase kept
 
@@ -101,8 +103,17 @@ def measure(pipe, cfg: RelearnConfig, verdicts: list[Verdict], resolution: int, 
     return {"step": step, "concept_shown": shown, "images": n, "UA": (n - shown) / n, "UA_wilson95": [low, high], "shown_per_prompt": per_prompt}
 
 
+TARGET_FILES = ["curve.json", LOG_NAME, "checkpoints", "samples"]  # what one target's fine-tune writes in OUTPUT_DIR/<target>
+
+
 def relearn_target(cfg: RelearnConfig, target: str, job: SDErase, verdicts: list[Verdict], accelerator: Accelerator, log=print) -> list[dict]:
     """Fine-tune one loaded target and measure UA at every point of eval_at; returns the points."""
+    resuming = bool(job.train.resume_from_checkpoint)
+    with claim(job.out, [] if resuming else TARGET_FILES, list, True, resuming, accelerator, "relearn", "relearn"):
+        return fine_tune(cfg, target, job, verdicts, accelerator, log)
+
+
+def fine_tune(cfg: RelearnConfig, target: str, job: SDErase, verdicts: list[Verdict], accelerator: Accelerator, log=print) -> list[dict]:
     run_dir = job.out
     curve, samples = run_dir / "curve.json", run_dir / "samples"
     settings = curve_settings(cfg, target)
@@ -145,11 +156,10 @@ def finished(cfg: RelearnConfig, target: str) -> list[dict] | None:
 
 
 def prepare(cfg: RelearnConfig, target: str) -> tuple[Path, bool]:
-    """The target's folder, and whether its fine-tune resumes (same settings, a checkpoint on disk); otherwise emptied."""
+    """The target's folder, and whether its fine-tune resumes (same settings, a checkpoint on disk); otherwise its
+    earlier files are replaced (relearn_target claims them: back if the fine-tune fails)."""
     run_dir = Path(cfg.output_dir) / target
     resume = bool(cfg.checkpointing_steps) and read_curve(run_dir / "curve.json", curve_settings(cfg, target)) is not None and bool(list_checkpoints(run_dir / "checkpoints"))
-    if not resume:
-        shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, resume
 
