@@ -35,7 +35,7 @@ from salun_sd.config import add_config_arguments, config_from_args, setting
 from salun_sd.evaluation.stats import mcnemar, wilson
 from salun_sd.run.files import write_json, write_text
 from salun_sd.toyworld.compare import METHOD_TRAIN, Case, CompareConfig, erase_config
-from salun_sd.toyworld.pipeline import PIPELINE_DIR
+from salun_sd.toyworld.pipeline import PIPELINE_DIR, SAMPLE_STEPS
 from salun_sd.toyworld.world import WorldSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,13 +122,13 @@ def instance_csv(cfg: RobustnessConfig, case: Case) -> Path:
 
 
 def attack_config(cfg: RobustnessConfig, case: Case, method: str, limit: int, **overrides):
-    """`salun-sd attack` with the toy model's own sampler (25 DDIM steps, guidance 3.0), references and judged images alike."""
+    """`salun-sd attack` with the toy model's own sampler (SAMPLE_STEPS DDIM steps, guidance 3.0), references and judged images alike."""
     from salun_sd.attack.config import AttackConfig
 
     folder = Path(cfg.output_dir) / "attack" / case_name(case)
     settings = dict(model=str(model_dir(cfg, case, method)), base=str(PIPELINE_DIR), prompts=str(instance_csv(cfg, case)), limit=limit,
                     output_dir=str(folder / method), reference_dir=str(folder / "reference"), judge="toyworld", concept=case.value,
-                    attacks=cfg.attacks, timesteps=cfg.timesteps, iterations=cfg.iterations, steps=25, scheduler="", reference_steps=25,
+                    attacks=cfg.attacks, timesteps=cfg.timesteps, iterations=cfg.iterations, steps=SAMPLE_STEPS, scheduler="", reference_steps=SAMPLE_STEPS,
                     reference_guidance=3.0, attack_seed=0, batch_size=cfg.batch_size)
     return AttackConfig(**{**settings, **overrides})
 
@@ -165,7 +165,7 @@ def relearn_config(cfg: RobustnessConfig, case: Case, target: str):
     forget, _ = case.split(WorldSpec())
     model = str(model_dir(cfg, case, target)) if target != "base" else ""
     return RelearnConfig(model=model, base=str(PIPELINE_DIR), prompts=forget, images=cfg.relearn_images, steps=cfg.relearn_steps, eval_at=cfg.relearn_eval_at,
-                         learning_rate=cfg.relearn_learning_rate, targets=["base" if target == "base" else "model"], generation_steps=25, guidance=3.0,
+                         learning_rate=cfg.relearn_learning_rate, targets=["base" if target == "base" else "model"], generation_steps=SAMPLE_STEPS, guidance=3.0,
                          eval_images=cfg.relearn_eval_images, generation_batch_size=128, judge="toyworld", concept=case.value,
                          output_dir=str(Path(cfg.output_dir) / "relearn" / case_name(case) / target), cache_dir=str(Path(cfg.output_dir) / "relearn" / "cache"))
 

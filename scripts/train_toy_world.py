@@ -158,7 +158,7 @@ def ship(best: Path, dest: Path, per_prompt: int, guidance: float) -> None:
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(best, dest, ignore=shutil.ignore_patterns("toyworld_eval.json"))
     spec = WorldSpec()
-    r = score(load_classifier(), load_toy_pipeline(dest), spec, per_prompt, seed=777_000, guidance=guidance)
+    r = score(load_classifier(), load_toy_pipeline(dest), spec, per_prompt, seed=777_000, steps=25, guidance=guidance)
     r.pop("images")
     r.update(samples=per_prompt * len(spec.concepts), guidance=guidance, ddim_steps=25, training={k: trained[k] for k in ("step", "train_minutes", "args")})
     (dest / "toyworld_eval.json").write_text(json.dumps(r, indent=2) + "\n")
@@ -239,7 +239,7 @@ def main() -> None:
     def on_eval(step: int, pipe) -> None:
         nonlocal best
         te = time.time()
-        r = score(classifier, pipe, spec, args.eval_per_prompt, seed=12345, guidance=args.guidance)
+        r = score(classifier, pipe, spec, args.eval_per_prompt, seed=12345, steps=25, guidance=args.guidance)
         r.pop("images")
         r.update(step=step, train_minutes=round((te - t1) / 60, 2), eval_seconds=round(time.time() - te, 1), args={k: str(v) for k, v in vars(args).items()})
         log(f"EVAL step {step}: shape {r['shape']:.3f} colour {r['colour']:.3f} both {r['both']:.3f} per_shape {r['per_shape']} per_colour {r['per_colour']}")

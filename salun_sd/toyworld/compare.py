@@ -29,7 +29,7 @@ from salun_sd.errors import UserError
 from salun_sd.families.config import ConceptConfig, DataConfig, EraseConfig, ImageGroup
 from salun_sd.run.files import atomic, save_image, write_json, write_text
 from salun_sd.toyworld.classifier import ToyClassifier, load_classifier
-from salun_sd.toyworld.pipeline import PIPELINE_DIR, load_toy_pipeline
+from salun_sd.toyworld.pipeline import PIPELINE_DIR, SAMPLE_STEPS, load_toy_pipeline
 from salun_sd.toyworld.scoring import generate
 from salun_sd.toyworld.world import WorldSpec, caption, prompts
 
@@ -122,6 +122,7 @@ class CompareConfig:
     mask_guidance: float = setting(3.0, "the guidance the toy model samples with", at_least=0)
     eval_per_prompt: int = setting(32, "samples per prompt for UA, remaining accuracy and FD", at_least=1)
     guidance: float = setting(3.0, "guidance scale of every sample", at_least=0)
+    sample_steps: int = setting(SAMPLE_STEPS, "DDIM steps of every sample: D_f / D_r, evaluation and attack images", at_least=1)
     misaligned: Literal["anchor", "remaining"] = setting("anchor", "anchor: one replacement concept (Case.anchor) | remaining: any remaining prompt at random")
     seed: int = setting(0, "data, training and evaluation draws of one run (compare() sets it from seeds)", at_least=0)
     seeds: list[int] = setting(factory=lambda: [0, 1, 2], doc="every run is repeated per seed; the table shows mean ± std", at_least=0)
@@ -139,7 +140,7 @@ def erase_config(cfg: CompareConfig, case: Case, method: str, out: Path, spec: W
     data = DataConfig(
         forget=[ImageGroup(prompt=p, generate=cfg.forget_per_prompt) for p in forget],
         remain=[ImageGroup(prompt=p, generate=cfg.remain_per_prompt) for p in remain],
-        generation_steps=25,
+        generation_steps=cfg.sample_steps,
         generation_guidance=cfg.guidance,
         generation_batch_size=64,
         misaligned_prompts=case.anchor(spec) if cfg.misaligned == "anchor" else [],
@@ -164,7 +165,7 @@ def concepts_config(cfg: CompareConfig, cases: list[Case], erased: list[Case], m
 def evaluate_concepts(pipe, classifier: ToyClassifier, spec: WorldSpec, cases: list[Case], remaining: list[Case], cfg: CompareConfig) -> dict:
     """UA of each case's concept on its prompts, and accuracy and images of the prompts that show none of `remaining`."""
     texts = [t for t in prompts(spec) for _ in range(cfg.eval_per_prompt)]
-    images = generate(pipe, texts, seed=eval_seed(cfg.seed), guidance=cfg.guidance)
+    images = generate(pipe, texts, seed=eval_seed(cfg.seed), steps=cfg.sample_steps, guidance=cfg.guidance)
     s, c = classifier.predict(images)
     targets, predicted = [parse(t, spec) for t in texts], list(zip(c.tolist(), s.tolist()))
     pairs = {case: {parse(t, spec) for t in case.split(spec)[0]} for case in remaining}  # (colour, shape) ids each case forgets
@@ -213,7 +214,7 @@ def evaluate(pipe, classifier: ToyClassifier, spec: WorldSpec, case: Case, cfg: 
     """Samples for every prompt (same seeds for every model) and the classifier's verdicts."""
     forget, remain = case.split(spec)
     texts = [t for t in forget + remain for _ in range(cfg.eval_per_prompt)]
-    images = generate(pipe, texts, seed=eval_seed(cfg.seed), guidance=cfg.guidance)
+    images = generate(pipe, texts, seed=eval_seed(cfg.seed), steps=cfg.sample_steps, guidance=cfg.guidance)
     s, c = classifier.predict(images)
     forgotten = {parse(t, spec) for t in forget}  # (colour, shape) ids: every pair with the erased shape or colour
     scores = unlearning_accuracy([parse(t, spec) for t in texts], list(zip(c.tolist(), s.tolist())), forgotten)
@@ -245,8 +246,8 @@ def attack_config(cfg: CompareConfig, case: Case, model: str | Path, out: Path, 
     prompts = case_dir / "attack-prompts.txt"
     write_text(prompts, "\n".join(case.split(spec)[0][: cfg.attack_prompts]) + "\n")
     return AttackConfig(model=str(model), base=cfg.base, prompts=str(prompts), output_dir=str(out), reference_dir=str(case_dir / "attack-reference"),
-                        judge="toyworld", concept=case.value, timesteps=cfg.attack_timesteps, iterations=cfg.attack_iterations, steps=25,
-                        scheduler="", guidance=cfg.guidance, reference_steps=25, reference_guidance=cfg.guidance, seed=20_000 + cfg.seed, attack_seed=cfg.seed)
+                        judge="toyworld", concept=case.value, timesteps=cfg.attack_timesteps, iterations=cfg.attack_iterations, steps=cfg.sample_steps,
+                        scheduler="", guidance=cfg.guidance, reference_steps=cfg.sample_steps, reference_guidance=cfg.guidance, seed=20_000 + cfg.seed, attack_seed=cfg.seed)
 
 
 def attack_metrics(cfg: CompareConfig, case: Case, model: str | Path, out: Path, case_dir: Path, spec: WorldSpec, accelerator) -> dict:

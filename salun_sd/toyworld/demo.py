@@ -19,6 +19,9 @@ from salun_sd.run.files import write_json
 from salun_sd.toyworld.compare import Case, CompareConfig, evaluate, grid, run_case
 
 CASE = Case("shape", "circle")
+# Optimiser steps of the demo's erase: half of compare's 200, since UA reaches 1.00 here within 40 (2026-12-02); compare keeps
+# 200 for its tables.
+STEPS = 100
 
 
 def score(pipeline_dir: str | Path, per_prompt: int) -> dict[str, float]:
@@ -35,7 +38,7 @@ def demo(output_dir: str | Path = "outputs/demo", per_prompt: int = 16, log=prin
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    rows = run_case(CompareConfig(methods=["salun"], eval_per_prompt=per_prompt, attack=False), CASE, out / "runs", log)
+    rows = run_case(CompareConfig(methods=["salun"], steps=STEPS, eval_per_prompt=per_prompt, attack=False), CASE, out / "runs", log)
     grid(rows, per_prompt, out / "demo_grid.png")
     pipeline = out / "runs" / f"{CASE.kind}-{CASE.value}" / "salun" / "pipeline"
     fresh = subprocess.run([sys.executable, "-m", "salun_sd.toyworld.demo", "--score", str(pipeline), str(per_prompt)],

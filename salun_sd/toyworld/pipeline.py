@@ -22,6 +22,9 @@ from salun_sd.families.tiny import CLIP_MAX_LENGTH, sd1_ddim_scheduler
 from salun_sd.toyworld import ASSETS
 
 PIPELINE_DIR = ASSETS / "pipeline"
+# DDIM steps the toy model samples with (data, evaluation, attack images): the shipped model's samples are read as the
+# asked shape and colour on 512 of 512 at 10 steps as at 25 (32 per prompt, 2026-12-02), at 40 % of the cost.
+SAMPLE_STEPS = 10
 
 
 @dataclass

@@ -13,10 +13,11 @@ from diffusers import StableDiffusionPipeline
 from salun_sd.families.loading import family_of
 from salun_sd.generation import ImageRequest, draw_images
 from salun_sd.toyworld.classifier import ToyClassifier
+from salun_sd.toyworld.pipeline import SAMPLE_STEPS
 from salun_sd.toyworld.world import WorldSpec, prompts
 
 
-def generate(pipe: StableDiffusionPipeline, texts: list[str], seed: int, steps: int = 25, guidance: float = 3.0, batch_size: int = 128) -> torch.Tensor:
+def generate(pipe: StableDiffusionPipeline, texts: list[str], seed: int, steps: int = SAMPLE_STEPS, guidance: float = 3.0, batch_size: int = 128) -> torch.Tensor:
     """Images in [-1, 1] for `texts`, drawn by the pipeline itself (DDIM, classifier-free guidance); image j from
     seed + j (salun_sd.generation), so an image does not depend on the batch it is drawn in."""
     pipe.set_progress_bar_config(disable=True)
@@ -25,7 +26,7 @@ def generate(pipe: StableDiffusionPipeline, texts: list[str], seed: int, steps: 
     return torch.stack(draw_images(pipe, requests, steps, batch_size, output_type="pt")) * 2 - 1
 
 
-def score(classifier: ToyClassifier, pipe: StableDiffusionPipeline, spec: WorldSpec, per_prompt: int, seed: int, steps: int = 25, guidance: float = 3.0) -> dict:
+def score(classifier: ToyClassifier, pipe: StableDiffusionPipeline, spec: WorldSpec, per_prompt: int, seed: int, steps: int = SAMPLE_STEPS, guidance: float = 3.0) -> dict:
     """Classifier accuracy (shape, colour, both) on the pipeline's own samples, overall and per class."""
     concepts = spec.concepts
     texts = [t for t in prompts(spec) for _ in range(per_prompt)]
