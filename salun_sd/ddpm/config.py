@@ -98,7 +98,7 @@ class BaseTrainConfig:
     adam_epsilon: float = setting(1e-8, "Adam's ε", at_least=0)
     warmup_steps: int = setting(0, "linear learning-rate warm-up", at_least=0)
     batch_size: int = setting(128, "per process", at_least=1)
-    max_steps: int = setting(800_000, "optimizer steps", at_least=1)
+    max_steps: int = setting(800_000, "optimizer steps (0: write the initial model untrained)", at_least=0)
     max_grad_norm: float = setting(1 / CIFAR10_PIXELS, "0 disables clipping (official CIFAR-10: 1.0 on its loss summed over 3·32·32 values)", at_least=0)
     cond_drop_prob: float = setting(0.1, "share of examples trained with the null class, for classifier-free guidance", at_least=0, below=1)
     ema_decay: float = setting(0.9999, "0 disables EMA (unet_ema/ is written besides the raw unet/); the decay ramps up as (1+step)/(10+step) until it reaches this", at_least=0, below=1)
