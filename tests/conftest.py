@@ -127,6 +127,16 @@ class RandomCNN(torch.nn.Module):
         return self.net(x.float() / 255)
 
 
+# The slowest files (by their seconds in a full run) go to the workers first: with --dist loadfile
+# a worker takes the next file when it finishes one, so a long file left for last keeps one worker busy while the other idles.
+SLOWEST_FIRST = ("test_attack.py", "test_ddpm.py", "test_families_end_to_end.py", "test_concepts.py", "test_demo.py", "test_uce.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: within a file, and for the other files, the order stays
+
+
 @pytest.fixture(autouse=True)
 def no_accelerate_state_left_behind():
     """Accelerate keeps one state per process, set by the first Accelerator (device, mixed precision) and
