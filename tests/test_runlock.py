@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 
 from conftest import exported_unet, salun
+from salun_sd.cli import main
 from salun_sd.config import load_yaml
 from salun_sd.errors import UserError
 from salun_sd.run.lock import HOLDER_FILE, run_lock
@@ -42,7 +43,7 @@ def wait_for_pauses(proc: subprocess.Popen, count: int) -> list[int]:
     return pids
 
 
-def test_killed_launcher_leaves_no_worker_a_second_writer_is_refused_and_resume_is_bitwise_exact(two_process_erase):
+def test_killed_launcher_leaves_no_worker_a_second_writer_is_refused_and_resume_is_bitwise_exact(two_process_erase, capsys):
     straight, args = two_process_erase  # 4 steps, checkpoints every 2
     run = straight.parent / "killed"
     launcher = salun("erase", *args, "--output_dir", str(run), processes=2, env={PAUSE_ENV: "3"},
@@ -50,9 +51,11 @@ def test_killed_launcher_leaves_no_worker_a_second_writer_is_refused_and_resume_
     try:
         workers = wait_for_pauses(launcher, 2)  # both after step 3: checkpoint 2 is the last complete one
         checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
-        second = salun("erase", *args, "--output_dir", str(run), "--unlearn.resume_from_checkpoint", "latest", check=False)
-        holder = re.search(r"is in use by pid (\d+) on host \S+ since .* \(salun-sd erase .*\)", second.stderr)
-        assert second.returncode == 2 and holder and int(holder[1]) in workers, second.stderr[-2000:]
+        with pytest.raises(SystemExit) as second:  # the second writer: this process
+            main(["erase", *args, "--output_dir", str(run), "--unlearn.resume_from_checkpoint", "latest"])
+        refusal = capsys.readouterr().err
+        holder = re.search(r"is in use by pid (\d+) on host \S+ since .* \(salun-sd erase .*\)", refusal)
+        assert second.value.code == 2 and holder and int(holder[1]) in workers, refusal[-2000:]
         assert not any(gone(pid) for pid in workers) and sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
     finally:
         launcher.kill()
