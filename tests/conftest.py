@@ -31,6 +31,7 @@ from accelerate.state import AcceleratorState  # noqa: E402
 from filelock import FileLock  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from salun_sd.cli import main  # noqa: E402
 from salun_sd.core.config import MaskConfig, TrainConfig  # noqa: E402
 from salun_sd.evaluation.clip_score import ClipScorer  # noqa: E402
 from salun_sd.families.config import DataConfig, EraseConfig, ImageGroup  # noqa: E402
@@ -166,15 +167,15 @@ def data_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def erase_yaml(tmp_path_factory):
-    """A tiny-pipeline YAML config and its mask, for the tests that run the CLI: one process draws the data
-    (two batches of 4 per prompt, into ROOT/cache1), then makes ROOT/mask1/mask.safetensors."""
+    """A tiny-pipeline YAML config and its mask, for the tests that run the CLI: one process (this one) draws the
+    data (two batches of 4 per prompt, into ROOT/cache1), then makes ROOT/mask1/mask.safetensors."""
 
     def make(root: Path) -> None:
         (root / "cfg.yaml").write_text(
             f"model: tiny\ndata:\n  forget:\n    - prompt: {FORGET}\n      generate: 8\n  remain:\n    - prompt: {REMAIN}\n      generate: 8\n"
             f"  generation_steps: 3\n  generation_batch_size: 4\n  cache_dir: {root / 'cache1'}\nmask:\n  batch_size: 4\nunlearn:\n  learning_rate: 1.0e-3\n"
         )
-        salun("mask", str(root / "cfg.yaml"), "--output_dir", str(root / "mask1"))
+        main(["mask", str(root / "cfg.yaml"), "--output_dir", str(root / "mask1")])
 
     root = shared(tmp_path_factory, "cli", make)
     return root, root / "cfg.yaml"

@@ -6,13 +6,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import exported_unet, salun
+from salun_sd.cli import main
 from salun_sd.families.tiny import tiny_pipeline
 
 
 def test_two_processes_match_one_process_and_accumulation_with_the_same_global_batch(two_process_erase):
-    p2, args = two_process_erase  # the last of repeated flags counts
-    salun("erase", *args, "--unlearn.batch_size", "2", "--output_dir", str(p2.parent / "p1"))
-    salun("erase", *args, "--unlearn.gradient_accumulation_steps", "2", "--output_dir", str(p2.parent / "acc"))
+    p2, args = two_process_erase  # the last of repeated flags counts; the one-process runs need no process of their own
+    main(["erase", *args, "--unlearn.batch_size", "2", "--output_dir", str(p2.parent / "p1")])
+    main(["erase", *args, "--unlearn.gradient_accumulation_steps", "2", "--output_dir", str(p2.parent / "acc")])
     one, two, acc = exported_unet(p2.parent / "p1"), exported_unet(p2), exported_unet(p2.parent / "acc")
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-7)
