@@ -20,7 +20,7 @@ import re
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable, NoReturn
 
 import torch
 from accelerate import Accelerator
@@ -40,7 +40,7 @@ from salun_sd.core.sharding import local, shard_for_fsdp, shard_like
 from salun_sd.run.log import StepLog
 
 class TrainingDiverged(UserError):
-    """The loss became NaN or infinite; the last good state was saved."""
+    """The loss (or the weights) became NaN or infinite; the checkpoints of weights that gave it are removed (stop_diverged)."""
 
     resumable = True  # the run folder keeps this run's files for the resume (salun_sd.run.folder.claim)
 
@@ -179,8 +179,10 @@ def unlearn(
     net = torch.compile(model, mode=cfg.compile_mode, dynamic=False) if cfg.compile else model  # static shapes: one graph per batch shape
     ckpt_root = run_dir / "checkpoints"
     step = resume(accelerator, ckpt_root, cfg.resume_from_checkpoint)
+    keep_configured_rates(optimizer, cfg)
     log = StepLog(accelerator, run_dir, step, cfg)
     total, accum = cfg.total_steps(len(forget), world), cfg.gradient_accumulation_steps
+    losses: dict[int, float] = {}  # step s -> the loss of the weights after s steps (log.jsonl lists it as step s + 1)
 
     bar = tqdm(total=total, initial=step, desc=f"erase ({cfg.method})", disable=not accelerator.is_local_main_process)
     while step < total:
@@ -195,13 +197,9 @@ def unlearn(
             logs.append(torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())]))
         values = accelerator.reduce(torch.stack(logs).mean(0), reduction="mean").tolist()
         if not all(math.isfinite(v) for v in values):
-            save_checkpoint(accelerator, ckpt_root, step, cfg.checkpoints_total_limit + 1)
             bar.close()
-            raise TrainingDiverged(
-                f"the loss became {values[0]} at step {step + 1}; the weights before that step are saved in "
-                f"{ckpt_root / checkpoint_name(step)}. Lower unlearn.learning_rate, or use bf16 rather than fp16, "
-                "and resume with unlearn.resume_from_checkpoint=latest"
-            )
+            stop_diverged(accelerator, ckpt_root, step, f"the loss became {values[0]} at step {step + 1}", losses, "unlearn")
+        losses[step] = values[0]
         grads = [local(p.grad) for p in params.values()]
         if cfg.max_grad_norm > 0 and cfg.clip_before_mask:
             accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
@@ -220,16 +218,59 @@ def unlearn(
         log(step, logged)
         if on_step is not None:
             on_step(step, logged)
-        if cfg.checkpointing_steps and (step % cfg.checkpointing_steps == 0 or step == total):
-            save_checkpoint(accelerator, ckpt_root, step, cfg.checkpoints_total_limit)
+        if (cfg.checkpointing_steps and (step % cfg.checkpointing_steps == 0)) or step == total:
+            if not finite(params.values(), accelerator):  # before a checkpoint or the export holds them
+                bar.close()
+                stop_diverged(accelerator, ckpt_root, step, f"the weights became NaN or infinite at step {step}", losses, "unlearn")
+            if cfg.checkpointing_steps:
+                save_checkpoint(accelerator, ckpt_root, step, cfg.checkpoints_total_limit)
         pause_if_asked(step)
     bar.close()
     model.requires_grad_(False)
     return accelerator.unwrap_model(model)
 
 
+def finite(params: Iterable[torch.Tensor], accelerator: Accelerator) -> bool:
+    """Every weight finite, on every process (each checks its local shard under FSDP)."""
+    bad = torch.stack([~torch.isfinite(local(p.detach())).all() for p in params]).sum().float()
+    return accelerator.reduce(bad.to(accelerator.device), reduction="sum").item() == 0
+
+
+def stop_diverged(accelerator: Accelerator, root: Path, bad: int, what: str, losses: dict[int, float], section: str) -> NoReturn:
+    """Stop a run whose weights after `bad` steps gave a non-finite loss or are non-finite, naming the checkpoint to resume from.
+
+    A checkpoint is good when its weights gave a finite loss at the next step, so those from `bad` on are removed and
+    `latest` is the last good one. Its loss is in the message beside the run's first: a loss that had already grown
+    by orders of magnitude means the weights were exploding before they overflowed, and a fresh start is better."""
+    if accelerator.is_main_process:
+        for checkpoint in list_checkpoints(root):
+            if checkpoint_step(checkpoint) >= bad:
+                shutil.rmtree(checkpoint)
+    accelerator.wait_for_everyone()
+    kept = list_checkpoints(root)
+    advice = f"lower {section}.learning_rate (or use bf16 rather than fp16)"
+    if not kept:
+        raise TrainingDiverged(f"{what}; no checkpoint holds weights from before it: {advice} and start again")
+    last = checkpoint_step(kept[-1])
+    first = f" (step {min(losses) + 1}: {losses[min(losses)]:.4g})" if last != min(losses, default=last) else ""
+    loss = f", whose weights gave loss {losses[last]:.4g}{first}" if last in losses else ""
+    raise TrainingDiverged(f"{what}; the last checkpoint whose weights gave a finite loss is {kept[-1]} (step {last}{loss}), and later ones are removed: "
+                           f"{advice} and resume with {section}.resume_from_checkpoint=latest, or start again if its loss had already grown")
+
+
+def keep_configured_rates(optimizer: torch.optim.Optimizer, cfg: Any, **extra: float) -> None:
+    """Set the config's Adam settings (`extra`: more param-group keys) after a resume: torch's load_state_dict restores a
+    checkpoint's param groups, so a run resumed at a lower learning rate would otherwise go on at the old one."""
+    for group in optimizer.param_groups:
+        group.update(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, **extra)
+
+
 def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:08d}"
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[1])
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -258,6 +299,7 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, total_limit
         if accelerator.is_main_process:
             remove(tmp)
         raise
+    if accelerator.is_main_process:
         for old in list_checkpoints(root)[:-total_limit] if total_limit > 0 else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

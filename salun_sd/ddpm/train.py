@@ -22,7 +22,7 @@ from salun_sd.core.denoiser import ConceptData
 from salun_sd.core.draws import draw_batch, generator
 from salun_sd.errors import UserError
 from salun_sd.core.objectives import Batch, diffusion_loss
-from salun_sd.core.trainer import TrainingDiverged, resume, save_checkpoint
+from salun_sd.core.trainer import keep_configured_rates, resume, save_checkpoint, stop_diverged
 from salun_sd.run.log import StepLog
 
 
@@ -70,7 +70,12 @@ def train_base(
     data = data.to(accelerator.device)
     ckpt_root = out / "checkpoints"
     step = resume(accelerator, ckpt_root, cfg.resume_from_checkpoint)
+    keep_configured_rates(optimizer, cfg, weight_decay=cfg.weight_decay)
+    lr_schedule.base_lrs = [cfg.learning_rate] * len(optimizer.param_groups)  # the warm-up scales the config's rate, not the checkpoint's
+    for group, scale in zip(optimizer.param_groups, lr_schedule.lr_lambdas):
+        group["lr"] = cfg.learning_rate * scale(lr_schedule.last_epoch)
     log = StepLog(accelerator, out, step, cfg)
+    losses: dict[int, float] = {}
     rank, world = accelerator.process_index, accelerator.num_processes
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="ddpm train", disable=not accelerator.is_local_main_process)
@@ -82,8 +87,9 @@ def train_base(
         accelerator.backward(loss)
         value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
         if not math.isfinite(value):
-            save_checkpoint(accelerator, ckpt_root, step, cfg.checkpoints_total_limit + 1)
-            raise TrainingDiverged(f"the loss became {value} at step {step + 1}; lower train.learning_rate and resume with train.resume_from_checkpoint=latest")
+            bar.close()
+            stop_diverged(accelerator, ckpt_root, step, f"the loss became {value} at step {step + 1}", losses, "train")
+        losses[step] = value
         if cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
