@@ -89,11 +89,12 @@ class DataConfig:
         remain = {w for g in self.remain for w in words(g.prompt)}
         return list(dict.fromkeys(w for g in groups for w in words(g.prompt) if w not in remain))
 
-    def concept_list(self, single_name: str = "") -> list[ConceptConfig]:
+    def concept_list(self, single_name: str = "", uses_misaligned: bool = True) -> list[ConceptConfig]:
         """Every concept to erase with its defaults filled in (c', words, name), checked; no model needed.
 
         data.forget is the one concept named `single_name` (the config's `concept`), exactly as before
-        multi-concept configs existed; data.concepts and data.concepts_file list several.
+        multi-concept configs existed; data.concepts and data.concepts_file list several. c' (each concept's misaligned
+        prompts) is checked only when `uses_misaligned` (the method draws it: SalUn, RL).
         """
         listed = [*self.concepts, *(read_concepts_file(self.concepts_file, self.concepts_file_generate) if self.concepts_file else [])]
         if listed and self.forget:
@@ -114,7 +115,7 @@ class DataConfig:
         if duplicate is not None:
             raise UserError(f"two concepts are named {duplicate!r}: concept names must be unique")
         forget_of = {g.prompt: c.name for c in resolved for g in c.forget}
-        for c in resolved:
+        for c in resolved if uses_misaligned else []:  # c' is checked only for a method that draws one
             same = next((p for p in c.misaligned_prompts if p == c.name or forget_of.get(p) == c.name), None)
             if same is not None:
                 raise UserError(f"concept {c.name!r}: its misaligned prompt c' {same!r} is the concept itself; c' must be another concept")

@@ -56,7 +56,7 @@ class SDErase(EraseJob):
             family.check_size(data.resolution, multiple, "data.resolution")
         if self.config.single_file.export and not is_single_file(self.config.model):
             raise UserError(f"single_file.export writes the layout of a single-file base model; --model {self.config.model} is not a .safetensors/.ckpt file")
-        self.concepts = data.concept_list(self.config.concept)
+        self.concepts = data.concept_list(self.config.concept, method.uses_misaligned)
         self.earlier = earlier_erasures(self.config.model)
         erasing = {g.prompt for c in self.concepts for g in c.forget}  # a prompt erased again now is no remain prompt
         self.kept_erased = [g for g in kept_erased_groups(self.earlier) if g.prompt not in erasing] if data.keep_erased and method.uses_remain else []

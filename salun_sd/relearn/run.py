@@ -55,7 +55,7 @@ def per_prompt_counts(cfg: RelearnConfig) -> list[int]:
 
 def data_config(cfg: RelearnConfig, groups: list[ImageGroup]) -> DataConfig:
     """The concept's images as both sets: `ft` trains on D_r, and the loop also draws (unused) D_f batches."""
-    return DataConfig(forget=groups, remain=groups, misaligned_prompts=[""],  # ft reads no c'; the default (the remain prompts) is refused as the concept itself
+    return DataConfig(forget=groups, remain=groups,
                       generation_steps=cfg.generation_steps, generation_guidance=cfg.guidance,
                       generation_batch_size=cfg.generation_batch_size, seed=cfg.seed, cache_dir=cfg.cache_dir,
                       keep_erased=False)  # the fine-tune sees the concept's base images only, never prompts an earlier erase kept
