@@ -130,7 +130,7 @@ class RandomCNN(torch.nn.Module):
 
 # The slowest files (by their seconds in a full run) go to the workers first: with --dist loadfile
 # a worker takes the next file when it finishes one, so a long file left for last keeps one worker busy while the other idles.
-SLOWEST_FIRST = ("test_attack.py", "test_ddpm.py", "test_families_end_to_end.py", "test_concepts.py", "test_demo.py", "test_uce.py")
+SLOWEST_FIRST = ("test_ddpm.py", "test_bench.py", "test_families_end_to_end.py", "test_attack.py", "test_runlock.py", "test_concepts.py", "test_uce.py", "test_demo.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
