@@ -20,7 +20,7 @@ COMMANDS = {
     "run": ("salun_sd.families.commands", "the whole job: data -> mask -> erase -> export"),
     "mask": ("salun_sd.families.commands", "compute the saliency mask of the forget set"),
     "erase": ("salun_sd.families.commands", "masked unlearning with an existing mask, then export"),
-    "demo": ("salun_sd.toyworld.commands", "erase 'circle' from the embedded toy Stable Diffusion on CPU (a few minutes at most)"),
+    "demo": ("salun_sd.toyworld.commands", "erase 'circle' from the embedded toy Stable Diffusion on CPU (about 1.5 minutes on 2 cores)"),
     "compare": ("salun_sd.toyworld.commands", "every method on the toy world: erase a shape and a colour, table + grids"),
     "generate": ("salun_sd.evaluation.commands", "generate images from a prompt set (I2P, class prompts, a text list)"),
     "evaluate": ("salun_sd.evaluation.commands", "score image folders (NudeNet, CLIP score, FID, UA) and write a report"),
