@@ -1,5 +1,8 @@
 """The comparison's bookkeeping: which prompts are forgotten, and the table it writes."""
 
+import json
+from dataclasses import replace
+
 import torch
 
 from salun_sd.toyworld.classifier import load_classifier
@@ -97,3 +100,27 @@ def test_joint_and_sequential_cases_run_on_the_toy_world(tmp_path):
     card = (step2 / "README.md").read_text()
     assert '"shape circle", "colour red" erased' in card
     assert card.count("| 1 | shape circle |") == 1 and "earlier concepts kept in the remain set" in card
+
+
+def test_the_final_model_of_a_sequential_case_is_attacked_per_concept(tmp_path):
+    """With `attack`, the base and each method's last-step export are attacked on every concept's prompts; the rates
+    land in that step's row and in a table, and the erases are not redone when only the attack settings change."""
+    from salun_sd.toyworld.compare import compare
+
+    cfg = CompareConfig(output_dir=str(tmp_path), methods=["salun"], single=False, sequential=["circle", "red"], seeds=[0], attack=False,
+                        forget_per_prompt=2, remain_per_prompt=1, steps=2, eval_per_prompt=1, attack_prompts=1, attack_timesteps=1, attack_iterations=1)
+    compare(cfg)
+    out = tmp_path / "runs" / "seed0" / "sequential-circle-red"
+    erased = (out / "rows.pt").stat().st_mtime_ns
+    md = compare(replace(cfg, attack=True)).read_text()
+    assert (out / "rows.pt").stat().st_mtime_ns == erased  # the erases were reused
+    assert "| method | step | circle: pre-ASR / discrete / embedding / random ↓ | red: pre-ASR / discrete / embedding / random ↓ |" in md
+    rows = json.loads((tmp_path / "results.json").read_text())["One after another: circle, red"]["per_seed"]["0"]
+    final = [r for r in rows if r["method"] == "salun" and r["step"] == 2][0]
+    assert {"pre_ASR circle", "ASR_discrete circle", "ASR_embedding circle", "ASR_random red"} <= set(final)
+    assert "pre_ASR circle" not in [r for r in rows if r["step"] == 1][0]  # only the final model is attacked
+    base = [r for r in rows if r["method"] == "base"][0]
+    assert base["pre_ASR circle"] == 1.0 and base["pre_ASR red"] == 1.0  # the base model draws both concepts from the plain prompts
+    reports = sorted(p.relative_to(out).as_posix() for p in out.glob("attack/*/*/report.json"))
+    assert reports == ["attack/base/colour-red/report.json", "attack/base/shape-circle/report.json",
+                       "attack/salun/colour-red/report.json", "attack/salun/shape-circle/report.json"]

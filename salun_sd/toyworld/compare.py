@@ -131,8 +131,8 @@ class CompareConfig:
     attack_timesteps: int = setting(4, "timesteps of the attack schedule (the published 50 x 40 does not fit a CPU comparison of 42 models)", at_least=1)
     attack_iterations: int = setting(20, "optimiser steps per timestep", at_least=1)
     single: bool = setting(True, "the one-concept cases (cfg.shape, then cfg.colour)")
-    joint: list[str] = setting(factory=list, doc="a multi-concept case: these shapes / colours erased at once (e.g. circle square); UA of each (no attack)")
-    sequential: list[str] = setting(factory=list, doc="a sequential case: these erased one after another, each from the last step's export; UA of every concept so far after each step (no attack)")
+    joint: list[str] = setting(factory=list, doc="a multi-concept case: these shapes / colours erased at once (e.g. circle square); UA of each, and with `attack` both attacks and the random prefixes on each concept's prompts")
+    sequential: list[str] = setting(factory=list, doc="a sequential case: these erased one after another, each from the last step's export; UA of every concept so far after each step, and with `attack` both attacks and the random prefixes on each concept's prompts of the final model")
 
 
 def erase_config(cfg: CompareConfig, case: Case, method: str, out: Path, spec: WorldSpec) -> EraseConfig:
@@ -179,13 +179,21 @@ def run_concepts(cfg: CompareConfig, cases: list[Case], sequential: bool, out: P
     """Base row plus, per method, one row (joint: all cases at once) or one per step (sequential: case k erased from
     step k-1's export); UA of every concept erased so far, remaining accuracy and FD on the prompts showing none of the
     cases. Rows are cached in OUT/rows.pt with their settings, as run_case does."""
+    cache = out / "rows.pt"
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("seeds", "output_dir", *ATTACK_SETTINGS)}
+    if cache.is_file() and (saved := torch.load(cache, weights_only=True))["config"] == settings:
+        rows = saved["rows"]
+    else:
+        rows = _run_concepts(cfg, cases, sequential, out, log)
+        with atomic(cache) as tmp:
+            torch.save({"config": settings, "rows": rows}, tmp)
+    return attack_concepts(cfg, cases, rows, len(cases) if sequential else 1, out, log) if cfg.attack else rows
+
+
+def _run_concepts(cfg: CompareConfig, cases: list[Case], sequential: bool, out: Path, log) -> list[dict]:
     from salun_sd.run.runtime import make_accelerator
     from salun_sd.families.erase import erase
 
-    cache = out / "rows.pt"
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("seeds", "output_dir")}
-    if cache.is_file() and (saved := torch.load(cache, weights_only=True))["config"] == settings:
-        return saved["rows"]
     spec, classifier, accelerator = WorldSpec(), load_classifier(), make_accelerator("no")
     base = evaluate_concepts(load_toy_pipeline(cfg.base), classifier, spec, cases, cases, cfg)
     fd = feature_distance(classifier, base.pop("remain_images"))
@@ -201,13 +209,34 @@ def run_concepts(cfg: CompareConfig, cases: list[Case], sequential: bool, out: P
             seconds = time.time() - start
             model = str(run_dir / "pipeline")
             r = evaluate_concepts(load_toy_pipeline(model), classifier, spec, erased, cases, cfg)
-            row = {"method": method, "step": k, **r, "FD": fd.distance(r.pop("remain_images").split(512)), "seconds": seconds}
+            row = {"method": method, "step": k, **r, "FD": fd.distance(r.pop("remain_images").split(512)), "seconds": seconds, "model": model}
             log(f"{'sequential' if sequential else 'joint'} {method} step {k}: " + ", ".join(f"{key} {v:.3f}" for key, v in row.items() if key.startswith("UA"))
                 + f", remaining {row['remaining_acc']:.3f}")
             rows.append(row)
-    with atomic(cache) as tmp:
-        torch.save({"config": settings, "rows": rows}, tmp)
     return rows
+
+
+def attack_concepts(cfg: CompareConfig, cases: list[Case], rows: list[dict], last: int, out: Path, log) -> list[dict]:
+    """pre-ASR and the ASR of both attacks and of the random prefixes, per concept (its first `attack_prompts` forget
+    prompts), on the base model and each method's final model (the last step's export). Cached in OUT/attack-rows.pt
+    apart from the erases, so the attack settings can change without erasing again."""
+    from salun_sd.run.runtime import make_accelerator
+
+    cache = out / "attack-rows.pt"
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("seeds", "output_dir")}
+    found = saved["rows"] if cache.is_file() and (saved := torch.load(cache, weights_only=True))["config"] == settings else {}
+    spec, accelerator = WorldSpec(), make_accelerator("no")
+    for i in [i for i, r in enumerate(rows) if r["step"] in (0, last) and i not in found]:  # a model attacked before a kill is kept
+        model, metrics = rows[i].get("model", cfg.base), {}
+        for case in cases:
+            name = case.name.replace(" ", "-")
+            rates = attack_metrics(cfg, case, model, out / "attack" / rows[i]["method"] / name, out / f"attack-{name}", spec, accelerator)
+            metrics.update({f"{k} {case.value}": v for k, v in rates.items() if k in ATTACK_METRICS})
+        found[i] = metrics
+        log(f"attacked {rows[i]['method']} (step {rows[i]['step']}): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        with atomic(cache) as tmp:
+            torch.save({"config": settings, "rows": found}, tmp)
+    return [{**r, **found.get(i, {})} for i, r in enumerate(rows)]
 
 
 def evaluate(pipe, classifier: ToyClassifier, spec: WorldSpec, case: Case, cfg: CompareConfig) -> dict:
@@ -237,6 +266,7 @@ def feature_distance(classifier: ToyClassifier, reference: torch.Tensor) -> FidM
 
 
 ATTACK_METRICS = ("pre_ASR", "ASR_discrete", "ASR_embedding", "ASR_random")
+ATTACK_SETTINGS = ("attack", "attack_prompts", "attack_timesteps", "attack_iterations")  # what only the attacks depend on
 
 
 def attack_config(cfg: CompareConfig, case: Case, model: str | Path, out: Path, case_dir: Path, spec: WorldSpec) -> AttackConfig:
@@ -351,8 +381,8 @@ METRICS = ("UA", "remaining_acc", "FD", "seconds")
 
 
 def metric_keys(row: dict) -> tuple[str, ...]:
-    if "step" in row:  # a multi-concept row: UA of each concept so far, then the rest
-        return tuple(k for k in row if k.startswith("UA ")) + METRICS[1:]
+    if "step" in row:  # a multi-concept row: UA of each concept so far, then the rest, then the attacks' rates per concept
+        return tuple(k for k in row if k.startswith("UA ")) + METRICS[1:] + tuple(k for k in row if k.split(" ")[0] in ATTACK_METRICS)
     return METRICS + (ATTACK_METRICS if "pre_ASR" in row else ())
 
 
@@ -421,6 +451,15 @@ def concepts_markdown(name: str, rows: list[dict], cfg: CompareConfig) -> list[s
     for r in rows:
         cells = [_cell(r, k, 3) if k in r else "—" for k in concepts]
         lines.append(f"| {r['method']} | {r['step']} | " + " | ".join(cells) + f" | {_cell(r, 'remaining_acc', 3)} | {_cell(r, 'FD', 2)} | {_cell(r, 'seconds', 0)} |")
+    attacked = [r for r in rows if any(k.startswith("pre_ASR ") for k in r)]
+    if attacked:
+        names = [k.removeprefix("UA ") for k in concepts]
+        head = "| method | step | " + " | ".join(f"{n}: pre-ASR / discrete / embedding / random ↓" for n in names) + " |"
+        lines += ["", f"Under attack (each method's final model): rates over each concept's first {cfg.attack_prompts} forget prompt(s), "
+                  f"{cfg.attack_timesteps} timesteps × {cfg.attack_iterations} optimiser steps", "", head, "|" + " --- |" * (head.count("|") - 1)]
+        for r in attacked:
+            cells = [" / ".join(_cell(r, f"{k} {n}", 2) for k in ATTACK_METRICS) for n in names]
+            lines.append(f"| {r['method']} | {r['step']} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
