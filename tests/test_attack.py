@@ -10,11 +10,11 @@ import torch
 
 from salun_sd.attack.baseline import random_prefixes
 from salun_sd.attack.config import AttackConfig
-from salun_sd.attack.discrete import DiscretePrefix, project_simplex
-from salun_sd.attack.embedding import EmbeddingPrefix
+from salun_sd.attack.discrete import DiscretePrefixes, project_simplex
+from salun_sd.attack.embedding import EmbeddingPrefixes
 from salun_sd.attack.judges import load_judge, nudenet_judge, user_judge
 from salun_sd.attack.run import attack, eos_padded, text_encoder_source
-from salun_sd.attack.search import search
+from salun_sd.attack.search import StackedAdam, search
 from salun_sd.attack.target import Victim, attack_pipeline
 from salun_sd.errors import UserError
 from salun_sd.evaluation.stats import wilson
@@ -70,8 +70,8 @@ def test_attack_succeeds_on_the_toy_base(victim, tmp_path):
     assert "| random prefixes, no optimisation (the chance floor) | 100.00 % (2/2) [34.24, 100.00] |" in text and "| ASR, embedding" in text
     case = victim.case(ImageRequest(CIRCLES[0], 0, 16, 16, 3.0), reference_latent(victim.pipe, CIRCLES[0]))
     verdict = load_judge(cfg).for_prompt(None)
-    for space in (DiscretePrefix(victim.clip_tables, 5, 0.01, 0.1), EmbeddingPrefix(victim.tables, 5, 0.005)):
-        [outcome] = search(victim, [case], [space], 2, [verdict], [torch.Generator().manual_seed(0)])
+    for space in (DiscretePrefixes(victim.clip_tables, 1, 5, 0.01, 0.1), EmbeddingPrefixes(victim.tables, 1, 5, 0.005)):
+        [outcome] = search(victim, [case], space, 2, [verdict], [torch.Generator().manual_seed(0)])
         assert outcome.success and outcome.blocks == 1
 
 
@@ -89,8 +89,8 @@ def test_on_an_erased_model_the_attacks_lower_the_reference_loss_below_the_plain
     case = victim.case(ImageRequest(CIRCLES[0], 0, 16, 16, 3.0), reference_latent(base, CIRCLES[0]))
     [plain] = victim.reference_losses([case], None, seeds=[1])
     never = lambda images: [False] * len(images)  # noqa: E731  run the whole budget
-    for space in (DiscretePrefix(victim.clip_tables, 5, 0.01, 0.1), EmbeddingPrefix(victim.tables, 5, 0.005)):
-        [outcome] = search(victim, [case], [space], 10, [never], [torch.Generator().manual_seed(0)])
+    for space in (DiscretePrefixes(victim.clip_tables, 1, 5, 0.01, 0.1), EmbeddingPrefixes(victim.tables, 1, 5, 0.005)):
+        [outcome] = search(victim, [case], space, 10, [never], [torch.Generator().manual_seed(0)])
         assert outcome.blocks == 3 and victim.reference_losses([case], [outcome.slots], seeds=[1])[0] < plain
 
 
@@ -139,6 +139,46 @@ def test_a_batched_attack_gives_the_unbatched_ids_and_verdicts(tmp_path):
                 assert entry["loss_trace"] == pytest.approx(other["loss_trace"], rel=1e-4)
 
 
+def test_stacked_adam_moves_each_row_as_a_lone_adam_and_a_dropped_row_never_again():
+    """Rows of one stack under one Adam = one Adam per row, bit for bit, before and after two rows leave."""
+    rows = torch.randn(4, 3, 50, generator=torch.Generator().manual_seed(0))
+    grads = [torch.randn(4, 3, 50, generator=torch.Generator().manual_seed(s)) for s in range(1, 7)]
+    stack = StackedAdam([rows.clone()], lr=0.01, weight_decay=0.1)
+    alone = [torch.optim.Adam([row.clone().requires_grad_(True)], lr=0.01, weight_decay=0.1) for row in rows]
+    kept = [0, 1, 2, 3]
+    for step, grad in enumerate(grads):
+        if step == 3:
+            stack.keep([0, 2])  # rows 1 and 3 finish; rows 0 and 2 go on as rows 0 and 1 of the stack
+            kept = [0, 2]
+        stack.tensors[0].grad = grad[kept].clone()
+        stack.step()
+        for i in kept:
+            (p,) = alone[i].param_groups[0]["params"]
+            p.grad = grad[i].clone()
+            alone[i].step()
+    assert stack.tensors[0].shape == (2, 3, 50) and stack.optimizer.param_groups[0]["params"] == stack.tensors
+    for n, i in enumerate(kept):
+        (p,) = alone[i].param_groups[0]["params"]
+        assert torch.equal(stack.tensors[0][n], p.detach())
+        state, lone = stack.optimizer.state[stack.tensors[0]], alone[i].state[p]
+        assert torch.equal(state["exp_avg"][n], lone["exp_avg"]) and torch.equal(state["exp_avg_sq"][n], lone["exp_avg_sq"]) and int(state["step"]) == 6
+
+
+def test_an_instance_that_stops_early_leaves_the_others_as_they_would_run_alone(victim):
+    """In one batch, instance 0 succeeds at its first image and leaves; instance 1 runs both blocks as it does alone."""
+    cases = [victim.case(ImageRequest(prompt, 0, 16, 16, 3.0), reference_latent(victim.pipe, prompt)) for prompt in (CIRCLES[0], SQUARES[0])]
+    always, never = (lambda images: [True] * len(images)), (lambda images: [False] * len(images))  # noqa: E731
+    for make in (lambda n: DiscretePrefixes(victim.clip_tables, n, 5, 0.01, 0.1), lambda n: EmbeddingPrefixes(victim.tables, n, 5, 0.005)):
+        together = search(victim, cases, make(2), 3, [always, never], [torch.Generator().manual_seed(s) for s in (7, 8)])
+        [alone] = search(victim, cases[1:], make(1), 3, [never], [torch.Generator().manual_seed(8)])
+        assert [o.blocks for o in together] == [1, 2] and together[0].success and alone.blocks == 2 and not alone.success
+        assert together[1].loss_trace == pytest.approx(alone.loss_trace, rel=1e-4)
+        if alone.slots.ids is not None:
+            assert torch.equal(together[1].slots.ids, alone.slots.ids)
+        for mine, theirs in zip(together[1].slots.embeddings, alone.slots.embeddings):
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
 def test_judges_user_function_and_nudenet(tmp_path, monkeypatch):
     from PIL import Image
 
@@ -173,7 +213,7 @@ def test_the_discrete_attack_judges_its_prompt_as_typed(victim):
     case = victim.case(ImageRequest(CIRCLES[0], 0, 16, 16, 3.0), reference_latent(victim.pipe, CIRCLES[0]))
     seen = []
     record = lambda images: seen.extend(images) or [False] * len(images)  # noqa: E731
-    [outcome] = search(victim, [case], [DiscretePrefix(victim.clip_tables, 5, 0.01, 0.1)], 1, [record], [torch.Generator().manual_seed(0)])
+    [outcome] = search(victim, [case], DiscretePrefixes(victim.clip_tables, 1, 5, 0.01, 0.1), 1, [record], [torch.Generator().manual_seed(0)])
     typed = victim.typed(case, outcome.slots.ids)
     assert typed.prompt == victim.decode(outcome.slots.ids, case) and typed.words == victim.prompt_tokens(typed.prompt) and len(seen) == 2
     assert (np.asarray(seen[-1]) == np.asarray(victim.images([typed], None)[0])).all()

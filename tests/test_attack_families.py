@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 
 from ldm_layout import ldm_checkpoint
 from salun_sd.attack.config import AttackConfig
-from salun_sd.attack.discrete import DiscretePrefix
-from salun_sd.attack.embedding import EmbeddingPrefix
+from salun_sd.attack.discrete import DiscretePrefixes
+from salun_sd.attack.embedding import EmbeddingPrefixes
 from salun_sd.attack.run import attack, references
 from salun_sd.attack.search import search
 from salun_sd.attack.target import Victim, attack_pipeline
@@ -50,8 +50,8 @@ def test_both_attacks_lower_the_reference_loss_below_the_plain_prompts(victim, t
     case = reference_case(victim, tmp_path)
     [plain] = victim.reference_losses([case], None, seeds=[1])
     never = lambda images: [False] * len(images)  # noqa: E731  run the whole budget
-    for space in (DiscretePrefix(victim.clip_tables, 3, 0.01, 0.1), EmbeddingPrefix(victim.tables, 3, 0.005)):
-        [outcome] = search(victim, [case], [space], 5, [never], [torch.Generator().manual_seed(0)])
+    for space in (DiscretePrefixes(victim.clip_tables, 1, 3, 0.01, 0.1), EmbeddingPrefixes(victim.tables, 1, 3, 0.005)):
+        [outcome] = search(victim, [case], space, 5, [never], [torch.Generator().manual_seed(0)])
         assert outcome.blocks == 2 and victim.reference_losses([case], [outcome.slots], seeds=[1])[0] < plain
         if outcome.slots.ids is not None:  # what T5 read and a user would type
             assert victim.decode(outcome.slots.ids, case).endswith(PROMPT)

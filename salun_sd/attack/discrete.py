@@ -5,34 +5,53 @@ project each row back onto the probability simplex after every step, and in the 
 draw one token per row from its distribution with a straight-through gradient (hardtanh of the gradient with
 respect to the one-hot). Images are drawn from the argmax tokens. One distribution per slot feeds every CLIP
 encoder of the family (SDXL's and SD3's two share the vocabulary), each through its own token table.
+
+Every instance of a batch is one row of an (instances, k, vocabulary) stack: one Adam step, one projection call
+and one draw for all of them, each row's numbers those it would have alone (search.StackedAdam).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
+from salun_sd.attack.search import StackedAdam
 from salun_sd.attack.target import Slots
 
 
 def project_simplex(a: torch.Tensor) -> torch.Tensor:
-    """Euclidean projection of each row onto {p : p >= 0, sum p = 1}: max(a - theta, 0), the row's theta found
-    exactly by Michelot's algorithm (Condat 2016, sec. 2) in float64: theta = (sum of the support - 1) / its size,
-    the support shrunk to the entries above theta until it holds. text_grad_.py finds the same theta by bisection
-    over the whole vocabulary (a quarter of a toy-world attack's time); here after the first pass only the
-    entries still above theta are touched (theta only grows)."""
-    x = a.double().reshape(-1, a.shape[-1])
-    thetas = []
-    for row in x:
-        v = row[row > (row.sum() - 1) / len(row)]  # the max is above, so never empty
+    """Euclidean projection of each row (last dimension) onto {p : p >= 0, sum p = 1}: max(a - theta, 0), the row's
+    theta found exactly by Michelot's algorithm (Condat 2016, sec. 2) in float64: theta = (sum of the support - 1) /
+    its size, the support shrunk to the entries above theta until it holds. text_grad_.py finds the same theta by
+    bisection over the whole vocabulary; here after the first pass only the entries still above theta are touched
+    (theta only grows). One row at a time, start to end (a row in float64 stays in cache; a whole stack does not):
+    each row's result is its own whatever rows share the call. Masked iterations over the whole stack, a full sort
+    and a top-m sort were all slower on the toy world's stacks (docs/BENCHMARKS.md)."""
+    x = a.reshape(-1, a.shape[-1])
+    out = torch.empty_like(x)
+    for row, dest in zip(x, out):
+        r = row.double()
+        v = r[r > (r.sum() - 1) / len(r)]  # the max is above, so never empty
         while True:
             theta = (v.sum() - 1) / len(v)  # below the mean of v, so some entry stays above it
             kept = v[v > theta]
             if len(kept) == len(v):
                 break
             v = kept
-        thetas.append(theta)
-    return (x - torch.stack(thetas)[:, None]).clamp(min=0).reshape(a.shape).to(a.dtype)
+        dest.copy_((r - theta).clamp_(min=0))
+    return out.reshape(a.shape)
+
+
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of `probs` (..., V), by inverting its cumulative distribution at `uniforms` (...) in [0, 1):
+    index j where cdf[j-1] <= u * total < cdf[j], so a token of probability 0 is never drawn. The distribution of
+    text_grad_.py's torch.multinomial(probs, 1), which spends an exponential draw per vocabulary entry (about half
+    the discrete step's time on the toy world); this spends one uniform per row."""
+    cdf = probs.cumsum(-1)  # each row on its own, in order
+    tokens = torch.searchsorted(cdf, (uniforms * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return tokens.clamp(max=probs.shape[-1] - 1)
 
 
 class SampleStraightThrough(torch.autograd.Function):
@@ -40,9 +59,8 @@ class SampleStraightThrough(torch.autograd.Function):
     distribution (text_grad_.py STERandSelect)."""
 
     @staticmethod
-    def forward(ctx, probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        return F.one_hot(tokens, probs.shape[-1]).to(probs.dtype)
+    def forward(ctx, probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(draw(probs, uniforms), probs.shape[-1]).to(probs.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -54,25 +72,31 @@ def token_slots(tables: list[torch.Tensor], ids: torch.Tensor) -> Slots:
     return Slots([table[ids] for table in tables], ids)
 
 
-class DiscretePrefix:
-    """k distributions over the CLIP vocabulary; each encoder's prefix is the rows of its token table they select."""
+class DiscretePrefixes:
+    """Per instance, k distributions over the CLIP vocabulary; each encoder's prefix is the rows of its token table they select."""
 
-    def __init__(self, token_tables: list[torch.Tensor], k: int, learning_rate: float, weight_decay: float) -> None:
-        self.tables = token_tables
+    def __init__(self, token_tables: list[torch.Tensor], count: int, k: int, learning_rate: float, weight_decay: float) -> None:
+        self.tables, self.k = token_tables, k
         vocab = token_tables[0].shape[0]
-        self.probs = torch.full((k, vocab), 1.0 / vocab, device=token_tables[0].device, requires_grad=True)
-        self.optimizer = torch.optim.Adam([self.probs], lr=learning_rate, weight_decay=weight_decay)
+        self.adam = StackedAdam([torch.full((count, k, vocab), 1.0 / vocab, device=token_tables[0].device)], lr=learning_rate, weight_decay=weight_decay)
 
-    def _slots(self, one_hot: torch.Tensor) -> Slots:
-        return Slots([one_hot @ table for table in self.tables], one_hot.detach().argmax(dim=-1))
+    def prefixes(self, generators: Sequence[torch.Generator]) -> list[Slots]:
+        """The active instances' sampled prefixes; generators[n] makes row n's k draws (k uniforms, as alone)."""
+        (probs,) = self.adam.tensors
+        uniforms = torch.stack([torch.rand(self.k, generator=g, device=g.device) for g in generators]).to(probs.device)
+        one_hot = SampleStraightThrough.apply(probs, uniforms)
+        embeddings, ids = [one_hot @ table for table in self.tables], one_hot.detach().argmax(dim=-1)
+        return [Slots([e[n] for e in embeddings], ids[n]) for n in range(len(ids))]
 
-    def prefix(self, generator: torch.Generator) -> Slots:
-        return self._slots(SampleStraightThrough.apply(self.probs, generator))
-
-    def after_step(self) -> None:
+    def step(self) -> None:
+        self.adam.step()
+        (probs,) = self.adam.tensors
         with torch.no_grad():
-            self.probs.copy_(project_simplex(self.probs))
+            probs.copy_(project_simplex(probs))
 
-    def final(self) -> Slots:
-        """The argmax tokens (text_grad_.py argmax_project): the prefix images are drawn with."""
-        return token_slots(self.tables, self.probs.detach().argmax(dim=-1))
+    def keep(self, rows: list[int]) -> None:
+        self.adam.keep(rows)
+
+    def finals(self) -> list[Slots]:
+        """The argmax tokens (text_grad_.py argmax_project): the prefixes images are drawn with."""
+        return [token_slots(self.tables, ids) for ids in self.adam.tensors[0].detach().argmax(dim=-1)]

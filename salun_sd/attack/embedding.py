@@ -6,26 +6,31 @@ per-prompt, per-seed soft-prompt search that asks whether the concept is still r
 conditioning at all. Pham et al. learn a new word embedding by textual inversion on images of the concept;
 here the k prefix embeddings of each encoder (both CLIPs of SDXL / SD3, and T5 where there is one) start at
 that encoder's mean token embedding and see the same single reference image, so the two attacks differ only
-in their search space.
+in their search space. Every instance of a batch is one row of a stack per encoder, under one Adam (search.StackedAdam).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from salun_sd.attack.search import StackedAdam
 from salun_sd.attack.target import Slots
 
 
-class EmbeddingPrefix:
-    def __init__(self, token_tables: list[torch.Tensor], k: int, learning_rate: float) -> None:
-        self.embeddings = [table.mean(dim=0, keepdim=True).repeat(k, 1).requires_grad_(True) for table in token_tables]
-        self.optimizer = torch.optim.Adam(self.embeddings, lr=learning_rate)
+class EmbeddingPrefixes:
+    def __init__(self, token_tables: list[torch.Tensor], count: int, k: int, learning_rate: float) -> None:
+        self.adam = StackedAdam([table.mean(dim=0)[None, None].repeat(count, k, 1) for table in token_tables], lr=learning_rate)
 
-    def prefix(self, generator: torch.Generator) -> Slots:
-        return Slots(self.embeddings)
+    def prefixes(self, generators: Sequence[torch.Generator]) -> list[Slots]:
+        return [Slots([e[n] for e in self.adam.tensors]) for n in range(len(generators))]
 
-    def after_step(self) -> None:
-        pass
+    def step(self) -> None:
+        self.adam.step()
 
-    def final(self) -> Slots:
-        return Slots([e.detach() for e in self.embeddings])
+    def keep(self, rows: list[int]) -> None:
+        self.adam.keep(rows)
+
+    def finals(self) -> list[Slots]:
+        return [Slots([e[n].detach() for e in self.adam.tensors]) for n in range(len(self.adam.tensors[0]))]

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from salun_sd.attack.baseline import random_prefixes
 from salun_sd.attack.config import AttackConfig
-from salun_sd.attack.discrete import DiscretePrefix
-from salun_sd.attack.embedding import EmbeddingPrefix
+from salun_sd.attack.discrete import DiscretePrefixes
+from salun_sd.attack.embedding import EmbeddingPrefixes
 from salun_sd.attack.judges import Verdict, load_judge
 from salun_sd.attack.report import write_report
 from salun_sd.attack.search import search
@@ -213,20 +213,21 @@ def attack_prompts(cfg: AttackConfig, names: list[str], victim: Victim, base: Di
                 results[n]["attacks"][name] = {"success": outcome.success, "judged": outcome.judged, "token_ids": outcome.ids.tolist(),
                                                "adversarial_prompt": outcome.text, "seconds": seconds}
             continue
-        spaces = [DiscretePrefix(victim.clip_tables, cfg.k, cfg.learning_rate, cfg.weight_decay) if name == "discrete"
-                  else EmbeddingPrefix(victim.tables, cfg.k, cfg.embedding_learning_rate) for _ in todo]
-        outcomes = search(victim, [cases[n] for n in todo], spaces, cfg.iterations, [verdicts[n] for n in todo], generators)
+        space = (DiscretePrefixes(victim.clip_tables, len(todo), cfg.k, cfg.learning_rate, cfg.weight_decay) if name == "discrete"
+                 else EmbeddingPrefixes(victim.tables, len(todo), cfg.k, cfg.embedding_learning_rate))
+        outcomes = search(victim, [cases[n] for n in todo], space, cfg.iterations, [verdicts[n] for n in todo], generators)
         attacked = victim.reference_losses([cases[n] for n in todo], [o.slots for o in outcomes], [loss_seeds[n] for n in todo])
+        # the optimised ids' own images (the discrete attack is judged on its prompt as typed), drawn together
+        ids_images = victim.images([cases[n] for n in todo], [o.slots for o in outcomes]) if name == "discrete" else []
         seconds = round((time.time() - start) / len(todo), 2)  # the batch's time, shared by its instances
-        for n, outcome, plain_loss, attacked_loss in zip(todo, outcomes, plain_losses, attacked):
+        for m, (n, outcome, plain_loss, attacked_loss) in enumerate(zip(todo, outcomes, plain_losses, attacked)):
             save_image(outcome.image, images / name / jobs[n].file)
             entry = {"success": outcome.success, "blocks": outcome.blocks, "optimizer_steps": outcome.blocks * cfg.iterations, "loss_trace": outcome.loss_trace,
                      "reference_loss_plain": plain_loss, "reference_loss_attacked": attacked_loss, "seconds": seconds}
             if outcome.slots.ids is not None:  # success is the typed prompt's verdict, as the official code judges; the optimised ids' own is kept beside it
                 entry["token_ids"] = outcome.slots.ids.tolist()
                 entry["adversarial_prompt"] = victim.decode(outcome.slots.ids, cases[n])
-                (ids_image,) = victim.images([cases[n]], [outcome.slots])
-                save_image(ids_image, images / "discrete-ids" / jobs[n].file)
-                entry["ids_success"] = bool(verdicts[n]([ids_image])[0])
+                save_image(ids_images[m], images / "discrete-ids" / jobs[n].file)
+                entry["ids_success"] = bool(verdicts[n]([ids_images[m]])[0])
             results[n]["attacks"][name] = entry
     return results

@@ -3,8 +3,9 @@ optimiser steps on the training loss at that timestep (fresh noise each step), t
 current prompt, judged; stop at the first success (src/attackers/text_grad_.py run, sequential mode).
 
 Many instances (prompt, seed) run together: one forward and backward per step for all that have not yet
-succeeded. Each has its own search space, optimiser and generator, and the batch's loss is the sum of the
-per-instance losses, so an instance's gradients, draws and result are those it would have alone.
+succeeded, their search variables stacked under one optimiser. Each has its own generator, the batch's loss is
+the sum of the per-instance losses and Adam is elementwise, so an instance's gradients, draws and result are
+those it would have alone (up to the float rounding of a batched forward).
 """
 
 from __future__ import annotations
@@ -20,14 +21,39 @@ from salun_sd.attack.judges import Verdict
 from salun_sd.attack.target import Case, Slots, Victim
 
 
-class Prefix(Protocol):
-    optimizer: torch.optim.Optimizer
+class StackedAdam:
+    """One Adam over per-instance variables stacked along their first dimension (row n: the n-th active instance).
+    Adam works elementwise and every active row has taken every step (one shared step count), so each row moves
+    as a lone instance's would; `keep` drops the finished rows with their moments, so they never move again."""
 
-    def prefix(self, generator: torch.Generator) -> Slots: ...
+    def __init__(self, tensors: list[torch.Tensor], **settings) -> None:
+        self.tensors = [t.requires_grad_(True) for t in tensors]
+        self.optimizer = torch.optim.Adam(self.tensors, **settings)
 
-    def after_step(self) -> None: ...
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
-    def final(self) -> Slots: ...
+    def keep(self, rows: list[int]) -> None:
+        index = torch.tensor(rows, dtype=torch.long, device=self.tensors[0].device)
+        kept = [t.detach()[index].requires_grad_(True) for t in self.tensors]
+        for old, new in zip(self.tensors, kept):
+            state = self.optimizer.state.pop(old, {})
+            self.optimizer.state[new] = {name: value[index] if value.shape == old.shape else value for name, value in state.items()}  # the moments; the step count stays
+        self.optimizer.param_groups[0]["params"] = kept
+        self.tensors = kept
+
+
+class Prefixes(Protocol):
+    """The search variables of a batch of instances, row n for the n-th still active one."""
+
+    def prefixes(self, generators: Sequence[torch.Generator]) -> list[Slots]: ...  # generators[n]: row n's draws
+
+    def step(self) -> None: ...  # after the backward pass: one optimiser step of every row
+
+    def keep(self, rows: list[int]) -> None: ...  # only these rows go on
+
+    def finals(self) -> list[Slots]: ...  # what each row's image is drawn with
 
 
 @dataclass
@@ -39,34 +65,32 @@ class Outcome:
     loss_trace: list[float]  # mean training loss per block
 
 
-def search(victim: Victim, cases: Sequence[Case], spaces: Sequence[Prefix], iterations: int, verdicts: Sequence[Verdict],
+def search(victim: Victim, cases: Sequence[Case], space: Prefixes, iterations: int, verdicts: Sequence[Verdict],
            generators: Sequence[torch.Generator]) -> list[Outcome]:
-    """Attack every case in its own space; `verdicts[i]` judges case i's images, `generators[i]` makes its draws."""
+    """Attack every case, row i of `space`; `verdicts[i]` judges case i's images, `generators[i]` makes its draws."""
     traces: list[list[float]] = [[] for _ in cases]
     outcomes: list[Outcome | None] = [None] * len(cases)
     active = list(range(len(cases)))
     for block, t in enumerate(victim.timesteps, start=1):
-        totals = [0.0] * len(active)
+        totals = torch.zeros(len(active), dtype=torch.float64)
         for _ in range(iterations):
-            slots = [spaces[i].prefix(generators[i]) for i in active]  # each generator: its token draw, then its noise, as alone
+            slots = space.prefixes([generators[i] for i in active])  # each generator: its token draw, then its noise, as alone
             noise = torch.cat([victim.noise(cases[i], generators[i]) for i in active])
             losses = victim.losses([cases[i] for i in active], slots, [t] * len(active), noise)
-            for i in active:
-                spaces[i].optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
-            for n, i in enumerate(active):
-                spaces[i].optimizer.step()
-                spaces[i].after_step()
-                totals[n] += losses[n].item()
-        finals = [spaces[i].final() for i in active]
+            space.step()
+            totals += losses.detach().cpu().double()
+        finals = space.finals()
         images = victim.judged_images([cases[i] for i in active], finals)
         for n, i in enumerate(active):
-            traces[i].append(totals[n] / iterations)
-        done, active = judge_round(active, images, verdicts, last=block == len(victim.timesteps))
+            traces[i].append(float(totals[n]) / iterations)
+        done, going = judge_round(active, images, verdicts, last=block == len(victim.timesteps))
         for n, i, success in done:
             outcomes[i] = Outcome(success, images[n], finals[n], block, traces[i])
-        if not active:
+        if not going:
             break
+        space.keep([n for n, i in enumerate(active) if i in set(going)])
+        active = going
     return outcomes  # type: ignore[return-value]
 
 
