@@ -6,17 +6,24 @@ than they give (the toy demo took 645 s under load, 86 s on one thread). Files g
 (`--dist loadfile`), so a module fixture is made once; the session fixtures below are made once per run
 for all workers (`shared`), in a folder they share.
 
-On a machine with CUDA GPUs: subprocesses see no GPU, and every Accelerator runs on the CPU
+Runs in several processes are forked from the test's process (`forked`: torch and diffusers come imported,
+which a new Python pays 5-16 s of CPU for); `salun(..., processes=2)` is the user's `accelerate launch`.
+
+On a machine with CUDA GPUs: subprocesses and forked processes see no GPU, and every Accelerator runs on the CPU
 (ACCELERATE_USE_CPU). Accelerate's state is one per process and the first Accelerator fixes its
 device, so otherwise the test order would decide whether a CLI run trains on the GPU, and runs that
-are compared with CPU subprocesses (one process vs two) would differ by the device. Generation and
+are compared with CPU processes (one process vs two) would differ by the device. Generation and
 evaluation, which do not go through Accelerate, still use the GPU.
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,6 +76,59 @@ def salun(*args: str, processes: int = 1, check: bool = True, env: dict[str, str
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
+
+
+def forked(entry: Callable[[list[str]], object], *args: str, processes: int = 2) -> str:
+    """entry(args) in `processes` processes forked from this one, each with the environment torchrun gives its
+    workers (RANK, WORLD_SIZE, MASTER_PORT ...), so Accelerate and torch.distributed start as under
+    `accelerate launch`, but with torch and diffusers already imported (a new Python spends 5-16 s of CPU on
+    that). What they wrote to stdout and stderr comes back; if one fails, the others are killed and this raises.
+    salun(..., processes=2) runs the user's own path, `accelerate launch` and new Pythons (test_runlock)."""
+    AcceleratorState._reset_state(True)  # each process makes its own, as a new one would
+    world = {"WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
+        pids = []
+        for rank in range(processes):
+            pid = os.fork()
+            if pid == 0:
+                _forked_process(entry, list(args), log.name, {**world, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+            pids.append(pid)
+        failed = None
+        while pids:  # polled: a process that failed first would leave a blocking wait on another waiting forever
+            for pid in list(pids):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    pids.remove(pid)
+                    if os.waitstatus_to_exitcode(status) != 0 and failed is None:
+                        failed = os.waitstatus_to_exitcode(status)
+                        for other in pids:  # they would wait for it at the next collective
+                            os.kill(other, signal.SIGKILL)
+            time.sleep(0.05)
+        if failed is not None:
+            raise AssertionError(f"{entry.__module__}.{entry.__name__}({list(args)}) in {processes} processes: exit {failed}\n{log.read()[-6000:]}")
+        return log.read()
+
+
+def _forked_process(entry: Callable[[list[str]], object], args: list[str], log: str, env: dict[str, str]) -> None:
+    """One forked process, which never returns: like salun()'s subprocesses it sees no GPU (one this process has
+    used could not be used after the fork anyway) and writes stdout and stderr to the log, not into pytest's capture."""
+    code = 1
+    try:
+        os.environ.update(env)
+        torch.cuda.is_available = lambda: False
+        stream = open(log, "a", buffering=1)  # noqa: SIM115 (open until os._exit)
+        os.dup2(stream.fileno(), 1)
+        os.dup2(stream.fileno(), 2)
+        sys.stdout = sys.stderr = stream
+        entry(args)
+        code = 0
+    except SystemExit as stop:
+        code = 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        os._exit(code)
 
 
 def exported_unet(run_dir) -> dict[str, torch.Tensor]:
@@ -190,5 +250,5 @@ def two_process_erase(tmp_path_factory, erase_yaml):
     # of ~1e-9 (float noise of the summation order) decides the sign of a full lr-sized step.
     args = [str(cfg), "--mask.path", str(root / "mask1" / "mask.safetensors"), "--unlearn.max_steps", "4", "--unlearn.batch_size", "1",
             "--unlearn.adam_epsilon", "1e-2", "--unlearn.weight_decay", "0.01", "--unlearn.max_grad_norm", "1.0", "--unlearn.checkpointing_steps", "2"]
-    runs = shared(tmp_path_factory, "p2", lambda folder: salun("erase", *args, "--output_dir", str(folder / "p2"), processes=2))
+    runs = shared(tmp_path_factory, "p2", lambda folder: forked(main, "erase", *args, "--output_dir", str(folder / "p2")))
     return runs / "p2", args

@@ -1,7 +1,7 @@
 """One mask step and one masked erase of a tiny class-conditional UNet, for tests/test_fsdp.py.
 
-`python fsdp_run.py OUT [--mask PATH] [--fsdp]`, under `accelerate launch` for two processes (or main([OUT])
-in the test's own process for one). With
+`python fsdp_run.py OUT [--mask PATH] [--fsdp]`, under `accelerate launch` for two processes (the test forks
+them from its own process, conftest.forked, with the environment the launcher gives; main([OUT]) there for one). With
 --fsdp the Accelerator is switched to FSDP2 by hand, as `accelerate launch --use_fsdp --fsdp_version 2`
 does on GPUs: Accelerate 1.15 enables FSDP only for GPU process groups, but its FSDP2 path (fully_shard)
 runs on CPU processes over gloo. Writes OUT/mask.safetensors, OUT/scores.safetensors (the saliency,

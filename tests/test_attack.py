@@ -108,12 +108,13 @@ def test_resume_skips_finished_prompts_and_refuses_other_settings(tmp_path):
 
 
 def test_two_processes_give_the_same_results_as_one(tmp_path):
-    from conftest import salun
+    from conftest import forked
+    from salun_sd.cli import main
 
     cfg = toy_config(tmp_path, SQUARES, steps=5, attacks="discrete", output_dir=str(tmp_path / "one"))
     attack(cfg, make_accelerator("no"), log=lambda *_: None)
     flags = [f"--{key}={value}" for key, value in vars(cfg).items() if key in ("model", "base", "prompts", "judge", "concept", "scheduler", "steps", "guidance", "reference_steps", "reference_guidance", "timesteps", "iterations", "attacks")]
-    salun("attack", *flags, "--output_dir", str(tmp_path / "two"), processes=2)
+    forked(main, "attack", *flags, "--output_dir", str(tmp_path / "two"))
     for case in ("00000.json", "00001.json"):
         one, two = (json.loads((tmp_path / run / "results" / case).read_text()) for run in ("one", "two"))
         for result in (one, two):

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
-from conftest import salun
+from conftest import forked
 from salun_sd.cli import main as cli
 from salun_sd.config import load_yaml
 from salun_sd.ddpm.adapter import ClassConditionedDenoiser
@@ -162,7 +162,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # a large learning rate makes the updates big enough that different data or noise would show.
     flags = [DIGITS, "--train.adam_epsilon", "1e-2", "--train.learning_rate", "0.05", "--train.warmup_steps", "0", *SMALL, *QUICK]
     run(tmp_path / "one", "train", *flags[1:], "--train.max_steps", "3", "--train.batch_size", "8")  # one process: this one
-    salun("ddpm", "train", *flags, "--train.max_steps", "3", "--work_dir", str(tmp_path / "two"), "--train.batch_size", "4", processes=2)
+    forked(cli, "ddpm", "train", *flags, "--train.max_steps", "3", "--work_dir", str(tmp_path / "two"), "--train.batch_size", "4")  # two processes
     run(tmp_path / "init", "train", *flags[1:], "--train.max_steps", "0")
     one, two, init = (unet_weights(tmp_path / d / "base") for d in ("one", "two", "init"))
     assert max((one[k] - init[k]).abs().max().item() for k in one) > 1e-3
@@ -171,7 +171,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 
     # The mask pass clips each batch's gradient (digits config): the batches, split over processes, stay the same.
     run(tmp_path / "one", "mask", "--mask.batch_size", "16", "--output_dir", str(tmp_path / "mask1"))
-    salun("ddpm", "mask", DIGITS, "--work_dir", str(tmp_path / "one"), "--mask.batch_size", "16", "--output_dir", str(tmp_path / "mask2"), processes=2)
+    forked(cli, "ddpm", "mask", DIGITS, "--work_dir", str(tmp_path / "one"), "--mask.batch_size", "16", "--output_dir", str(tmp_path / "mask2"))
     a, b = (load_file(str(tmp_path / m / "mask.safetensors")) for m in ("mask1", "mask2"))
     assert sum(int((a[k] != b[k]).sum()) for k in a) <= 1e-4 * sum(v.numel() for v in a.values())  # float summation order only
 

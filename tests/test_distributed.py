@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import exported_unet, salun
+from conftest import exported_unet, forked
 from salun_sd.cli import main
 from salun_sd.families.tiny import tiny_pipeline
 
@@ -24,8 +24,8 @@ def test_two_processes_match_one_process_and_accumulation_with_the_same_global_b
 
 def test_two_processes_share_the_image_generation_and_make_the_single_process_images_and_mask(erase_yaml):
     root, cfg = erase_yaml
-    run = salun("mask", str(cfg), "--output_dir", str(root / "mask2"), "--data.cache_dir", str(root / "cache2"), processes=2)
-    assert "(process 0 of 2)" in run.stderr and "(process 1 of 2)" in run.stderr  # each drew its share
+    log = forked(main, "mask", str(cfg), "--output_dir", str(root / "mask2"), "--data.cache_dir", str(root / "cache2"))
+    assert "(process 0 of 2)" in log and "(process 1 of 2)" in log  # each drew its share
     one = {p.relative_to(root / "cache1"): p for p in (root / "cache1" / "images").rglob("*.png")}
     two = {p.relative_to(root / "cache2"): p for p in (root / "cache2" / "images").rglob("*.png")}
     assert len(two) == 16 and set(two) == set(one)

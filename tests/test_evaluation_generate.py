@@ -2,7 +2,6 @@
 
 import json
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import cpu_env
+from conftest import forked
 from salun_sd.cli import main
 from salun_sd.errors import UserError
 from salun_sd.evaluation.config import GenerateConfig
@@ -96,16 +95,12 @@ def test_image_zero_is_the_plain_one_image_call(pipe, tmp_path):
 
 
 def test_cli_generate_text_list_in_two_processes_splits_the_work_and_makes_the_one_process_images(tmp_path):
-    """torchrun with two CPU processes: every image once, metadata for all, nothing left over, the images of one process."""
+    """Two CPU processes (torchrun's environment): every image once, metadata for all, nothing left over, the images of one process."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"prompt number {i}" for i in range(5)))
     out = tmp_path / "out"
-    env = cpu_env(PYTHONPATH=str(ROOT))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "salun_sd", "generate",
-               "--model", "tiny", "--prompts", str(prompts), "--output_dir", str(out), "--steps", "2", "--images_per_prompt", "2", "--batch_size", "2"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "(process 0 of 2)" in result.stderr
+    log = forked(main, "generate", "--model", "tiny", "--prompts", str(prompts), "--output_dir", str(out), "--steps", "2", "--images_per_prompt", "2", "--batch_size", "2")
+    assert "(process 0 of 2)" in log
     assert len(list(out.glob("*.png"))) == 10
     lines = (out / "metadata.jsonl").read_text().splitlines()
     assert sorted(json.loads(line)["file"] for line in lines) == sorted(p.name for p in out.glob("*.png"))

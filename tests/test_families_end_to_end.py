@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoPipelineForText2Image, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
-from conftest import FORGET, REMAIN, salun
+from conftest import FORGET, REMAIN, forked
 from salun_sd.cli import main
 from tiny_families import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sdxl_pipeline
 
@@ -77,7 +77,7 @@ def test_export_loads_with_the_family_pipeline_and_auto_pipeline_and_generates(e
 def test_two_processes_equal_one(erased):
     family, root, cfg = erased
     mask = str(root / "run" / "mask.safetensors")
-    salun("erase", str(cfg), "--mask.path", mask, "--unlearn.batch_size", "1", "--output_dir", str(root / "p2"), processes=2)
+    forked(main, "erase", str(cfg), "--mask.path", mask, "--unlearn.batch_size", "1", "--output_dir", str(root / "p2"))
     one, two = load_file(str(root / "run" / "pipeline" / weights_file(family))), load_file(str(root / "p2" / "pipeline" / weights_file(family)))
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-7)

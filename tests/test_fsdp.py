@@ -1,30 +1,17 @@
 """Issue 14: the mask step and the masked erase on FSDP2-sharded weights (two CPU processes) equal one unsharded process."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
 from safetensors.torch import load_file
 
-from conftest import cpu_env, free_port
+from conftest import forked
 from fsdp_run import MASK, main
 from salun_sd.core.saliency import saliency_masks
-
-RUN = str(Path(__file__).with_name("fsdp_run.py"))
-
-
-def run_two_processes(*args: str) -> None:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), RUN, *args]
-    result = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}"
 
 
 def test_sharded_mask_and_masked_erase_equal_the_unsharded_ones(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     main([str(one)])  # one unsharded process: this one
-    run_two_processes(str(two), "--fsdp", "--mask", str(one / "mask.safetensors"))
+    forked(main, str(two), "--fsdp", "--mask", str(one / "mask.safetensors"))  # two processes
 
     # Mask step: the scores are those of one process (float summation order aside), and the threshold found from
     # the two processes' summed shard histograms gives exactly the mask of the gathered scores, unsharded.
