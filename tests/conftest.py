@@ -86,13 +86,8 @@ def forked(entry: Callable[[list[str]], object], *args: str, processes: int = 2)
     salun(..., processes=2) runs the user's own path, `accelerate launch` and new Pythons (test_runlock)."""
     AcceleratorState._reset_state(True)  # each process makes its own, as a new one would
     world = {"WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
-        pids = []
-        for rank in range(processes):
-            pid = os.fork()
-            if pid == 0:
-                _forked_process(entry, list(args), log.name, {**world, "RANK": str(rank), "LOCAL_RANK": str(rank)})
-            pids.append(pid)
+    with tempfile.TemporaryFile("w+") as log:
+        pids = [fork(entry, *args, env={**world, "RANK": str(rank), "LOCAL_RANK": str(rank)}, output=log.fileno()) for rank in range(processes)]
         failed = None
         while pids:  # polled: a process that failed first would leave a blocking wait on another waiting forever
             for pid in list(pids):
@@ -104,23 +99,27 @@ def forked(entry: Callable[[list[str]], object], *args: str, processes: int = 2)
                         for other in pids:  # they would wait for it at the next collective
                             os.kill(other, signal.SIGKILL)
             time.sleep(0.05)
+        log.seek(0)
         if failed is not None:
             raise AssertionError(f"{entry.__module__}.{entry.__name__}({list(args)}) in {processes} processes: exit {failed}\n{log.read()[-6000:]}")
         return log.read()
 
 
-def _forked_process(entry: Callable[[list[str]], object], args: list[str], log: str, env: dict[str, str]) -> None:
-    """One forked process, which never returns: like salun()'s subprocesses it sees no GPU (one this process has
-    used could not be used after the fork anyway) and writes stdout and stderr to the log, not into pytest's capture."""
+def fork(entry: Callable[[list[str]], object], *args: str, env: dict[str, str] | None = None, output: int) -> int:
+    """entry(args) in a process forked from this one, with env added to its environment and its stdout and stderr
+    written to the file descriptor `output`; its pid (the caller reaps it, os.waitpid). Like salun()'s subprocesses it
+    sees no GPU: one that this process has used could not be used after the fork anyway."""
+    pid = os.fork()
+    if pid:
+        return pid
     code = 1
     try:
-        os.environ.update(env)
+        os.environ.update(env or {})
         torch.cuda.is_available = lambda: False
-        stream = open(log, "a", buffering=1)  # noqa: SIM115 (open until os._exit)
-        os.dup2(stream.fileno(), 1)
-        os.dup2(stream.fileno(), 2)
-        sys.stdout = sys.stderr = stream
-        entry(args)
+        os.dup2(output, 1)
+        os.dup2(output, 2)
+        sys.stdout = sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115 (not pytest's capture)
+        entry(list(args))
         code = 0
     except SystemExit as stop:
         code = 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1

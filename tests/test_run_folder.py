@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from accelerate.state import AcceleratorState
 from diffusers import StableDiffusionPipeline
 from safetensors import SafetensorError
 
-from conftest import exported_unet, salun, tiny_config
+from conftest import exported_unet, fork, tiny_config
 from salun_sd.cli import main
 from salun_sd.errors import UserError
 from salun_sd.families.erase import erase
@@ -224,21 +223,23 @@ def test_a_run_killed_during_its_export_costs_the_earlier_run_nothing_and_leaves
     args = ["erase", str(cfg), "--mask.path", str(root / "mask1" / "mask.safetensors"), "--unlearn.max_steps", "2", "--output_dir", str(run)]
     main(args)  # the earlier run
     before, earlier_unet = snapshot(run), exported_unet(run)
-    killed = salun(*args, "--overwrite", "--unlearn.learning_rate", "3e-3", env={PAUSE_ENV: "export"},
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    read, write = os.pipe()
+    killed = fork(main, *args, "--overwrite", "--unlearn.learning_rate", "3e-3", env={PAUSE_ENV: "export"}, output=write)  # its own process
+    os.close(write)
     try:
-        for line in killed.stderr:
-            if "paused after step export" in line:
-                break
-        else:
-            pytest.fail("the run ended before its export")
-        assert [p.name for p in run.glob(".pipeline.*.tmp")] == [f".pipeline.{killed.pid}.tmp"] and not (run / "pipeline").exists()
+        with open(read) as output:
+            for line in output:
+                if "paused after step export" in line:
+                    break
+            else:
+                pytest.fail("the run ended before its export")
+        assert [p.name for p in run.glob(".pipeline.*.tmp")] == [f".pipeline.{killed}.tmp"] and not (run / "pipeline").exists()
     finally:
-        killed.send_signal(signal.SIGKILL)
-        killed.wait()
+        os.kill(killed, signal.SIGKILL)
+        os.waitpid(killed, 0)
     err = cli_error(capsys, *args)  # the next run: removes the leftovers, puts the earlier run back, and refuses to replace it unasked
     assert err[-1] == f"salun-sd erase: error: {run / 'pipeline'} already exists: pass --overwrite to replace it", err
-    assert any(f".pipeline.{killed.pid}.tmp" in line for line in err) and any("ended before it finished" in line for line in err), err
+    assert any(f".pipeline.{killed}.tmp" in line for line in err) and any("ended before it finished" in line for line in err), err
     assert snapshot(run) == before and leftovers(run) == []
     loaded = StableDiffusionPipeline.from_pretrained(run / "pipeline")
     assert all(torch.equal(loaded.unet.state_dict()[k], v) for k, v in earlier_unet.items())
