@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -216,11 +217,32 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, single_file: S
     # A required component saved as [null, null] (SD3 without T5) must be passed as None, as diffusers asks.
     absent = {key: None for key, entry in index.items() if entry == [None, None] and key not in family.pipeline._optional_components}
     try:
-        pipe = family.pipeline.from_pretrained(str(local) if local.exists() else model, **family.load_options, **absent, **dtype_arg)
+        pipe = family.pipeline.from_pretrained(str(local) if local.exists() else model, **family.load_options, **absent, **shared_tokenizers(local, index), **dtype_arg)
     except Exception as err:  # a folder with a broken or missing component
         raise UserError(f"{model} is not a complete diffusers {family.name} folder: {first_line(err)}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def shared_tokenizers(local: Path, index: Mapping[str, Any]) -> dict[str, Any]:
+    """A local folder's tokenizers, read once per process while their files (name, size, mtime_ns) stay the same
+    and shared by the pipelines loaded from it (the toy world's and a test's base folders are loaded again and
+    again): transformers parses a CLIP tokenizer.json (3.6 MB) four times a load, 0.1-0.5 s of CPU. Nothing
+    changes a pipeline's tokenizer in place; code that needs a changed one changes a copy (attack.run.eos_padded)."""
+    shared = {}
+    for key, entry in index.items():
+        folder = local / key
+        if key.startswith("tokenizer") and isinstance(entry, list) and entry[0] == "transformers" and folder.is_dir():
+            files = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
+            shared[key] = _read_tokenizer(entry[1], str(folder), files)
+    return shared
+
+
+@lru_cache(maxsize=8)
+def _read_tokenizer(class_name: str, folder: str, files: tuple[tuple[str, int, int], ...]) -> Any:
+    import transformers
+
+    return getattr(transformers, class_name).from_pretrained(folder)
 
 
 def model_identity(pipe: DiffusionPipeline, model: str, single_file: SingleFileSource | None = None) -> dict[str, object]:

@@ -18,6 +18,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from salun_sd.errors import UserError
+from salun_sd.families.loading import read_json, shared_tokenizers
 from salun_sd.families.tiny import CLIP_MAX_LENGTH, sd1_ddim_scheduler
 from salun_sd.toyworld import ASSETS
 
@@ -109,6 +110,7 @@ def load_toy_pipeline(folder: str | Path | None = None, dtype: torch.dtype = tor
     folder = Path(folder) if folder is not None else PIPELINE_DIR
     if not (folder / "model_index.json").is_file():
         raise UserError(f"no toy pipeline in {folder} (train one with scripts/train_toy_world.py)")
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), dtype=dtype, safety_checker=None, requires_safety_checker=False,
+                                                   **shared_tokenizers(folder, read_json(folder / "model_index.json")))
     pipe.set_progress_bar_config(disable=True)
     return pipe
