@@ -191,8 +191,10 @@ def load_single_file(path: Path, settings: SingleFileSource, dtype_arg: dict[str
     family = next((f for f in FAMILIES.values() if kind in f.checkpoint_types), None)
     if family is None:
         raise UserError(f"{path} is a {kind!r} checkpoint, a family salun-sd does not erase; it erases single files of {', '.join(f.name for f in FAMILIES.values() if f.checkpoint_types)}")
+    config = Path(settings.config).expanduser() if settings.config else None  # a local folder, or a Hub ID
     try:
-        return family.pipeline.from_single_file(str(path), config=settings.config or None, extract_ema=settings.ema, **family.load_options, **dtype_arg)
+        tokenizers = shared_tokenizers(config, read_json(config / "model_index.json")) if config and (config / "model_index.json").is_file() else {}
+        return family.pipeline.from_single_file(str(path), config=settings.config or None, extract_ema=settings.ema, **family.load_options, **tokenizers, **dtype_arg)
     except Exception as err:  # offline without a config, a broken file, a config of another family, ...
         raise UserError(
             f"could not load {path} as a {family.name} single file ({first_line(err)}); "
