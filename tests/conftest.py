@@ -187,13 +187,13 @@ class RandomCNN(torch.nn.Module):
         return self.net(x.float() / 255)
 
 
-# The slowest files (by their CPU seconds in a full run, 2026-12-02 05:22 UTC, less what 74b8e47 saved) go to the
-# workers first: with --dist loadfile a worker takes the next file when it finishes one, so a long file left for
-# last keeps one worker busy while the other idles. (`--no-loadscope-reorder` in pyproject.toml: xdist otherwise
-# sends the files with the most tests first, whatever they cost.)
-SLOWEST_FIRST = ("test_bench.py", "test_ddpm.py", "test_demo.py", "test_families_end_to_end.py", "test_attack.py", "test_runlock.py",
-                 "test_erase.py", "test_run_folder.py", "test_concepts.py", "test_relearn.py", "test_uce.py", "test_toyworld_compare.py",
-                 "test_single_file.py", "test_attack_families.py")
+# The slowest files (by their CPU seconds in a full run, 2026-12-02 06:31 UTC at 848dbbc; test_runlock by its wall
+# time, a real `accelerate launch`) go to the workers first: with --dist loadfile a worker takes the next file when
+# it finishes one, so a long file left for last keeps one worker busy while the other idles. (`--no-loadscope-reorder`
+# in pyproject.toml: xdist otherwise sends the files with the most tests first, whatever they cost.)
+SLOWEST_FIRST = ("test_bench.py", "test_ddpm.py", "test_demo.py", "test_attack.py", "test_toyworld_compare.py", "test_families_end_to_end.py",
+                 "test_runlock.py", "test_erase.py", "test_uce.py", "test_relearn.py", "test_concepts.py", "test_run_folder.py",
+                 "test_attack_families.py", "test_single_file.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
