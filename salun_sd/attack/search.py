@@ -89,7 +89,8 @@ def search(victim: Victim, cases: Sequence[Case], space: Prefixes, iterations: i
             outcomes[i] = Outcome(success, images[n], finals[n], block, traces[i])
         if not going:
             break
-        space.keep([n for n, i in enumerate(active) if i in set(going)])
+        still = set(going)
+        space.keep([n for n, i in enumerate(active) if i in still])
         active = going
     return outcomes  # type: ignore[return-value]
 
